@@ -1,0 +1,534 @@
+"""PyTorch machinery shared by the plain-PyTorch guard and the Lightning callback.
+
+It turns torch objects into numbers for the core (one device-to-host transfer per step)
+and carries out the core's verdicts (skip, snapshot, rollback, lower the learning rate).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanguard import detector
+from nanguard.config import GuardConfig
+from nanguard.dump import environment
+from nanguard.events import StepRecord
+from nanguard.session import GuardSession, Verdict
+
+MAX_DUMP_BYTES = 64 * 2**20  # per tensor; larger batches are cut along the first dimension
+IGNORE_INDEX = -100  # torch's cross-entropy default: such labels are padding, not invalid
+
+
+def first_float_tensor(obj: Any) -> torch.Tensor | None:
+    """The tensor that counts as the logits in a module's output."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.is_floating_point() else None
+    logits = getattr(obj, "logits", None)
+    if isinstance(logits, torch.Tensor) and logits.is_floating_point():
+        return logits
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            found = first_float_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in a nested batch, with a readable path (``inputs.0``, ``inputs.x``)."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from named_tensors(value, f"{prefix}.{key}")
+    elif isinstance(obj, (list, tuple)):
+        if len(obj) == 1:
+            yield from named_tensors(obj[0], prefix)
+        else:
+            for i, value in enumerate(obj):
+                yield from named_tensors(value, f"{prefix}.{i}")
+
+
+def to_numpy(t: torch.Tensor, limit: int = MAX_DUMP_BYTES) -> np.ndarray:
+    t = t.detach()
+    if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+        t = t.float()
+    if t.ndim and t.numel() * t.element_size() > limit:
+        rows = max(1, limit // max(1, t[0].numel() * t.element_size()))
+        t = t[:rows]
+    return t.cpu().numpy().copy()
+
+
+def nonfinite_counts(t: torch.Tensor) -> tuple[int, int]:
+    if not t.is_floating_point():
+        return 0, 0
+    return int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+
+
+def _describe_nonfinite(name: str, t: torch.Tensor) -> str | None:
+    nan, inf = nonfinite_counts(t)
+    if nan or inf:
+        return f"{name}: {nan} NaN, {inf} Inf of {t.numel()} values"
+    return None
+
+
+def check_targets(targets: Any, output: torch.Tensor | None) -> str | None:
+    """NaN/Inf in floating targets, or class ids outside ``[0, n_classes)``."""
+    for name, t in named_tensors(targets, "targets"):
+        if t.is_floating_point():
+            found = _describe_nonfinite(name, t)
+            if found:
+                return found
+            continue
+        if t.dtype == torch.bool or output is None or t.numel() == 0:
+            continue
+        n_classes = _n_classes(t, output)
+        if n_classes is None:
+            continue
+        valid = t[t != IGNORE_INDEX]
+        bad = (valid < 0) | (valid >= n_classes)
+        if bool(bad.any()):
+            first = valid[bad][0].item()
+            count = int(bad.sum())
+            return (
+                f"{name}: {count} class id(s) outside [0, {n_classes}), "
+                f"the first is {first}"
+            )
+    return None
+
+
+def _n_classes(t: torch.Tensor, output: torch.Tensor) -> int | None:
+    if output.ndim == t.ndim + 1:
+        if tuple(t.shape) == tuple(output.shape[:-1]):
+            return int(output.shape[-1])
+        if tuple(t.shape) == (output.shape[0], *output.shape[2:]):
+            return int(output.shape[1])
+    return None
+
+
+class Snapshot:
+    """A finite copy of model and optimizer state, restored bit for bit.
+
+    Copies live on the CPU so a snapshot never doubles the accelerator's memory.
+    """
+
+    def __init__(self, step: int, model: torch.nn.Module, optimizers: list[Any]) -> None:
+        self.step = step
+        self.model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.optim: list[dict[int, dict[str, Any]]] = []
+        for opt in optimizers:
+            saved: dict[int, dict[str, Any]] = {}
+            for i, p in enumerate(_opt_params(opt)):
+                if p in opt.state and opt.state[p]:
+                    saved[i] = {k: _copy(v, "cpu") for k, v in opt.state[p].items()}
+            self.optim.append(saved)
+
+    def restore(self, model: torch.nn.Module, optimizers: list[Any]) -> None:
+        with torch.no_grad():
+            live = model.state_dict(keep_vars=True)
+            for k, v in self.model.items():
+                live[k].data.copy_(v)
+        for opt, saved in zip(optimizers, self.optim):
+            for i, p in enumerate(_opt_params(opt)):
+                if i in saved:
+                    opt.state[p] = {k: _copy(v, _state_device(k, v, p)) for k, v in saved[i].items()}
+                else:
+                    opt.state.pop(p, None)
+
+
+def _state_device(key: str, value: Any, p: torch.Tensor) -> torch.device | str:
+    # torch keeps Adam's `step` on the CPU unless the optimizer runs capturable/fused.
+    if key == "step" and isinstance(value, torch.Tensor) and value.ndim == 0:
+        return value.device
+    return p.device
+
+
+def _copy(v: Any, device: torch.device | str) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().to(device, copy=True)
+    return v
+
+
+def _opt_params(opt: Any) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _schedulers_of(opt: Any) -> list[Any]:
+    """LR schedulers attached to an optimizer (found once per rollback, never per step)."""
+    from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+    found = []
+    for ref in gc.get_referrers(opt):
+        owner = ref
+        if isinstance(ref, dict):
+            owners = [o for o in gc.get_referrers(ref) if getattr(o, "__dict__", None) is ref]
+            owner = owners[0] if owners else None
+        if isinstance(owner, (LRScheduler, ReduceLROnPlateau)) and owner.optimizer is opt:
+            found.append(owner)
+    return found
+
+
+class TorchEngine:
+    """Measures torch steps for the core and carries out its verdicts.
+
+    Args:
+        config: Validated options.
+        model: The model whose output (or ``config.logits_module``) counts as the logits.
+        optimizers: The optimizers stepping the model's parameters.
+        framework: Adapter name for dumps.
+        rank: Distributed rank.
+        world_size: Number of ranks.
+    """
+
+    def __init__(
+        self,
+        config: GuardConfig,
+        model: torch.nn.Module,
+        optimizers: list[Any],
+        *,
+        framework: str,
+        rank: int = 0,
+        world_size: int = 1,
+        extra_versions: Mapping[str, str] | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"nanguard needs a torch.nn.Module. Received: model={model!r}")
+        self.config = config
+        self.model = model
+        self.names = {p: n for n, p in model.named_parameters()}
+        if not self.names:
+            raise ValueError(
+                f"The model has no parameters, so there is nothing to guard. Received: "
+                f"model={type(model).__name__}"
+            )
+        self.optimizers: list[Any] = []
+        self.params: list[torch.nn.Parameter] = []
+        self.set_optimizers(optimizers)
+        self.session = GuardSession(
+            config,
+            framework=framework,
+            environment=environment(torch=torch.__version__, **(extra_versions or {})),
+            rank=rank,
+            world_size=world_size,
+        )
+        self.session.extra_meta["param_names"] = [self.names.get(p, "?") for p in self.params]
+        self.snapshot: Snapshot | None = None
+        self.logits_name = config.logits_module or "output"
+        self._hook: Any = None
+        self.reset_step()
+        self.pending_update_ok: torch.Tensor | None = None
+        self.update_was_bad = False
+        self.lr_scale = 1.0
+        self.distributed = False
+        self.any_rank_bad: bool | None = None
+
+    # -- set-up -------------------------------------------------------------------------
+    def set_optimizers(self, optimizers: Iterable[Any]) -> None:
+        opts = list(optimizers)
+        params: list[torch.nn.Parameter] = []
+        seen: set[int] = set()
+        for opt in opts:
+            for p in _opt_params(opt):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        if not opts or not any(p in self.names for p in params):
+            raise ValueError(
+                "The optimizer holds none of the model's parameters: pass the optimizer that "
+                f"trains this model. Received: optimizers={[type(o).__name__ for o in opts]}"
+            )
+        self.optimizers = opts
+        self.params = params
+
+    def attach(self) -> None:
+        """Register the forward hook that records the logits' min and max."""
+        if self._hook is not None:
+            return
+        import torch.distributed as dist
+
+        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.distributed:
+            self.session.rank = dist.get_rank()
+            self.session.world_size = dist.get_world_size()
+        module = self.model
+        if self.config.logits_module is not None:
+            modules = dict(self.model.named_modules())
+            if self.config.logits_module not in modules:
+                raise ValueError(
+                    f"`logits_module` names no submodule of the model. Received: "
+                    f"logits_module={self.config.logits_module!r}; submodules are "
+                    f"{[n for n in modules if n][:20]}"
+                )
+            module = modules[self.config.logits_module]
+        self._hook = module.register_forward_hook(self._on_output)
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    # -- per step -----------------------------------------------------------------------
+    def reset_step(self) -> None:
+        self.in_step = False
+        self.inputs: Any = None
+        self.targets: Any = None
+        self.output: torch.Tensor | None = None
+        self.lmin: torch.Tensor | None = None
+        self.lmax: torch.Tensor | None = None
+        self.loss: torch.Tensor | None = None
+        self.verdict: Verdict | None = None
+
+    def begin_step(self, inputs: Any = None, targets: Any = None) -> None:
+        self.reset_step()
+        self.in_step = True
+        self.inputs = inputs
+        self.targets = targets
+        step = self.session.step
+        if self.snapshot is None or step % self.config.snapshot_every == 0:
+            self.take_snapshot(step)
+
+    def _on_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not self.in_step:
+            return
+        out = first_float_tensor(output)
+        if out is None:
+            return
+        out = out.detach()
+        self.output = out
+        lo, hi = torch.aminmax(out) if out.numel() else (out.new_tensor(0), out.new_tensor(0))
+        self.lmin = lo if self.lmin is None else torch.minimum(self.lmin, lo)
+        self.lmax = hi if self.lmax is None else torch.maximum(self.lmax, hi)
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float().reshape(-1).sum()
+        self.loss = loss if self.loss is None else self.loss + loss
+
+    def measure(self) -> StepRecord:
+        """The hot path: every number the core needs, in one device-to-host transfer."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        dev = grads[0].device if grads else self.params[0].device
+        nan = torch.full((), math.nan, device=dev)
+        if grads:
+            norms = torch.stack([n.float().to(dev) for n in _foreach_norms(grads)])
+            total = torch.linalg.vector_norm(norms)
+        else:
+            norms, total = torch.zeros(0, device=dev), nan
+        head = [
+            self.loss if self.loss is not None else nan,
+            self.lmin.float() if self.lmin is not None else nan,
+            self.lmax.float() if self.lmax is not None else nan,
+            total,
+            self.pending_update_ok.float() if self.pending_update_ok is not None else nan + 0,
+        ]
+        stats = torch.stack([h.to(dev) for h in head])
+        if self.distributed:
+            # Every rank must take the same action: agree on "bad" in the same transfer.
+            import torch.distributed as dist
+
+            local_bad = (~stats[[0, 3]].isfinite()).any() | (stats[4] == 0)
+            flag = local_bad.float().reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stats = torch.cat([stats, flag])
+        packed = torch.cat([stats, norms])
+        values = packed.tolist()
+        self.update_was_bad = values[4] == 0.0
+        self.pending_update_ok = None
+        n_head = len(stats)
+        self.any_rank_bad = bool(values[5]) if self.distributed else None
+        layer = _layer_norms(self.params, grads, values[n_head:])
+        return StepRecord(
+            step=self.session.step,
+            loss=values[0],
+            logits_min=values[1],
+            logits_max=values[2],
+            grad_norm=values[3],
+            lr=self.current_lr(),
+            layer_grad_norms=layer,
+        )
+
+    def decide(self, *, bad: bool | None = None) -> Verdict:
+        """Measure, let the core decide, and carry the verdict out (except raising)."""
+        record = self.measure()
+        if bad is None and self.any_rank_bad is not None:
+            bad = self.any_rank_bad or None
+        verdict = self.session.conclude(
+            record, TorchProbe(self), bad=bad, update_nonfinite=self.update_was_bad
+        )
+        self.carry_out(verdict)
+        self.verdict = verdict
+        return verdict
+
+    def carry_out(self, verdict: Verdict) -> None:
+        decision = verdict.decision
+        if decision.blocks_update:
+            self.drop_grads()
+        if decision.restores and self.snapshot is not None:
+            self.snapshot.restore(self.model, self.optimizers)
+        if decision.lower_lr:
+            self.lower_lr(self.config.lr_factor)
+        if decision.action is None and self.config.clip_grad_norm is not None:
+            self.clip(verdict.record.grad_norm)
+
+    def clip(self, total: float) -> None:
+        max_norm = self.config.clip_grad_norm
+        assert max_norm is not None
+        if total > max_norm:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+
+    def drop_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def after_update(self) -> None:
+        """After an applied update: check, without a transfer, that the weights stayed finite."""
+        if self.verdict is not None and self.verdict.action is not None:
+            return
+        with torch.no_grad():
+            peaks = _foreach_norms([p.detach() for p in self.params], math.inf)
+            self.pending_update_ok = torch.stack([x.float() for x in peaks]).isfinite().all()
+
+    def end_step(self) -> None:
+        self.in_step = False
+        self.inputs = self.targets = self.output = None
+
+    # -- state --------------------------------------------------------------------------
+    def weights_finite(self) -> bool:
+        tensors = [p.detach() for p in self.params]
+        for opt in self.optimizers:
+            for st in opt.state.values():
+                tensors += [v for v in st.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        peaks = _foreach_norms(tensors, math.inf)
+        return bool(torch.stack([x.float().cpu() for x in peaks]).isfinite().all())
+
+    def take_snapshot(self, step: int) -> bool:
+        if not self.weights_finite():
+            return False
+        self.snapshot = Snapshot(step, self.model, self.optimizers)
+        return True
+
+    def current_lr(self) -> float:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                lr = group.get("lr")
+                return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        return math.nan
+
+    def lower_lr(self, factor: float) -> None:
+        """Multiply every group's learning rate, and the schedulers' bases, by ``factor``."""
+        self.lr_scale *= factor
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                    if key in group:
+                        group[key] = _scaled(group[key], factor)
+            for sched in _schedulers_of(opt):
+                for child in [sched, *getattr(sched, "_schedulers", [])]:
+                    for attr in ("base_lrs", "max_lrs", "_last_lr", "min_lrs"):
+                        values = getattr(child, attr, None)
+                        if isinstance(values, list):
+                            setattr(child, attr, [_scaled(v, factor) for v in values])
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        out = {f"model.{k}": to_numpy(v, 2**62) for k, v in self.model.state_dict().items()}
+        for i, opt in enumerate(self.optimizers):
+            prefix = "optimizer." if len(self.optimizers) == 1 else f"optimizer{i}."
+            for p in _opt_params(opt):
+                for key, value in opt.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        out[f"{prefix}{self.names.get(p, id(p))}.{key}"] = to_numpy(value, 2**62)
+        return out
+
+
+def _scaled(value: Any, factor: float) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value * factor
+    return value * factor
+
+
+def _foreach_norms(tensors: list[torch.Tensor], ord: float = 2.0) -> list[torch.Tensor]:
+    """Per-tensor norms, one fused kernel per (device, dtype) group."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for idx in groups.values():
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], ord)):
+            out[i] = n
+    return out
+
+
+def _layer_norms(
+    params: list[torch.nn.Parameter], grads: list[torch.Tensor], norms: list[float]
+) -> list[float]:
+    if len(grads) == len(params):
+        return norms
+    it = iter(norms)
+    return [next(it) if p.grad is not None else math.nan for p in params]
+
+
+class TorchProbe:
+    """The slow path: looks closely at a bad step (batch, weights, optimizer state)."""
+
+    def __init__(self, engine: TorchEngine) -> None:
+        self.engine = engine
+
+    def evidence(self, record: StepRecord) -> detector.Evidence:
+        e = self.engine
+        ev = detector.Evidence()
+        if e.output is not None:
+            ev.logits_dtype = str(e.output.dtype).replace("torch.", "")
+        ev.where = e.logits_name
+        ev.target_invalid = check_targets(e.targets, e.output)
+        if e.update_was_bad:
+            ev.update_nonfinite = True
+            ev.weights_nonfinite = self._first_nonfinite_state()
+        else:
+            ev.weights_nonfinite = self._first_nonfinite_state()
+        for name, t in named_tensors(e.inputs, "inputs"):
+            found = _describe_nonfinite(name, t)
+            if found:
+                ev.input_nonfinite = found
+                break
+        return ev
+
+    def _first_nonfinite_state(self) -> str | None:
+        e = self.engine
+        for p in e.params:
+            found = _describe_nonfinite(e.names.get(p, "?"), p.detach())
+            if found:
+                return found
+        for opt in e.optimizers:
+            for p, st in opt.state.items():
+                for key, value in st.items():
+                    if isinstance(value, torch.Tensor) and value.is_floating_point():
+                        found = _describe_nonfinite(
+                            f"optimizer.{e.names.get(p, '?')}.{key}", value
+                        )
+                        if found:
+                            return found
+        return None
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        e = self.engine
+        out: dict[str, np.ndarray] = {}
+        for name, t in named_tensors(e.inputs, "inputs"):
+            out[name] = to_numpy(t)
+        for name, t in named_tensors(e.targets, "targets"):
+            out[name] = to_numpy(t)
+        if e.output is not None:
+            out["output"] = to_numpy(e.output)
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        return self.engine.state_arrays()
+
+
+Hook = Callable[..., Any]

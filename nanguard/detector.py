@@ -1,0 +1,192 @@
+"""Stats to verdict: is a step bad, and what went wrong first. Pure Python, no framework."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Sequence
+
+from nanguard.events import StepRecord
+
+# Largest x with exp(x) finite: log(max finite value) of each dtype.
+EXP_LIMITS: dict[str, float] = {
+    "float16": math.log(65504.0),
+    "bfloat16": math.log(3.3895313892515355e38),
+    "float32": math.log(3.4028234663852886e38),
+    "float64": math.log(1.7976931348623157e308),
+}
+GROWTH_WINDOW = 8
+GROWTH_RATIO = 4.0
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+@dataclasses.dataclass
+class Evidence:
+    """What the slow path found when it looked at a bad step more closely.
+
+    Every field is None (or False) when that check found nothing wrong.
+
+    Args:
+        input_nonfinite: Which input holds NaN/Inf, e.g. ``"inputs: 3 NaN"``.
+        target_invalid: What is wrong with the targets, e.g. ``"label 12 at index 5"``.
+        weights_nonfinite: The first parameter or optimizer state found non-finite.
+        update_nonfinite: The previous step's update, made from finite gradients,
+            left the weights non-finite.
+        activation: The first hidden module whose output went non-finite (replay).
+        where: Where non-finite values first appeared (module, layer or parameter name).
+        logits_dtype: dtype of the model output, for the ``exp`` overflow threshold.
+        details: Extra numbers for the dump.
+
+    Example:
+        >>> Evidence(input_nonfinite="inputs: 1 NaN").input_nonfinite
+        'inputs: 1 NaN'
+    """
+
+    input_nonfinite: str | None = None
+    target_invalid: str | None = None
+    weights_nonfinite: str | None = None
+    update_nonfinite: bool = False
+    activation: str | None = None
+    where: str | None = None
+    logits_dtype: str = "float32"
+    details: dict[str, object] = dataclasses.field(default_factory=dict)
+
+
+def is_bad(record: StepRecord) -> bool:
+    """A step is bad when its loss or its gradient norm is not finite."""
+    return not (finite(record.loss) and finite(record.grad_norm))
+
+
+def growth(history: Sequence[StepRecord]) -> tuple[float, float, int] | None:
+    """How the gradient norm rose over the recent good steps, if it did.
+
+    Returns ``(before, last, n_steps)`` when the last finite gradient norm is at least
+    ``GROWTH_RATIO`` times the median of the ones before it in the window, else None.
+    """
+    norms = [r.grad_norm for r in history if r.action is None and finite(r.grad_norm)]
+    norms = norms[-GROWTH_WINDOW:]
+    if len(norms) < 2:
+        return None
+    before = statistics.median(norms[:-1])
+    last = norms[-1]
+    if before > 0 and last >= GROWTH_RATIO * before:
+        return before, last, len(norms)
+    return None
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def classify(
+    record: StepRecord, evidence: Evidence, history: Sequence[StepRecord]
+) -> tuple[str, str | None, str]:
+    """Name the earliest point in the data flow that went wrong.
+
+    Args:
+        record: The bad step's stats.
+        evidence: What the slow path found.
+        history: The steps before it, oldest first.
+
+    Returns:
+        ``(cause, where, message)``.
+    """
+    s = record.step
+    where = evidence.where
+    limit = EXP_LIMITS.get(evidence.logits_dtype, EXP_LIMITS["float32"])
+    logits_finite = finite(record.logits_min) and finite(record.logits_max)
+    peak = max(abs(record.logits_min), abs(record.logits_max)) if logits_finite else math.inf
+    grew = growth(history)
+    trend = ""
+    if grew is not None:
+        trend = (
+            f" The gradient norm rose from {_fmt(grew[0])} to {_fmt(grew[1])} over the last "
+            f"{grew[2]} steps before it: the learning rate is likely too high."
+        )
+
+    if evidence.input_nonfinite:
+        return "input_nonfinite", _name(evidence.input_nonfinite), (
+            f"Step {s}: the batch's inputs hold non-finite values ({evidence.input_nonfinite}). "
+            "Fix the data: check the loader for missing values and any normalisation that "
+            "divides by a zero standard deviation, or filter such samples out."
+        )
+    if evidence.target_invalid:
+        return "target_invalid", _name(evidence.target_invalid), (
+            f"Step {s}: the batch's targets are invalid ({evidence.target_invalid}). "
+            "Check the labels: class ids must lie in [0, n_classes) and targets must be finite."
+        )
+    if evidence.update_nonfinite:
+        where = _name(evidence.weights_nonfinite)
+        return "update_nonfinite", None, (
+            f"Step {s}: the gradients were finite (norm {_fmt(record.grad_norm)}) but the "
+            f"optimizer update made the weights non-finite{_at(where)}: the update is too large. "
+            f"Lower the learning rate (it was {_fmt(record.lr)}) or set clip_grad_norm."
+        )
+    if evidence.weights_nonfinite:
+        return "weights_nonfinite", _name(evidence.weights_nonfinite), (
+            f"Step {s}: the weights or optimizer state were already non-finite before the step "
+            f"({evidence.weights_nonfinite}). Something outside the training step wrote them "
+            "(a checkpoint load, a manual edit) or an earlier update slipped through; the "
+            "guard restores the last finite snapshot."
+        )
+    if evidence.activation:
+        return "activation_nonfinite", evidence.activation, (
+            f"Step {s}: layer '{evidence.activation}' turned finite inputs into non-finite "
+            "outputs. Look for an exp, log, pow or division there that overflows; clamp its "
+            "input, add normalisation before it, or lower the learning rate." + trend
+        )
+    if not logits_finite:
+        return "logits_nonfinite", where, (
+            f"Step {s}: the model output is non-finite (min {_fmt(record.logits_min)}, max "
+            f"{_fmt(record.logits_max)}) while its inputs and weights are finite. An operation "
+            "in the model overflowed (a naive softmax or exp in the model?); use a numerically "
+            "stable form such as log_softmax, add normalisation, or lower the learning rate."
+            + trend
+        )
+    if peak > limit and not finite(record.loss):
+        return "logit_overflow", where, (
+            f"Step {s}: the model output reaches {_fmt(peak)}, beyond {limit:.1f} where exp "
+            f"overflows in {evidence.logits_dtype}, and the loss is {record.loss}: an unstable "
+            "softmax / cross-entropy. Compute the loss from the logits with a fused, stable "
+            "function (torch.nn.functional.cross_entropy, log_softmax, or a Keras loss with "
+            "from_logits=True) instead of exp(x)/sum(exp(x))." + trend
+        )
+    if not finite(record.loss):
+        return "loss_nonfinite", where, (
+            f"Step {s}: inputs, weights and outputs are finite and moderate (output in "
+            f"[{_fmt(record.logits_min)}, {_fmt(record.logits_max)}]) but the loss is "
+            f"{record.loss}: the loss function divides by ~0 or takes log(0). Add an epsilon "
+            "to denominators, clamp before log, or use a built-in loss." + trend
+        )
+    if grew is not None:
+        return "grad_explosion", evidence.activation, (
+            f"Step {s}: the loss is finite ({_fmt(record.loss)}) but the gradients became "
+            f"non-finite after the gradient norm grew from {_fmt(grew[0])} to {_fmt(grew[1])} "
+            f"over the last {grew[2]} steps: exploding gradients. Set clip_grad_norm "
+            "(e.g. 1.0), lower the learning rate, or add normalisation."
+        )
+    if not finite(record.grad_norm):
+        return "grad_nonfinite", evidence.activation, (
+            f"Step {s}: the loss is finite ({_fmt(record.loss)}) but the gradients are "
+            "non-finite, with no growth before: an operation's backward is unstable (sqrt, "
+            "pow or log at 0, a division by ~0 in a custom layer). Make that operation safe "
+            "near 0, for example by adding an epsilon."
+        )
+    return "update_nonfinite", None, (
+        f"Step {s}: the gradients were finite (norm {_fmt(record.grad_norm)}) but the optimizer "
+        f"update would make the weights non-finite: the update is too large. Lower the "
+        f"learning rate (it was {_fmt(record.lr)}) or set clip_grad_norm."
+    )
+
+
+def _name(description: str | None) -> str | None:
+    """The tensor or module name a description starts with (``"fc.weight: 1 NaN"``)."""
+    return description.split(":", 1)[0] if description else None
+
+
+def _at(where: str | None) -> str:
+    return f" (first in '{where}')" if where else ""

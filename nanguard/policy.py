@@ -1,0 +1,89 @@
+"""The escalation ladder as plain state and one decision function."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from nanguard.config import GuardConfig
+
+
+class LadderState(NamedTuple):
+    """Counters the ladder keeps between steps.
+
+    Attributes:
+        consecutive_skips: Bad steps skipped in a row since the last good step or rollback.
+        rollbacks: Rollbacks (or learning-rate lowerings standing in for them) so far.
+        total_bad: Bad steps seen in the whole run.
+        last_good_step: Index of the last good step, -1 before any.
+    """
+
+    consecutive_skips: int = 0
+    rollbacks: int = 0
+    total_bad: int = 0
+    last_good_step: int = -1
+
+
+class Decision(NamedTuple):
+    """What to do about one step.
+
+    Attributes:
+        action: None for a good step, else "skip", "rollback", "lower_lr", "abort", or
+            "log" (a bad step let through because no rung of the ladder is left).
+        lower_lr: Multiply every learning rate by ``lr_factor`` now.
+        reason: Why, in words.
+    """
+
+    action: str | None
+    lower_lr: bool
+    reason: str
+
+    @property
+    def restores(self) -> bool:
+        return self.action == "rollback"
+
+    @property
+    def blocks_update(self) -> bool:
+        """Whether the step's update must be kept from the weights."""
+        return self.action in ("skip", "rollback", "lower_lr", "abort")
+
+
+def decide(
+    state: LadderState, config: GuardConfig, *, step: int, bad: bool, corrupt: bool = False
+) -> tuple[Decision, LadderState]:
+    """Climb the ladder for one step.
+
+    Args:
+        state: The counters so far.
+        config: The guard's options.
+        step: The step's index.
+        bad: Whether the step is bad (on any rank).
+        corrupt: Whether the weights or optimizer state are already non-finite, so that
+            skipping cannot help and a rollback is due at once.
+
+    Returns:
+        The decision and the new counters.
+    """
+    if not bad:
+        return Decision(None, False, "finite"), state._replace(
+            consecutive_skips=0, last_good_step=step
+        )
+    actions = config.actions
+    state = state._replace(total_bad=state.total_bad + 1)
+    if not corrupt and "skip" in actions and state.consecutive_skips < config.max_skips:
+        reason = f"skip {state.consecutive_skips + 1} of {config.max_skips}"
+        return Decision("skip", False, reason), state._replace(
+            consecutive_skips=state.consecutive_skips + 1
+        )
+    why = "weights or optimizer state non-finite" if corrupt else f"{config.max_skips} skips"
+    lower = "lower_lr" in actions
+    if state.rollbacks < config.max_rollbacks and ("rollback" in actions or lower):
+        action = "rollback" if "rollback" in actions else "lower_lr"
+        reason = f"{why}: {action} {state.rollbacks + 1} of {config.max_rollbacks}"
+        return Decision(action, lower, reason), state._replace(
+            consecutive_skips=0, rollbacks=state.rollbacks + 1
+        )
+    if "abort" in actions:
+        return Decision("abort", False, f"{why}, {state.rollbacks} rollbacks: abort"), state
+    if "skip" in actions:
+        return Decision("skip", False, f"{why}; no rung left, skipping"), state
+    return Decision("log", False, f"{why}; no rung left, logged only"), state

@@ -1,0 +1,248 @@
+"""The framework-neutral core every adapter drives: history, ladder, events and dumps."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from nanguard import detector, policy
+from nanguard.config import GuardConfig
+from nanguard.dump import write_dump
+from nanguard.events import Event, NonFiniteTrainingError, StepRecord
+
+log = logging.getLogger("nanguard")
+
+
+class Probe(Protocol):
+    """What an adapter lets the core ask about a bad step (the slow path only)."""
+
+    def evidence(self, record: StepRecord) -> detector.Evidence:
+        """Look closer: batch checks, weights, optimizer state, replay."""
+        ...
+
+    def tensors(self) -> Mapping[str, np.ndarray]:
+        """Forensic tensors for the dump: the batch, the model output, localized tensors."""
+        ...
+
+    def state(self) -> Mapping[str, np.ndarray]:
+        """Model and optimizer state for the dump (``model.*``, ``optimizer.*``)."""
+        ...
+
+
+class Verdict:
+    """The core's answer for one step, which the adapter carries out.
+
+    Attributes:
+        record: The step's record, as it went into the history.
+        decision: The ladder's decision (action, whether to lower the LR, reason).
+        event: The event when the step was bad, else None.
+        dump_path: The dump written for the event, if any.
+    """
+
+    __slots__ = ("decision", "dump_path", "event", "record")
+
+    def __init__(
+        self,
+        record: StepRecord,
+        decision: policy.Decision,
+        event: Event | None = None,
+        dump_path: str | None = None,
+    ) -> None:
+        self.record = record
+        self.decision = decision
+        self.event = event
+        self.dump_path = dump_path
+
+    @property
+    def action(self) -> str | None:
+        return self.decision.action
+
+    def raise_if_abort(self) -> None:
+        if self.decision.action == "abort" and self.event is not None:
+            raise NonFiniteTrainingError(self.event, self.dump_path)
+
+
+class GuardSession:
+    """History, ladder counters, events and dumps of one guarded run.
+
+    Adapters measure each step, call :meth:`conclude`, and carry out the verdict with
+    their framework's objects.
+
+    Args:
+        config: The validated options.
+        framework: Name of the adapter, recorded in dumps.
+        environment: Versions for the dump's meta.
+        rank: Distributed rank (0 when not distributed).
+        world_size: Number of ranks.
+
+    Example:
+        >>> from nanguard.config import GuardConfig
+        >>> s = GuardSession(GuardConfig(), framework="none")
+        >>> s.conclude(StepRecord(step=0, loss=1.0, grad_norm=2.0), probe=None).action is None
+        True
+    """
+
+    def __init__(
+        self,
+        config: GuardConfig,
+        *,
+        framework: str,
+        environment: Mapping[str, str] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.config = config
+        self.framework = framework
+        self.environment = dict(environment or {})
+        self.rank = rank
+        self.world_size = world_size
+        self.extra_meta: dict[str, Any] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the run: a new ``fit`` starts from step 0 with fresh counters."""
+        self.history: collections.deque[StepRecord] = collections.deque(
+            maxlen=self.config.history_size
+        )
+        self.ladder = policy.LadderState()
+        self.events: list[Event] = []
+        self.dumps_written = 0
+        self.step = 0
+
+    def conclude(
+        self,
+        record: StepRecord,
+        probe: Probe | None,
+        *,
+        bad: bool | None = None,
+        update_nonfinite: bool = False,
+        corrupt: bool = False,
+    ) -> Verdict:
+        """Decide one step, record it, and write a dump for an event.
+
+        Args:
+            record: The step's numbers; ``record.step`` should be :attr:`step`.
+            probe: The adapter's slow-path probe, asked only when the step is bad.
+            bad: Override the local verdict (the distributed OR of every rank's).
+            update_nonfinite: The previous step's update left the weights non-finite.
+            corrupt: Weights or optimizer state are known to be non-finite already.
+
+        Returns:
+            The :class:`Verdict`; call ``verdict.raise_if_abort()`` after carrying it out.
+        """
+        if bad is None:
+            bad = detector.is_bad(record)
+        bad = bad or update_nonfinite or corrupt
+        self.step = record.step + 1
+        if not bad:
+            decision, self.ladder = policy.decide(
+                self.ladder, self.config, step=record.step, bad=False
+            )
+            self.history.append(record)
+            return Verdict(record, decision)
+
+        evidence = probe.evidence(record) if probe is not None else detector.Evidence()
+        evidence.update_nonfinite = evidence.update_nonfinite or update_nonfinite
+        corrupt = corrupt or evidence.update_nonfinite or bool(evidence.weights_nonfinite)
+        cause, where, message = detector.classify(record, evidence, list(self.history))
+        decision, self.ladder = policy.decide(
+            self.ladder, self.config, step=record.step, bad=True, corrupt=corrupt
+        )
+        record.action = decision.action
+        record.cause = cause
+        self.history.append(record)
+        event_step = record.step - 1 if evidence.update_nonfinite else record.step
+        event = Event(
+            step=event_step,
+            cause=cause,
+            where=where,
+            message=message + _did(decision, self.config),
+            action=decision.action,
+            rank=self.rank,
+            details={"reason": decision.reason, "detected_at_step": record.step,
+                     **evidence.details},
+        )
+        self.events.append(event)
+        log.warning("nanguard: %s", event.message)
+        dump_path = self._maybe_dump(event, decision, probe)
+        return Verdict(record, decision, event, dump_path)
+
+    def _maybe_dump(
+        self, event: Event, decision: policy.Decision, probe: Probe | None
+    ) -> str | None:
+        abort = decision.action == "abort"
+        if self.dumps_written >= self.config.max_dumps and not abort:
+            return None
+        tensors: Mapping[str, np.ndarray] = {}
+        state: Mapping[str, np.ndarray] = {}
+        mode = self.config.dump_state
+        try:
+            if probe is not None:
+                tensors = probe.tensors()
+                if mode == "always" or (abort and mode == "abort"):
+                    state = probe.state()
+            path = write_dump(
+                self.config.dump_dir,
+                event,
+                list(self.history),
+                tensors,
+                self.meta(),
+                state,
+            )
+        except OSError as err:
+            warnings.warn(
+                f"nanguard could not write a dump to {self.config.dump_dir!r} ({err}); "
+                f"training goes on and the event stays in guard.history.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        self.dumps_written += 1
+        return path
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "framework": self.framework,
+            "environment": self.environment,
+            "config": self.config.to_dict(),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "ladder": self.ladder._asdict(),
+            **self.extra_meta,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters to save with a checkpoint."""
+        return {
+            "step": self.step,
+            "ladder": self.ladder._asdict(),
+            "dumps_written": self.dumps_written,
+            "history": [r.to_dict() for r in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state.get("step", 0))
+        self.ladder = policy.LadderState(**state.get("ladder", {}))
+        self.dumps_written = int(state.get("dumps_written", 0))
+        self.history.clear()
+        self.history.extend(StepRecord.from_dict(r) for r in state.get("history", []))
+
+
+def _did(decision: policy.Decision, config: GuardConfig) -> str:
+    action = decision.action
+    if action == "skip":
+        return " nanguard skipped the step."
+    if action in ("rollback", "lower_lr"):
+        done = "rolled back to the last finite snapshot" if action == "rollback" else "skipped"
+        lr = f" and multiplied the learning rate by {config.lr_factor}" if decision.lower_lr else ""
+        return f" nanguard {done}{lr}."
+    if action == "abort":
+        return " nanguard aborted the run."
+    return " nanguard let the step through (no rung of the ladder left)."

@@ -1,0 +1,264 @@
+"""nanguard for plain PyTorch loops: a hook manager around your model and optimizer."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from types import TracebackType
+from typing import Any
+
+try:
+    import torch
+except ImportError as err:  # pragma: no cover - exercised without torch installed
+    raise ImportError(
+        "nanguard.torch needs PyTorch. Install it with: pip install 'nanguard[torch]'"
+    ) from err
+
+from nanguard._torch_engine import TorchEngine, check_targets
+from nanguard.config import ACTIONS, GuardConfig
+from nanguard.events import Event, NonFiniteTrainingError, StepRecord
+from nanguard.session import Verdict
+
+__all__ = ["NanGuard"]
+
+log = logging.getLogger("nanguard")
+
+
+class NanGuard:
+    """Keeps a plain PyTorch training loop alive when a step goes non-finite.
+
+    Every step it records the loss, the model output's min and max, the global gradient
+    norm and the learning rate in one device-to-host transfer. A bad step's update is
+    kept from the weights (the optimizer's own ``step()`` sees no gradients); repeated bad
+    steps roll back to the last finite snapshot and lower the learning rate; in the end
+    the guard aborts with :class:`nanguard.NonFiniteTrainingError`. Each event writes a
+    dump that ``nanguard inspect`` reads.
+
+    Args:
+        model: The ``torch.nn.Module`` being trained.
+        optimizer: The optimizer stepping the model's parameters.
+        actions: The ladder, any subset of ``("skip", "rollback", "lower_lr", "abort")``.
+        clip_grad_norm: Clip the global gradient norm to this value on every good step.
+        snapshot_every: Steps between snapshots of a finite state (one is taken before
+            the first step).
+        max_skips: Consecutive skipped steps before a rollback.
+        max_rollbacks: Rollbacks before an abort.
+        lr_factor: Learning-rate multiplier at each rollback, in (0, 1).
+        dump_dir: Where dumps go (created on the first dump).
+        max_dumps: Dumps written per run at most; an abort always dumps.
+        history_size: Steps of stats kept in ``guard.history`` and in dumps.
+        log_every: Steps between stats written to the ``nanguard`` Python logger (DEBUG).
+        dump_state: When a dump carries the model and optimizer state: "abort",
+            "always" or "never".
+        logits_module: Name (as in ``model.named_modules()``) of the submodule whose
+            output counts as the logits; default: the model's output.
+        allow_neg_inf: Module names whose ``-inf`` outputs are intended (attention masks).
+
+    Example:
+        >>> guard = NanGuard(model, optimizer, snapshot_every=50)  # doctest: +SKIP
+        >>> for x, y in loader:  # doctest: +SKIP
+        ...     optimizer.zero_grad()
+        ...     with guard.step(x, targets=y):
+        ...         loss = loss_fn(model(x), y)
+        ...         guard.backward(loss)
+        ...         optimizer.step()
+        >>> guard.close()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        actions: tuple[str, ...] = ACTIONS,
+        clip_grad_norm: float | None = None,
+        snapshot_every: int = 100,
+        max_skips: int = 3,
+        max_rollbacks: int = 3,
+        lr_factor: float = 0.5,
+        dump_dir: str = "nanguard_dumps",
+        max_dumps: int = 50,
+        history_size: int = 256,
+        log_every: int = 1,
+        dump_state: str = "abort",
+        logits_module: str | None = None,
+        allow_neg_inf: tuple[str, ...] = (),
+    ) -> None:
+        self.config = GuardConfig(
+            actions=actions,
+            clip_grad_norm=clip_grad_norm,
+            snapshot_every=snapshot_every,
+            max_skips=max_skips,
+            max_rollbacks=max_rollbacks,
+            lr_factor=lr_factor,
+            dump_dir=dump_dir,
+            max_dumps=max_dumps,
+            history_size=history_size,
+            log_every=log_every,
+            dump_state=dump_state,
+            logits_module=logits_module,
+            allow_neg_inf=allow_neg_inf,
+        )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"nanguard needs a torch.optim.Optimizer. Received: optimizer={optimizer!r}"
+            )
+        self._engine = TorchEngine(self.config, model, [optimizer], framework="torch")
+        self._engine.attach()
+        self.optimizer = optimizer
+        self._handles = [
+            optimizer.register_step_pre_hook(self._before_optimizer_step),
+            optimizer.register_step_post_hook(self._after_optimizer_step),
+        ]
+        self.dumps: list[str] = []
+
+    # -- what users read ---------------------------------------------------------------
+    @property
+    def history(self) -> list[StepRecord]:
+        """The last ``history_size`` steps, oldest first."""
+        return list(self._engine.session.history)
+
+    @property
+    def events(self) -> list[Event]:
+        """Every event of the run, oldest first."""
+        return list(self._engine.session.events)
+
+    @property
+    def step_count(self) -> int:
+        """Index of the next step."""
+        return self._engine.session.step
+
+    @property
+    def snapshot_step(self) -> int | None:
+        """The step whose starting state the last snapshot holds."""
+        snap = self._engine.snapshot
+        return None if snap is None else snap.step
+
+    # -- the loop ----------------------------------------------------------------------
+    def step(self, inputs: Any = None, targets: Any = None) -> _Step:
+        """Mark one training step; the batch is checked on a bad step and kept for dumps.
+
+        Args:
+            inputs: The batch's inputs (a tensor or a nested structure of tensors).
+            targets: The batch's targets, checked for NaN/Inf and class ids outside
+                ``[0, n_classes)``.
+        """
+        self._check_open()
+        return _Step(self, inputs, targets)
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """Use instead of ``loss.backward()``: records the loss, then runs the backward pass."""
+        self._check_open()
+        if not self._engine.in_step:
+            raise RuntimeError(
+                "guard.backward(loss) was called outside `with guard.step(...)`: wrap each "
+                "training step in the guard's step context."
+            )
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"guard.backward needs the loss tensor. Received: loss={loss!r}")
+        self._engine.add_loss(loss)
+        loss.backward(**kwargs)
+
+    def close(self) -> None:
+        """Remove every hook the guard registered. Safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._engine.detach()
+
+    def __enter__(self) -> NanGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The guard's counters and history, to save beside a checkpoint."""
+        return {**self._engine.session.state_dict(), "lr_scale": self._engine.lr_scale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._engine.session.load_state_dict(state)
+        self._engine.lr_scale = float(state.get("lr_scale", 1.0))
+
+    # -- hooks -------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if not self._handles:
+            raise RuntimeError("This NanGuard was closed; create a new one to keep guarding.")
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        engine = self._engine
+        if not engine.in_step:
+            raise RuntimeError(
+                "optimizer.step() was called outside `with guard.step(...)`: the guard "
+                "cannot check this update. Wrap each training step in guard.step()."
+            )
+        if engine.verdict is not None:
+            return
+        if engine.loss is None:
+            raise RuntimeError(
+                "optimizer.step() was called before guard.backward(loss) in this step: use "
+                "guard.backward(loss) instead of loss.backward() so the loss is checked."
+            )
+        self._finish(engine.decide())
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._engine.after_update()
+
+    def _finish(self, verdict: Verdict) -> None:
+        if verdict.dump_path:
+            self.dumps.append(verdict.dump_path)
+        rec = verdict.record
+        if rec.step % self.config.log_every == 0 and log.isEnabledFor(logging.DEBUG):
+            log.debug("nanguard %r", rec)
+        verdict.raise_if_abort()
+
+
+class _Step:
+    """The context of one training step (``with guard.step(x, targets=y):``)."""
+
+    def __init__(self, guard: NanGuard, inputs: Any, targets: Any) -> None:
+        self.guard = guard
+        self.inputs = inputs
+        self.targets = targets
+
+    def __enter__(self) -> _Step:
+        engine = self.guard._engine
+        if engine.in_step:
+            raise RuntimeError("guard.step() contexts cannot be nested.")
+        engine.begin_step(self.inputs, self.targets)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        guard, engine = self.guard, self.guard._engine
+        try:
+            if exc is None:
+                if engine.verdict is None and engine.loss is not None:
+                    guard._finish(engine.decide())  # no optimizer.step() in this step
+                elif engine.verdict is None:
+                    warnings.warn(
+                        "A guard.step() ended without guard.backward(loss): nanguard saw no "
+                        "loss and could not check this step.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    engine.session.step += 1
+                return False
+            if isinstance(exc, NonFiniteTrainingError) or not isinstance(exc, Exception):
+                return False
+            # On the CPU an out-of-range label raises inside the loss before any hook can
+            # act: that is a bad step with a known cause, not a crash.
+            if engine.verdict is None and check_targets(engine.targets, engine.output):
+                verdict = engine.decide(bad=True)
+                try:
+                    guard._finish(verdict)
+                except NonFiniteTrainingError as err:
+                    raise err from exc
+                return True
+            return False
+        finally:
+            engine.end_step()
