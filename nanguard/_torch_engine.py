@@ -228,6 +228,7 @@ class TorchEngine:
         self.lr_scale = 1.0
         self.distributed = False
         self.any_rank_bad: bool | None = None
+        self.any_rank_loss_bad: bool | None = None
 
     # -- set-up -------------------------------------------------------------------------
     def set_optimizers(self, optimizers: Iterable[Any]) -> None:
@@ -251,12 +252,7 @@ class TorchEngine:
         """Register the forward hook that records the logits' min and max."""
         if self._hook is not None:
             return
-        import torch.distributed as dist
-
-        self.distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if self.distributed:
-            self.session.rank = dist.get_rank()
-            self.session.world_size = dist.get_world_size()
+        self.refresh_distributed()
         module = self.model
         if self.config.logits_module is not None:
             modules = dict(self.model.named_modules())
@@ -268,6 +264,16 @@ class TorchEngine:
                 )
             module = modules[self.config.logits_module]
         self._hook = module.register_forward_hook(self._on_output)
+
+    def refresh_distributed(self) -> None:
+        """Notice a process group created after :meth:`attach` (cheap: called every step)."""
+        import torch.distributed as dist
+
+        if self.distributed or not (dist.is_available() and dist.is_initialized()):
+            return
+        self.distributed = dist.get_world_size() > 1
+        self.session.rank = dist.get_rank()
+        self.session.world_size = dist.get_world_size()
 
     def detach(self) -> None:
         if self._hook is not None:
@@ -290,9 +296,10 @@ class TorchEngine:
         self.in_step = True
         self.inputs = inputs
         self.targets = targets
-        step = self.session.step
-        if self.snapshot is None or step % self.config.snapshot_every == 0:
-            self.take_snapshot(step)
+        self.refresh_distributed()
+        last = None if self.snapshot is None else self.snapshot.step
+        if self.session.snapshot_due(last):
+            self.take_snapshot(self.session.step)
 
     def _on_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not self.in_step:
@@ -330,18 +337,22 @@ class TorchEngine:
         stats = torch.stack([h.to(dev) for h in head])
         if self.distributed:
             # Every rank must take the same action: agree on "bad" in the same transfer.
+            # Flags: any rank bad, any rank's loss non-finite, any rank's last update bad.
             import torch.distributed as dist
 
-            local_bad = (~stats[[0, 3]].isfinite()).any() | (stats[4] == 0)
-            flag = local_bad.float().reshape(1)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stats = torch.cat([stats, flag])
+            loss_bad = ~stats[0].isfinite()
+            update_bad = stats[4] == 0
+            local_bad = loss_bad | ~stats[3].isfinite() | update_bad
+            flags = torch.stack([local_bad, loss_bad, update_bad]).float()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stats = torch.cat([stats, flags])
         packed = torch.cat([stats, norms])
         values = packed.tolist()
-        self.update_was_bad = values[4] == 0.0
+        self.update_was_bad = values[7] == 1.0 if self.distributed else values[4] == 0.0
         self.pending_update_ok = None
         n_head = len(stats)
         self.any_rank_bad = bool(values[5]) if self.distributed else None
+        self.any_rank_loss_bad = bool(values[6]) if self.distributed else None
         layer = _layer_norms(self.params, grads, values[n_head:])
         return StepRecord(
             step=self.session.step,
@@ -353,9 +364,11 @@ class TorchEngine:
             layer_grad_norms=layer,
         )
 
-    def decide(self, *, bad: bool | None = None) -> Verdict:
-        """Measure, let the core decide, and carry the verdict out (except raising)."""
-        record = self.measure()
+    def decide(self, *, bad: bool | None = None, record: StepRecord | None = None) -> Verdict:
+        """Measure (unless ``record`` was measured already), let the core decide, and carry
+        the verdict out (except raising)."""
+        if record is None:
+            record = self.measure()
         if bad is None and self.any_rank_bad is not None:
             bad = self.any_rank_bad or None
         verdict = self.session.conclude(
@@ -497,6 +510,8 @@ class TorchProbe:
             if found:
                 ev.input_nonfinite = found
                 break
+        if e.distributed:
+            ev = agree_across_ranks(e, record, ev)
         return ev
 
     def _first_nonfinite_state(self) -> str | None:
@@ -529,6 +544,48 @@ class TorchProbe:
 
     def state(self) -> dict[str, np.ndarray]:
         return self.engine.state_arrays()
+
+
+def agree_across_ranks(
+    engine: TorchEngine, record: StepRecord, ev: detector.Evidence
+) -> detector.Evidence:
+    """Make every rank report the same cause: the earliest in ``CAUSES`` over all ranks.
+
+    Each rank classifies its own evidence, the ranks exchange it (slow path only, every rank
+    is here because the "bad" flag was agreed in :meth:`TorchEngine.measure`), and all adopt
+    the evidence and the loss/logits/grad-norm numbers of the rank whose cause comes first
+    (ties: the lowest rank). Non-finite weights and a bad last update found on any rank count
+    on every rank, so the ladder sees the same ``corrupt`` flag everywhere.
+    """
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from nanguard.events import CAUSES
+
+    cause = detector.classify(record, ev, list(engine.session.history))[0]
+    numbers = (record.loss, record.logits_min, record.logits_max, record.grad_norm)
+    mine = (CAUSES.index(cause), engine.session.rank, dataclasses.asdict(ev), numbers)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    gathered.sort(key=lambda g: g[1])
+    _, rank, fields, best = min(gathered, key=lambda g: (g[0], g[1]))
+    agreed = detector.Evidence(**fields)
+    agreed.weights_nonfinite = agreed.weights_nonfinite or next(
+        (g[2]["weights_nonfinite"] for g in gathered if g[2]["weights_nonfinite"]), None
+    )
+    agreed.update_nonfinite = any(g[2]["update_nonfinite"] for g in gathered)
+    agreed.details = {
+        **agreed.details,
+        "cause_rank": rank,
+        "rank_causes": [CAUSES[g[0]] for g in gathered],
+    }
+    if rank != engine.session.rank:
+        agreed.details["local_numbers"] = dict(
+            zip(("loss", "logits_min", "logits_max", "grad_norm"), numbers)
+        )
+        record.loss, record.logits_min, record.logits_max, record.grad_norm = best
+    return agreed
 
 
 Hook = Callable[..., Any]

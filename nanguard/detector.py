@@ -37,6 +37,8 @@ class Evidence:
         update_nonfinite: The previous step's update, made from finite gradients,
             left the weights non-finite.
         activation: The first hidden module whose output went non-finite (replay).
+        grad_where: The first module whose gradient went non-finite in the backward
+            replay, from finite gradients at its output.
         where: Where non-finite values first appeared (module, layer or parameter name).
         logits_dtype: dtype of the model output, for the ``exp`` overflow threshold.
         details: Extra numbers for the dump.
@@ -51,6 +53,7 @@ class Evidence:
     weights_nonfinite: str | None = None
     update_nonfinite: bool = False
     activation: str | None = None
+    grad_where: str | None = None
     where: str | None = None
     logits_dtype: str = "float32"
     details: dict[str, object] = dataclasses.field(default_factory=dict)
@@ -121,7 +124,7 @@ def classify(
         )
     if evidence.update_nonfinite:
         where = _name(evidence.weights_nonfinite)
-        return "update_nonfinite", None, (
+        return "update_nonfinite", where, (
             f"Step {s}: the gradients were finite (norm {_fmt(record.grad_norm)}) but the "
             f"optimizer update made the weights non-finite{_at(where)}: the update is too large. "
             f"Lower the learning rate (it was {_fmt(record.lr)}) or set clip_grad_norm."
@@ -163,14 +166,14 @@ def classify(
             "to denominators, clamp before log, or use a built-in loss." + trend
         )
     if grew is not None:
-        return "grad_explosion", evidence.activation, (
+        return "grad_explosion", evidence.grad_where or evidence.activation, (
             f"Step {s}: the loss is finite ({_fmt(record.loss)}) but the gradients became "
             f"non-finite after the gradient norm grew from {_fmt(grew[0])} to {_fmt(grew[1])} "
             f"over the last {grew[2]} steps: exploding gradients. Set clip_grad_norm "
             "(e.g. 1.0), lower the learning rate, or add normalisation."
         )
     if not finite(record.grad_norm):
-        return "grad_nonfinite", evidence.activation, (
+        return "grad_nonfinite", evidence.grad_where or evidence.activation, (
             f"Step {s}: the loss is finite ({_fmt(record.loss)}) but the gradients are "
             "non-finite, with no growth before: an operation's backward is unstable (sqrt, "
             "pow or log at 0, a division by ~0 in a custom layer). Make that operation safe "
@@ -190,3 +193,63 @@ def _name(description: str | None) -> str | None:
 
 def _at(where: str | None) -> str:
     return f" (first in '{where}')" if where else ""
+
+
+LAYER_WINDOW = 64
+
+
+def layer_growth(
+    history: Sequence[StepRecord], names: Sequence[str] | None = None
+) -> dict[str, object] | None:
+    """Which parameter's gradient norm grew first over the recent good steps.
+
+    Each parameter's baseline is the median of its norm over the first quarter of the last
+    ``LAYER_WINDOW`` good steps; a parameter "grew" at the first later step where its norm
+    reached ``GROWTH_RATIO`` times that baseline. The earliest grower wins (ties: the larger
+    ratio), because the gradient that blows up first is where an explosion starts.
+
+    Args:
+        history: Steps oldest first; their ``layer_grad_norms`` are read.
+        names: Parameter names in the order of ``layer_grad_norms``.
+
+    Returns:
+        ``{"first": name, "step": ..., "from": ..., "to": ..., "ratio": ..., "top": [...]}``
+        or None when fewer than 4 good steps have per-layer norms or nothing grew.
+    """
+    rows = [
+        r for r in history
+        if r.action is None and r.layer_grad_norms and all(finite(x) for x in r.layer_grad_norms)
+    ][-LAYER_WINDOW:]
+    if len(rows) < 4:
+        return None
+    width = min(len(r.layer_grad_norms or ()) for r in rows)
+    base_n = max(1, len(rows) // 4)
+    growers: list[tuple[int, float, int, float, float]] = []
+    for i in range(width):
+        series = [(r.step, (r.layer_grad_norms or ())[i]) for r in rows]
+        base = statistics.median(v for _, v in series[:base_n])
+        if base <= 0:
+            continue
+        last = series[-1][1]
+        for step, value in series[base_n:]:
+            if value >= GROWTH_RATIO * base:
+                growers.append((step, -last / base, i, base, last))
+                break
+    if not growers:
+        return None
+    growers.sort()
+
+    def name(i: int) -> str:
+        return names[i] if names is not None and i < len(names) else f"param {i}"
+
+    step, _, i, base, last = growers[0]
+    return {
+        "first": name(i),
+        "step": step,
+        "from": base,
+        "to": last,
+        "ratio": last / base,
+        "top": [
+            {"name": name(j), "step": s, "ratio": -neg} for s, neg, j, _, _ in growers[:5]
+        ],
+    }

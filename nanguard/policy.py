@@ -84,6 +84,7 @@ def decide(
         )
     if "abort" in actions:
         return Decision("abort", False, f"{why}, {state.rollbacks} rollbacks: abort"), state
-    if "skip" in actions:
+    if actions:
+        # The ladder is spent but the user asked for protection: keep the update out.
         return Decision("skip", False, f"{why}; no rung left, skipping"), state
-    return Decision("log", False, f"{why}; no rung left, logged only"), state
+    return Decision("log", False, "monitoring only (actions=()), logged"), state

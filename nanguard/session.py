@@ -115,6 +115,24 @@ class GuardSession:
         self.dumps_written = 0
         self.step = 0
 
+    def snapshot_due(self, last_snapshot_step: int | None) -> bool:
+        """Whether to snapshot before the step about to start.
+
+        One is taken before the first step, then every ``snapshot_every`` steps, but only
+        from a healthy state: the last ``min(8, snapshot_every)`` steps all good and the
+        gradient norm not climbing, so a rollback lands before a divergence rather than
+        inside it. A deferred snapshot is tried again at the next step.
+        """
+        if last_snapshot_step is None:
+            return True
+        if self.step - last_snapshot_step < self.config.snapshot_every:
+            return False
+        calm = min(detector.GROWTH_WINDOW, self.config.snapshot_every)
+        recent = list(self.history)[-calm:]
+        if any(r.action is not None for r in recent):
+            return False
+        return detector.growth(self.history) is None
+
     def conclude(
         self,
         record: StepRecord,
@@ -150,16 +168,21 @@ class GuardSession:
         evidence = probe.evidence(record) if probe is not None else detector.Evidence()
         evidence.update_nonfinite = evidence.update_nonfinite or update_nonfinite
         corrupt = corrupt or evidence.update_nonfinite or bool(evidence.weights_nonfinite)
-        cause, where, message = detector.classify(record, evidence, list(self.history))
+        past = list(self.history)
+        culprit = record
+        if evidence.update_nonfinite and past:
+            # Caught one step late (the check rides on the next step's transfer): the
+            # event is the step whose update overflowed, described by its own numbers.
+            culprit, past = past[-1], past[:-1]
+        cause, where, message = detector.classify(culprit, evidence, past)
         decision, self.ladder = policy.decide(
             self.ladder, self.config, step=record.step, bad=True, corrupt=corrupt
         )
         record.action = decision.action
         record.cause = cause
         self.history.append(record)
-        event_step = record.step - 1 if evidence.update_nonfinite else record.step
         event = Event(
-            step=event_step,
+            step=culprit.step,
             cause=cause,
             where=where,
             message=message + _did(decision, self.config),
@@ -168,6 +191,15 @@ class GuardSession:
             details={"reason": decision.reason, "detected_at_step": record.step,
                      **evidence.details},
         )
+        if cause in ("grad_explosion", "grad_nonfinite"):
+            grown = detector.layer_growth(self.history, self.extra_meta.get("param_names"))
+            if grown is not None:
+                event.details["layer_growth"] = grown
+                if cause == "grad_explosion":
+                    event.message = message + (
+                        f" The first gradient to grow was '{grown['first']}' (from step "
+                        f"{grown['step']})." + _did(decision, self.config)
+                    )
         self.events.append(event)
         log.warning("nanguard: %s", event.message)
         dump_path = self._maybe_dump(event, decision, probe)

@@ -1,0 +1,92 @@
+"""`nanguard inspect` and `nanguard ls`, run in-process and as the real console script."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+import nanguard
+from nanguard.cli import main
+from tests.test_dump import make_dump
+
+
+def test_inspect_human_report(tmp_path, capsys):
+    path = make_dump(tmp_path)
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "input_nonfinite" in out and "at step 12" in out and "where   inputs" in out
+    assert "Step 12: bad." in out
+    assert "nan!" in out and "inf!" in out  # bad values marked
+    assert "inputs" in out and "float32" in out
+
+
+def test_inspect_json_matches_dump(tmp_path, capsys):
+    path = make_dump(tmp_path)
+    assert main(["inspect", "--json", path]) == 0
+    data = json.loads(capsys.readouterr().out)
+    dump = nanguard.load(path)
+    assert data["step"] == dump.event.step == 12
+    assert data["cause"] == dump.event.cause and data["where"] == dump.event.where
+    assert data["message"] == dump.event.message
+    assert len(data["history"]) == len(dump.history)
+    assert math.isnan(data["history"][-1]["loss"])
+    assert data["tensors"]["inputs"] == {
+        "shape": [4, 3], "dtype": "float32", "nan": 1, "inf": 0, "min": 1.0, "max": 1.0,
+    }
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", None])
+def test_inspect_unreadable_exits_2_with_one_line(tmp_path, capsys, content):
+    path = tmp_path / "bad.nanguard.zip"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["inspect", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1
+    assert str(path) in captured.err
+
+
+def test_ls_lists_one_line_per_dump(tmp_path, capsys):
+    make_dump(tmp_path, step=3, cause="target_invalid")
+    make_dump(tmp_path, step=40, cause="grad_nonfinite")
+    (tmp_path / "junk.nanguard.zip").write_bytes(b"junk")
+    assert main(["ls", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 3  # header + two dumps
+    assert "target_invalid" in lines[1] and lines[1].split()[0] == "3"
+    assert "grad_nonfinite" in lines[2] and lines[2].split()[0] == "40"
+    assert "junk" in captured.err
+
+
+def test_ls_missing_dir_exits_2(tmp_path, capsys):
+    assert main(["ls", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_console_script_and_module_are_the_same_program(tmp_path):
+    path = make_dump(tmp_path)
+    outs = []
+    for cmd in (["nanguard"], [sys.executable, "-m", "nanguard"]):
+        exe = cmd if cmd[0] != "nanguard" else [str(_script("nanguard"))]
+        res = subprocess.run([*exe, "inspect", "--json", path], capture_output=True, text=True,
+                             check=False)
+        assert res.returncode == 0, res.stderr
+        outs.append(json.loads(res.stdout))
+    assert outs[0] == outs[1]
+    bad = subprocess.run([sys.executable, "-m", "nanguard", "inspect", str(tmp_path / "x")],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def _script(name):
+    import pathlib
+    import shutil
+
+    found = shutil.which(name) or pathlib.Path(sys.executable).with_name(name)
+    return found

@@ -1,0 +1,207 @@
+"""The framework-neutral core: options, the ladder, and cause classification."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nanguard import ACTIONS, CAUSES, GuardConfig, LadderState, StepRecord, decide
+from nanguard.detector import Evidence, classify, growth, is_bad
+from nanguard.session import GuardSession
+
+NAN = math.nan
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("actions", ("skip", "explode")),
+        ("actions", "skip"),
+        ("actions", ("skip", "skip")),
+        ("clip_grad_norm", 0),
+        ("clip_grad_norm", -1.0),
+        ("snapshot_every", 0),
+        ("max_skips", -1),
+        ("max_rollbacks", -2),
+        ("lr_factor", 0.0),
+        ("lr_factor", 1.0),
+        ("lr_factor", 1.5),
+        ("max_dumps", -1),
+        ("history_size", 0),
+        ("log_every", 0),
+        ("dump_state", "sometimes"),
+        ("max_skips", 1.5),
+        ("max_skips", True),
+    ],
+)
+def test_invalid_option_names_option_and_value(name, value):
+    with pytest.raises(ValueError, match=name) as info:
+        GuardConfig(**{name: value})
+    assert repr(value) in str(info.value)
+
+
+def test_actions_keep_the_fixed_order():
+    assert GuardConfig(actions=["abort", "skip"]).actions == ("skip", "abort")
+    assert GuardConfig().actions == ACTIONS
+
+
+def _climb(config, bad_steps, corrupt_at=()):
+    state = LadderState()
+    out = []
+    for step, bad in enumerate(bad_steps):
+        decision, state = decide(state, config, step=step, bad=bad, corrupt=step in corrupt_at)
+        out.append(decision)
+    return out, state
+
+
+def test_ladder_skips_then_rolls_back_with_lower_lr_then_aborts():
+    cfg = GuardConfig(max_skips=2, max_rollbacks=2)
+    decisions, _ = _climb(cfg, [True] * 10)
+    # once the rollbacks are spent, abort takes the rollback's rung: skips still come first
+    assert [d.action for d in decisions] == [
+        "skip", "skip", "rollback", "skip", "skip", "rollback", "skip", "skip", "abort", "abort",
+    ]
+    assert [d.lower_lr for d in decisions][:3] == [False, False, True]
+
+
+def test_good_step_resets_consecutive_skips_but_not_rollbacks():
+    cfg = GuardConfig(max_skips=1, max_rollbacks=1)
+    decisions, state = _climb(cfg, [True, False, True, True, False, True, True])
+    assert [d.action for d in decisions] == [
+        "skip", None, "skip", "rollback", None, "skip", "abort",
+    ]  # max_skips=1: the second bad step in a row climbs past skip
+    assert state.rollbacks == 1
+
+
+def test_corrupt_state_rolls_back_at_once():
+    decisions, _ = _climb(GuardConfig(), [True], corrupt_at={0})
+    assert decisions[0].action == "rollback"
+
+
+def test_missing_rungs_are_passed_over():
+    only_abort = GuardConfig(actions=("abort",))
+    assert _climb(only_abort, [True])[0][0].action == "abort"
+    no_abort = GuardConfig(actions=("skip", "rollback"), max_skips=0, max_rollbacks=1)
+    acts = [d.action for d in _climb(no_abort, [True, True, True])[0]]
+    assert acts == ["rollback", "skip", "skip"]
+    nothing = GuardConfig(actions=())
+    assert _climb(nothing, [True])[0][0].action == "log"
+    lower_only = GuardConfig(actions=("skip", "lower_lr"), max_skips=0, max_rollbacks=1)
+    first = _climb(lower_only, [True])[0][0]
+    assert (first.action, first.lower_lr) == ("lower_lr", True)
+
+
+@given(
+    bad=st.lists(st.booleans(), max_size=60),
+    max_skips=st.integers(0, 4),
+    max_rollbacks=st.integers(0, 3),
+    actions=st.sets(st.sampled_from(ACTIONS)),
+)
+def test_ladder_invariants(bad, max_skips, max_rollbacks, actions):
+    cfg = GuardConfig(actions=tuple(actions), max_skips=max_skips, max_rollbacks=max_rollbacks)
+    decisions, state = _climb(cfg, bad)
+    for d, b in zip(decisions, bad):
+        assert (d.action is None) == (not b)
+        if b:
+            # a bad step never reaches the weights while any blocking rung exists
+            assert d.blocks_update == bool(actions)
+            assert d.action in (*actions, "skip") if actions else d.action == "log"
+    restores = sum(d.action in ("rollback", "lower_lr") for d in decisions)
+    assert restores == state.rollbacks <= max_rollbacks
+    if "abort" in actions:
+        first_abort = next((i for i, d in enumerate(decisions) if d.action == "abort"), None)
+        if first_abort is not None:
+            assert state.rollbacks == max_rollbacks or not ({"rollback", "lower_lr"} & actions)
+
+
+def rec(step, loss=1.0, lmin=-1.0, lmax=1.0, g=1.0, action=None):
+    return StepRecord(step=step, loss=loss, logits_min=lmin, logits_max=lmax, grad_norm=g,
+                      lr=0.1, action=action)
+
+
+def test_is_bad():
+    assert not is_bad(rec(0))
+    assert is_bad(rec(0, loss=NAN))
+    assert is_bad(rec(0, g=math.inf))
+
+
+@pytest.mark.parametrize(
+    ("record", "evidence", "cause"),
+    [
+        (rec(5, loss=NAN), Evidence(input_nonfinite="inputs: 1 NaN"), "input_nonfinite"),
+        (rec(5, loss=NAN), Evidence(target_invalid="targets: label 12"), "target_invalid"),
+        (rec(5, loss=NAN), Evidence(weights_nonfinite="fc.weight: 1 NaN"), "weights_nonfinite"),
+        (rec(5, loss=NAN), Evidence(activation="block.2"), "activation_nonfinite"),
+        (rec(5, loss=NAN, lmin=NAN, lmax=NAN), Evidence(), "logits_nonfinite"),
+        (rec(5, loss=math.inf, lmin=-3.0, lmax=1e4), Evidence(), "logit_overflow"),
+        (rec(5, loss=math.inf, lmin=-3.0, lmax=50.0), Evidence(), "loss_nonfinite"),
+        (rec(5, loss=math.inf, lmin=-3.0, lmax=20.0), Evidence(logits_dtype="float16"),
+         "logit_overflow"),
+        (rec(5, g=NAN), Evidence(), "grad_nonfinite"),
+        (rec(5, g=2.0), Evidence(update_nonfinite=True), "update_nonfinite"),
+    ],
+)
+def test_classify_earliest_point(record, evidence, cause):
+    got, _, message = classify(record, evidence, [rec(i) for i in range(5)])
+    assert got == cause
+    assert got in CAUSES
+    assert "Step 5" in message
+
+
+def test_input_beats_everything_downstream():
+    ev = Evidence(input_nonfinite="inputs.x: 2 NaN", target_invalid="targets: bad",
+                  weights_nonfinite="w: 1 NaN")
+    cause, where, _ = classify(rec(3, loss=NAN, lmin=NAN, lmax=NAN), ev, [])
+    assert (cause, where) == ("input_nonfinite", "inputs.x")
+
+
+def test_grad_explosion_needs_growth():
+    calm = [rec(i, g=1.0) for i in range(6)]
+    rising = [rec(i, g=2.0**i) for i in range(6)]
+    assert growth(calm) is None
+    assert growth(rising) is not None
+    assert classify(rec(6, g=math.inf), Evidence(), calm)[0] == "grad_nonfinite"
+    cause, _, message = classify(rec(6, g=math.inf), Evidence(), rising)
+    assert cause == "grad_explosion"
+    assert "clip_grad_norm" in message
+
+
+def test_session_counts_steps_and_keeps_bounded_history(tmp_path):
+    s = GuardSession(GuardConfig(history_size=4, dump_dir=str(tmp_path)), framework="test")
+    for i in range(10):
+        v = s.conclude(rec(i, loss=NAN if i == 7 else 1.0), probe=None)
+        assert (v.action is None) == (i != 7)
+    assert [r.step for r in s.history] == [6, 7, 8, 9]
+    assert s.history[1]["action"] == "skip" and s.history[1].cause == "loss_nonfinite"
+    assert s.step == 10
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_session_respects_max_dumps_but_abort_always_dumps(tmp_path):
+    cfg = GuardConfig(max_dumps=1, max_skips=10, max_rollbacks=0, actions=("skip", "abort"),
+                      dump_dir=str(tmp_path))
+    s = GuardSession(cfg, framework="test")
+    paths = [s.conclude(rec(i, loss=NAN), probe=None).dump_path for i in range(11)]
+    assert paths[0] is not None and all(p is None for p in paths[1:10])
+    assert s.history[-1].action == "abort" and paths[10] is not None
+
+
+def test_unwritable_dump_dir_warns_and_goes_on(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    s = GuardSession(GuardConfig(dump_dir=str(blocker / "dumps")), framework="test")
+    with pytest.warns(RuntimeWarning, match="could not write a dump"):
+        v = s.conclude(rec(0, loss=NAN), probe=None)
+    assert v.action == "skip" and v.dump_path is None
+    assert s.history[-1].cause == "loss_nonfinite"
+
+
+def test_history_entries_read_both_ways():
+    r = rec(3)
+    assert r["grad_norm"] == r.grad_norm == 1.0
+    assert set(r) >= {"step", "loss", "logits_min", "logits_max", "grad_norm", "lr", "action"}
+    with pytest.raises(KeyError):
+        r["nope"]

@@ -1,0 +1,124 @@
+"""Dump archives: round trip, atomic writes, and nothing but DumpError on bad files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nanguard
+from nanguard.dump import SUFFIX, write_dump
+from nanguard.events import Event, StepRecord
+
+
+def make_dump(folder, step=12, cause="input_nonfinite", state=None):
+    event = Event(step=step, cause=cause, where="inputs", message=f"Step {step}: bad.",
+                  action="skip")
+    history = [StepRecord(step=i, loss=1.0 / (i + 1), grad_norm=2.0, lr=0.1) for i in range(step)]
+    history.append(StepRecord(step=step, loss=math.nan, grad_norm=math.inf, lr=0.1,
+                              action="skip", cause=cause))
+    x = np.ones((4, 3), dtype=np.float32)
+    x[1, 2] = np.nan
+    tensors = {"inputs": x, "targets": np.array([0, 1, 2, 3])}
+    return write_dump(str(folder), event, history, tensors,
+                      {"framework": "test", "environment": {"python": "3"}}, state)
+
+
+def test_round_trip(tmp_path):
+    path = make_dump(tmp_path, state={"model.w": np.arange(6.0).reshape(2, 3)})
+    assert path.endswith(SUFFIX) and os.path.basename(path).startswith("step00000012")
+    d = nanguard.load(path)
+    assert (d.event.step, d.event.cause, d.event.where) == (12, "input_nonfinite", "inputs")
+    assert d.history[-1].step == 12 and math.isnan(d.history[-1].loss)
+    assert math.isinf(d.history[-1]["grad_norm"])
+    assert np.isnan(d.tensors["inputs"][1, 2]) and d.tensors["targets"].tolist() == [0, 1, 2, 3]
+    assert d.state["model.w"].shape == (2, 3)
+    assert d.meta["format"] == "nanguard-dump" and d.meta["framework"] == "test"
+
+
+def test_no_pickle_anywhere(tmp_path):
+    path = make_dump(tmp_path)
+    with zipfile.ZipFile(path) as zf:
+        for name in zf.namelist():
+            assert name.endswith((".json", ".npy"))
+            if name.endswith(".npy"):
+                header = zf.read(name)[:128]
+                assert b"'descr': '|O'" not in header
+
+
+def test_same_step_twice_does_not_overwrite(tmp_path):
+    a, b = make_dump(tmp_path), make_dump(tmp_path)
+    assert a != b and os.path.exists(a) and os.path.exists(b)
+
+
+def test_no_partial_file_left_on_failure(tmp_path):
+    bad = {"inputs": np.array([object()], dtype=object)}
+    with pytest.raises(ValueError, match="pickle"):
+        write_dump(str(tmp_path), Event(1, "loss_nonfinite", None, "m"), [], bad, {})
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "empty", "foreign_zip", "missing",
+                                  "pickled_npy", "bad_json", "directory", "newer"])
+def test_unreadable_files_raise_dump_error(tmp_path, kind):
+    good = make_dump(tmp_path / "good")
+    path = tmp_path / f"x{SUFFIX}"
+    raw = open(good, "rb").read()
+    if kind == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif kind == "garbage":
+        path.write_bytes(b"\x00\x01not a zip at all" * 10)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "foreign_zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("hello.txt", "hi")
+    elif kind == "pickled_npy":
+        import io
+        buf = io.BytesIO()
+        np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as zf:
+            for n in src.namelist():
+                zf.writestr(n, src.read(n))
+            zf.writestr("tensors/evil.npy", buf.getvalue())
+    elif kind == "bad_json":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("meta.json", '{"format": "nanguard-dump"')
+            zf.writestr("event.json", "{}")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "newer":
+        with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as zf:
+            for n in src.namelist():
+                data = src.read(n)
+                if n == "meta.json":
+                    meta = json.loads(data)
+                    meta["format_version"] = 99
+                    data = json.dumps(meta).encode()
+                zf.writestr(n, data)
+    with pytest.raises(nanguard.DumpError) as info:
+        nanguard.load(path)
+    assert str(path) in str(info.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cut=st.integers(min_value=0, max_value=4000), flip=st.integers(min_value=0, max_value=255))
+def test_any_damage_gives_dump_error_or_a_dump(tmp_path_factory, cut, flip):
+    folder = tmp_path_factory.mktemp("fuzz")
+    good = make_dump(folder)
+    raw = bytearray(open(good, "rb").read())
+    pos = cut % len(raw)
+    raw[pos] ^= flip
+    path = folder / f"damaged{SUFFIX}"
+    path.write_bytes(bytes(raw))
+    try:
+        d = nanguard.load(path)
+    except nanguard.DumpError:
+        return
+    assert isinstance(d.event, nanguard.Event)

@@ -1,0 +1,500 @@
+"""The plain-PyTorch guard on real small models with real faults."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import nanguard  # noqa: E402
+from nanguard.cli import main as cli_main  # noqa: E402
+from nanguard.torch import NanGuard  # noqa: E402
+
+pytestmark = pytest.mark.torch
+F = torch.nn.functional
+
+
+def mlp(n_in=8, n_out=4, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(n_in, 32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, n_out))
+
+
+def batches(n, seed=1, n_in=8, n_out=4, size=16):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, n_in, generator=g), torch.randint(0, n_out, (size,), generator=g))
+            for _ in range(n)]
+
+
+def run(guard, model, opt, data, loss_fn=F.cross_entropy, before_step=None):
+    for i, (x, y) in enumerate(data):
+        if before_step is not None:
+            before_step(i)
+        opt.zero_grad()
+        with guard.step(x, targets=y):
+            loss = loss_fn(model(x), y)
+            guard.backward(loss)
+            opt.step()
+
+
+def weights_finite(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def state_copy(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_bits(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def naive_softmax_ce(logits, y):
+    p = torch.exp(logits) / torch.exp(logits).sum(dim=1, keepdim=True)
+    return -torch.log(p[torch.arange(len(y)), y]).mean()
+
+
+def test_nan_batch_is_skipped_and_dumped(tmp_path):
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    data = batches(12)
+    data[5][0][3, 1] = float("nan")
+    seen = {}
+
+    def watch(i):
+        if i == 5:
+            seen["before"] = state_copy(model)
+            seen["adam_steps"] = [opt.state[p]["step"].item() for p in model.parameters()]
+        if i == 6:
+            seen["after"] = state_copy(model)
+
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, data, before_step=watch)
+        history = guard.history
+    assert weights_finite(model)
+    assert same_bits(seen["before"], seen["after"])  # the bad update never reached the weights
+    assert [opt.state[p]["step"].item() for p in model.parameters()] == [
+        s + 6 for s in seen["adam_steps"]]  # Adam's step count skipped step 5 only
+    assert [r.step for r in history] == list(range(12))
+    assert [r.action for r in history].count("skip") == 1 and history[5]["action"] == "skip"
+    assert math.isnan(history[5].loss) and math.isfinite(history[4].grad_norm)
+    assert all(math.isfinite(r.logits_min) and r.logits_min <= r.logits_max
+               for r in history if r.step != 5)
+    (dump_path,) = guard.dumps
+    dump = nanguard.load(dump_path)
+    assert (dump.event.step, dump.event.cause, dump.event.where) == (5, "input_nonfinite", "inputs")
+    assert "1 NaN" in dump.event.message
+    assert dump.history[-1].step == 5 and len(dump.history) == 6
+    assert torch.equal(torch.from_numpy(dump.tensors["inputs"]).isnan(), data[5][0].isnan())
+    assert dump.tensors["targets"].tolist() == data[5][1].tolist()
+    assert dump.tensors["output"].shape == (16, 4)
+    assert dump.state == {}  # dump_state="abort": only aborts carry the model
+    assert dump.meta["environment"]["torch"] == torch.__version__
+
+
+def test_naive_softmax_overflow_is_logit_overflow(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    data = batches(6)
+    data[3] = (data[3][0] * 1e3, data[3][1])  # an unscaled batch: logits in the hundreds
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(guard, model, opt, data, loss_fn=naive_softmax_ce)
+    guard.close()
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (3, "logit_overflow", "output")
+    assert guard.history[3].logits_max > 88.7 and math.isfinite(guard.history[3].logits_max)
+    assert "cross_entropy" in event.message
+    assert weights_finite(model)
+
+
+def test_loss_dividing_by_zero_is_loss_nonfinite(tmp_path):
+    model = mlp(n_out=1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 8, generator=g), torch.rand(16, 1, generator=g)) for _ in range(6)]
+    data[2][1].zero_()  # a batch whose targets sum to zero
+
+    def relative_error(pred, y):
+        return ((pred - y) ** 2).sum() / y.sum()
+
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(guard, model, opt, data, loss_fn=relative_error)
+    guard.close()
+    (event,) = guard.events
+    assert (event.step, event.cause) == (2, "loss_nonfinite")
+    assert "epsilon" in event.message
+    assert nanguard.load(guard.dumps[0]).event.cause == "loss_nonfinite"
+
+
+def test_corrupted_weights_roll_back_bit_for_bit(tmp_path):
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    snaps = {}
+
+    def corrupt(i):
+        if i == 4:
+            snaps["model"] = state_copy(model)
+            snaps["adam"] = {n: {k: v.clone() for k, v in opt.state[p].items()}
+                             for n, p in model.named_parameters()}
+        if i == 6:
+            with torch.no_grad():
+                model[2].weight[0, 0] = float("inf")
+
+    guard = NanGuard(model, opt, snapshot_every=4, dump_dir=str(tmp_path))
+    run(guard, model, opt, batches(7), before_step=corrupt)
+    assert guard.snapshot_step == 4
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (6, "weights_nonfinite", "2.weight")
+    assert event.action == "rollback"  # skipping cannot help: at once, no skips first
+    assert same_bits(snaps["model"], state_copy(model))
+    for n, p in model.named_parameters():
+        for k, v in snaps["adam"][n].items():
+            assert torch.equal(opt.state[p][k], v), (n, k)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)  # lower_lr: 1e-2 * 0.5
+    guard.close()
+
+
+def test_fault_on_every_step_ends_in_abort_with_full_dump(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(30)
+    for x, _ in data:
+        x[0, 0] = float("nan")
+    guard = NanGuard(model, opt, max_skips=2, max_rollbacks=2, dump_dir=str(tmp_path))
+    before = state_copy(model)
+    with pytest.raises(nanguard.NonFiniteTrainingError) as info:
+        run(guard, model, opt, data)
+    err = info.value
+    actions = [r.action for r in guard.history]
+    assert actions == ["skip", "skip", "rollback"] * 2 + ["skip", "skip", "abort"]
+    assert err.event.step == 8 and err.event.cause == "input_nonfinite"
+    assert err.event.action == "abort"
+    dump = nanguard.load(err.dump_path)
+    assert dump.event.action == "abort"
+    assert set(dump.state) >= {"model.0.weight", "model.2.bias"}
+    assert (dump.state["model.0.weight"] == before["0.weight"].numpy()).all()
+    assert same_bits(before, state_copy(model))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 * 0.5)
+    assert len(list(tmp_path.iterdir())) == 9  # every event writes a dump
+    guard.close()
+
+
+def test_too_high_learning_rate_is_survived_by_lowering_it(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=3.0)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 1, generator=g)
+    data = []
+    for _ in range(120):
+        x = torch.randn(32, 8, generator=g) * 3
+        data.append((x, x @ w))
+    guard = NanGuard(model, opt, max_skips=1, max_rollbacks=20, snapshot_every=5,
+                     dump_dir=str(tmp_path))
+    run(guard, model, opt, data, loss_fn=F.mse_loss)
+    guard.close()
+    assert weights_finite(model)
+    causes = {e.cause for e in guard.events}
+    assert guard.events and causes <= {"logit_overflow", "loss_nonfinite", "logits_nonfinite",
+                                       "grad_explosion", "update_nonfinite"}
+    rollbacks = sum(r.action == "rollback" for r in guard.history)
+    assert rollbacks >= 1
+    assert opt.param_groups[0]["lr"] == pytest.approx(3.0 * 0.5**rollbacks)
+    last = guard.history[-10:]
+    assert all(r.action is None and math.isfinite(r.loss) for r in last)
+    assert any("learning rate" in e.message for e in guard.events)
+
+
+def test_update_that_overflows_is_caught_and_rolled_back(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    snap = {}
+
+    def boost(i):
+        if i == 3:
+            snap["model"] = state_copy(model)
+        if i == 4:
+            opt.param_groups[0]["lr"] = 3e38  # finite gradients, an update past float32 range
+        if i == 5:
+            opt.param_groups[0]["lr"] = 1e-2
+
+    def big_loss(logits, y):
+        return F.cross_entropy(logits, y) * 100.0
+
+    guard = NanGuard(model, opt, snapshot_every=3, dump_dir=str(tmp_path))
+    run(guard, model, opt, batches(7), loss_fn=big_loss, before_step=boost)
+    guard.close()
+    event = guard.events[0]
+    assert (event.step, event.cause) == (4, "update_nonfinite")
+    assert event.where is not None and event.where.endswith(("weight", "bias"))
+    assert guard.history[4].action is None and guard.history[5].action == "rollback"
+    assert math.isfinite(guard.history[4].grad_norm)
+    assert weights_finite(model)
+    assert guard.history[6].action is None
+
+
+def test_invalid_labels_are_caught_even_when_the_loss_raises(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    data = batches(5)
+    data[2][1][7] = 9  # only 4 classes
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(guard, model, opt, data)  # cross_entropy raises on the CPU: the guard turns it into a skip
+    guard.close()
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (2, "target_invalid", "targets")
+    assert "outside [0, 4)" in event.message and "9" in event.message
+    assert [r.action for r in guard.history] == [None, None, "skip", None, None]
+
+
+def test_unrelated_exceptions_propagate(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    x, y = batches(1)[0]
+    with pytest.raises(ZeroDivisionError), guard.step(x, targets=y):
+        model(x)
+        raise ZeroDivisionError
+    assert guard.events == []
+
+
+def test_sqrt_at_zero_backward_is_grad_nonfinite(tmp_path):
+    class SafeLooking(torch.nn.Module):
+        def forward(self, x):
+            return torch.sqrt(x * 0.0) + x  # forward is fine, backward of sqrt at 0 is inf
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), SafeLooking(), torch.nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(guard, model, opt, batches(2))
+    guard.close()
+    assert guard.events[0].cause == "grad_nonfinite"
+    assert math.isfinite(guard.history[0].loss) and not math.isfinite(guard.history[0].grad_norm)
+
+
+def test_growing_gradients_then_overflow_is_grad_explosion(tmp_path):
+    class Recurrence(torch.autograd.Function):
+        """A backward whose gain grows 100x per step, as in an unstable recurrent net."""
+
+        gain = [1.0]
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * Recurrence.gain[0]
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(8, 16)
+            self.out = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.out(Recurrence.apply(self.inp(x)))
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-9)
+
+    def grow(i):
+        Recurrence.gain[0] = 100.0**i
+
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path), max_skips=100)
+    run(guard, model, opt, batches(25), before_step=grow)
+    guard.close()
+    first = guard.events[0]
+    assert first.cause == "grad_explosion"
+    assert math.isfinite(guard.history[first.step].loss)
+    assert "clip_grad_norm" in first.message
+    layer = guard.history[first.step - 1].layer_grad_norms
+    assert layer is not None and len(layer) == 4
+
+
+def test_clip_grad_norm_clips_good_steps(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    norms_after = []
+    opt.register_step_post_hook(lambda o, a, k: norms_after.append(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))))
+    guard = NanGuard(model, opt, clip_grad_norm=0.01, dump_dir=str(tmp_path))
+    run(guard, model, opt, batches(3))
+    guard.close()
+    assert all(r.grad_norm > 0.01 for r in guard.history)  # recorded before clipping
+    assert all(n <= 0.01 * 1.001 for n in norms_after)
+
+
+@pytest.mark.parametrize("scheduler", ["lambda", "onecycle", "step"])
+def test_lowered_lr_survives_schedulers(tmp_path, scheduler):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = {
+        "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=40),
+        "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=1000, gamma=0.1),
+    }[scheduler]()
+    guard = NanGuard(model, opt, max_skips=0, dump_dir=str(tmp_path))
+    data = batches(12)
+    data[3][0][0, 0] = float("nan")
+    lrs = []
+    for i, (x, y) in enumerate(data):
+        opt.zero_grad()
+        with guard.step(x, targets=y):
+            guard.backward(F.cross_entropy(model(x), y))
+            opt.step()
+        if i == 2:
+            before = [g["lr"] for g in opt.param_groups]
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    guard.close()
+    assert guard.history[3].action == "rollback"
+    reference = torch.optim.SGD(mlp().parameters(), lr=0.1)
+    ref_sched = {
+        "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(reference, lambda s: 1.0),
+        "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(reference, max_lr=0.1,
+                                                                total_steps=40),
+        "step": lambda: torch.optim.lr_scheduler.StepLR(reference, step_size=1000, gamma=0.1),
+    }[scheduler]()
+    ref_lrs = []
+    for _ in data:
+        reference.step()
+        ref_sched.step()
+        ref_lrs.append(reference.param_groups[0]["lr"])
+    assert before[0] > 0
+    for got, ref in zip(lrs[3:], ref_lrs[3:]):
+        assert got == pytest.approx(ref * 0.5)  # the schedule goes on, at half the rate
+
+
+def test_outputs_of_other_kinds_and_logits_module(tmp_path):
+    class TupleNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(8, 16)
+            self.head = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return {"logits": self.head(h), "hidden": h}
+
+    torch.manual_seed(0)
+    model = TupleNet()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x, y = batches(1)[0]
+    for logits_module in (None, "head", "body"):
+        guard = NanGuard(model, opt, logits_module=logits_module, dump_dir=str(tmp_path))
+        opt.zero_grad()
+        with guard.step(x, targets=y):
+            out = model(x)
+            guard.backward(F.cross_entropy(out["logits"], y))
+            opt.step()
+        guard.close()
+        with torch.no_grad():
+            ref = model.body(x) if logits_module == "body" else None
+        rec = guard.history[0]
+        if logits_module == "body":
+            assert rec.logits_min == pytest.approx(ref.min().item(), abs=1e-1)
+        assert math.isfinite(rec.logits_min) and rec.logits_min < rec.logits_max
+    with pytest.raises(ValueError, match="logits_module"):
+        NanGuard(model, opt, logits_module="nope")
+
+
+def test_bad_set_up_fails_loudly(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="no parameters"):
+        NanGuard(torch.nn.ReLU(), opt)
+    other = torch.optim.SGD(mlp(seed=3).parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="optimizer holds none"):
+        NanGuard(model, other)
+    with pytest.raises(ValueError, match="max_skips"):
+        NanGuard(model, opt, max_skips=-1)
+    with pytest.raises(ValueError, match="'jump'"):
+        NanGuard(model, opt, actions=("skip", "jump"))
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    x, y = batches(1)[0]
+    loss = F.cross_entropy(model(x), y)
+    with pytest.raises(RuntimeError, match="outside"):
+        guard.backward(loss)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="outside"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="before guard.backward"), guard.step(x, targets=y):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    guard.close()
+
+
+def test_close_removes_every_hook(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    base_pre, base_post = len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    assert len(model._forward_hooks) == 1
+    guard.close()
+    guard.close()
+    assert len(model._forward_hooks) == 0
+    assert len(opt._optimizer_step_pre_hooks) == base_pre
+    assert len(opt._optimizer_step_post_hooks) == base_post
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    loss = F.cross_entropy(model(batches(1)[0][0]), batches(1)[0][1])
+    loss.backward()
+    opt.step()  # no guard left: plain PyTorch again
+    with pytest.raises(RuntimeError, match="closed"):
+        guard.step()
+
+
+def test_unwritable_dump_dir_warns_and_training_goes_on(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    data = batches(4)
+    data[1][0][0, 0] = float("nan")
+    guard = NanGuard(model, opt, dump_dir=str(blocker / "dumps"))
+    with pytest.warns(RuntimeWarning, match="could not write a dump"):
+        run(guard, model, opt, data)
+    guard.close()
+    assert guard.history[1].action == "skip" and guard.history[1].cause == "input_nonfinite"
+    assert len(guard.history) == 4 and guard.dumps == []
+
+
+def test_inspect_json_matches_a_real_dump(tmp_path, capsys):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    data = batches(4)
+    data[2][0][1, :] = float("inf")
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path), dump_state="always")
+    run(guard, model, opt, data)
+    guard.close()
+    path = guard.dumps[0]
+    assert cli_main(["inspect", "--json", path]) == 0
+    data_json = json.loads(capsys.readouterr().out)
+    dump = nanguard.load(path)
+    assert (data_json["step"], data_json["cause"], data_json["where"]) == (
+        dump.event.step, dump.event.cause, dump.event.where) == (2, "input_nonfinite", "inputs")
+    assert data_json["tensors"]["inputs"]["inf"] == 8
+    assert [h["step"] for h in data_json["history"]] == [0, 1, 2]
+    assert dump.state and "model.0.weight" in dump.state  # dump_state="always"
+    assert cli_main(["inspect", path]) == 0
+    assert "input_nonfinite" in capsys.readouterr().out
+
+
+def test_state_dict_round_trip(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    data = batches(4)
+    data[1][0][0, 0] = float("nan")
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(guard, model, opt, data)
+    saved = guard.state_dict()
+    guard.close()
+    fresh = NanGuard(model, opt, dump_dir=str(tmp_path))
+    fresh.load_state_dict(json.loads(json.dumps(saved)))
+    assert fresh.step_count == 4 and fresh.history[1].action == "skip"
+    fresh.close()
