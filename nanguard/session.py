@@ -141,6 +141,7 @@ class GuardSession:
         bad: bool | None = None,
         update_nonfinite: bool = False,
         corrupt: bool = False,
+        update_step: int | None = None,
     ) -> Verdict:
         """Decide one step, record it, and write a dump for an event.
 
@@ -150,6 +151,9 @@ class GuardSession:
             bad: Override the local verdict (the distributed OR of every rank's).
             update_nonfinite: The previous step's update left the weights non-finite.
             corrupt: Weights or optimizer state are known to be non-finite already.
+            update_step: The step whose update left the weights non-finite. Default None:
+                the step before ``record.step`` (adapters that see it one step late). An
+                adapter that checks the weights inside the same step passes ``record.step``.
 
         Returns:
             The :class:`Verdict`; call ``verdict.raise_if_abort()`` after carrying it out.
@@ -170,7 +174,7 @@ class GuardSession:
         corrupt = corrupt or evidence.update_nonfinite or bool(evidence.weights_nonfinite)
         past = list(self.history)
         culprit = record
-        if evidence.update_nonfinite and past:
+        if evidence.update_nonfinite and past and update_step != record.step:
             # Caught one step late (the check rides on the next step's transfer): the
             # event is the step whose update overflowed, described by its own numbers.
             culprit, past = past[-1], past[:-1]
