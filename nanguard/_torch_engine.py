@@ -222,6 +222,7 @@ class TorchEngine:
         self.snapshot: Snapshot | None = None
         self.logits_name = config.logits_module or "output"
         self._hook: Any = None
+        self.calls: Any = None  # a _torch_replay.CallRecorder once attached
         self.reset_step()
         self.pending_update_ok: torch.Tensor | None = None
         self.update_was_bad = False
@@ -264,6 +265,10 @@ class TorchEngine:
                 )
             module = modules[self.config.logits_module]
         self._hook = module.register_forward_hook(self._on_output)
+        from nanguard._torch_replay import CallRecorder
+
+        self.calls = CallRecorder(self)
+        self.calls.attach(post_hook=module is not self.model)
 
     def refresh_distributed(self) -> None:
         """Notice a process group created after :meth:`attach` (cheap: called every step)."""
@@ -279,6 +284,8 @@ class TorchEngine:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self.calls is not None:
+            self.calls.detach()
 
     # -- per step -----------------------------------------------------------------------
     def reset_step(self) -> None:
@@ -302,6 +309,8 @@ class TorchEngine:
             self.take_snapshot(self.session.step)
 
     def _on_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self.calls is not None and module is self.model:
+            self.calls.after(output)
         if not self.in_step:
             return
         out = first_float_tensor(output)
@@ -411,6 +420,8 @@ class TorchEngine:
     def end_step(self) -> None:
         self.in_step = False
         self.inputs = self.targets = self.output = None
+        if self.calls is not None:
+            self.calls.clear()
 
     # -- state --------------------------------------------------------------------------
     def weights_finite(self) -> bool:
@@ -492,6 +503,7 @@ class TorchProbe:
 
     def __init__(self, engine: TorchEngine) -> None:
         self.engine = engine
+        self.replayed: dict[str, np.ndarray] = {}
 
     def evidence(self, record: StepRecord) -> detector.Evidence:
         e = self.engine
@@ -510,6 +522,11 @@ class TorchProbe:
             if found:
                 ev.input_nonfinite = found
                 break
+        from nanguard._torch_replay import localize_step
+
+        earlier = ev.input_nonfinite or ev.target_invalid or ev.weights_nonfinite
+        run = not (earlier or ev.update_nonfinite)
+        self.replayed = localize_step(e, record, ev, run=run)
         if e.distributed:
             ev = agree_across_ranks(e, record, ev)
         return ev
@@ -540,6 +557,7 @@ class TorchProbe:
             out[name] = to_numpy(t)
         if e.output is not None:
             out["output"] = to_numpy(e.output)
+        out.update(self.replayed)
         return out
 
     def state(self) -> dict[str, np.ndarray]:

@@ -175,7 +175,8 @@ def classify(
     if not finite(record.grad_norm):
         return "grad_nonfinite", evidence.grad_where or evidence.activation, (
             f"Step {s}: the loss is finite ({_fmt(record.loss)}) but the gradients are "
-            "non-finite, with no growth before: an operation's backward is unstable (sqrt, "
+            f"non-finite{_at(evidence.grad_where)}, with no growth before: an operation's "
+            "backward is unstable (sqrt, "
             "pow or log at 0, a division by ~0 in a custom layer). Make that operation safe "
             "near 0, for example by adding an epsilon."
         )

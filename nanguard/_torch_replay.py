@@ -1,0 +1,716 @@
+"""Name the first torch module that went non-finite, by replaying a bad step once.
+
+Normal steps pay for one forward pre-hook and one forward hook on the model (a reference
+to the call's arguments, the RNG state, and a tensor hook that keeps the gradient of the
+model's output). Only when the core asks the probe about a bad step does :func:`replay_call`
+register per-module forward hooks and full backward hooks, re-run the recorded call from
+the same weights and RNG state, and remove every hook again.
+
+Why the recorded output gradient: the loss function is unknown to the guard and the loss's
+graph is freed by ``loss.backward()``. The gradient of the loss with respect to the model's
+output is exactly what the user's loss fed into the model's backward, so replaying the
+model's backward from it reproduces the real backward pass without knowing the loss (and
+without ``retain_graph``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import functools
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+MAX_CALLS = 8  # model calls recorded per step (gradient accumulation inside one step)
+LOCALIZED_BYTES = 4 * 2**20  # per tensor kept in the dump for the localized module
+GRAD_BYTES = 16 * 2**20  # the recorded output gradient kept in the dump
+LOSS = "<loss>"  # `where` when the loss's own backward produced the non-finite gradient
+
+
+def float_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every floating tensor in a nested output, in a fixed order."""
+    out: list[torch.Tensor] = []
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point():
+                out.append(o)
+        elif isinstance(o, Mapping):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+        else:
+            logits = getattr(o, "logits", None)
+            if isinstance(logits, torch.Tensor):
+                walk(logits)
+
+    walk(obj)
+    return out
+
+
+def _flags(tensors: Sequence[torch.Tensor]) -> tuple[bool, bool, bool]:
+    """(any NaN, any +Inf, any -Inf) over the tensors."""
+    nan = pos = neg = False
+    for t in tensors:
+        t = t.detach()
+        nan = nan or bool(torch.isnan(t).any())
+        pos = pos or bool(torch.isposinf(t).any())
+        neg = neg or bool(torch.isneginf(t).any())
+    return nan, pos, neg
+
+
+def _nonfinite(tensors: Sequence[torch.Tensor | None]) -> bool:
+    return any(t is not None and not bool(torch.isfinite(t.detach()).all()) for t in tensors)
+
+
+def stats(t: torch.Tensor) -> dict[str, Any]:
+    """Shape, dtype, NaN/Inf counts and finite min/max of a whole tensor, JSON-ready."""
+    t = t.detach()
+    out: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+    if not t.is_floating_point():
+        return out
+    fin = t[torch.isfinite(t)]
+    out["nan"] = int(torch.isnan(t).sum())
+    out["inf"] = int(torch.isinf(t).sum())
+    out["min"] = float(fin.min()) if fin.numel() else None
+    out["max"] = float(fin.max()) if fin.numel() else None
+    return out
+
+
+def _copy(t: torch.Tensor, limit: int) -> torch.Tensor:
+    """A detached CPU copy cut along the first dimension to at most ``limit`` bytes."""
+    t = t.detach()
+    if t.ndim and t.numel() * t.element_size() > limit:
+        rows = max(1, limit // max(1, t[0].numel() * t.element_size()))
+        t = t[:rows]
+    return t.to("cpu", copy=True)
+
+
+@dataclasses.dataclass
+class RecordedCall:
+    """How the model was called in a step: enough to run the same forward again.
+
+    Attributes:
+        args: The positional arguments (references, not copies).
+        kwargs: The keyword arguments.
+        rng_cpu: torch's CPU RNG state just before the call.
+        rng_cuda: Every CUDA device's RNG state, when CUDA was initialized.
+        autocast: ``(device_type, dtype)`` of each autocast context active at the call.
+        grad_enabled: Whether autograd recorded the call.
+        output_grads: Gradient of the loss with respect to each floating output tensor
+            (index into :func:`float_tensors` of the output), filled during backward.
+
+    Example:
+        >>> call = RecordedCall((torch.ones(2),), {}, torch.get_rng_state(), None, [], True)
+        >>> call.output_grads
+        {}
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rng_cpu: torch.Tensor
+    rng_cuda: list[torch.Tensor] | None
+    autocast: list[tuple[str, torch.dtype]]
+    grad_enabled: bool
+    output_grads: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def _autocast_state() -> list[tuple[str, torch.dtype]]:
+    return [
+        (dev, torch.get_autocast_dtype(dev))
+        for dev in ("cpu", "cuda")
+        if torch.is_autocast_enabled(dev)
+    ]
+
+
+def _keep_grad(call: RecordedCall, index: int, grad: torch.Tensor) -> None:
+    prev = call.output_grads.get(index)
+    call.output_grads[index] = grad if prev is None else prev + grad
+
+
+class CallRecorder:
+    """Keeps how the model was called during the current step (the cheap part).
+
+    Args:
+        engine: The :class:`~nanguard._torch_engine.TorchEngine`; calls are recorded only
+            while ``engine.in_step`` and forgotten when the step index changes.
+
+    Example:
+        >>> rec = CallRecorder(engine)  # doctest: +SKIP
+        >>> rec.attach()  # doctest: +SKIP
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.calls: list[RecordedCall] = []
+        self.dropped = 0
+        self.paused = False
+        self._step: int | None = None
+        self._pending: RecordedCall | None = None
+        self._handles: list[Any] = []
+
+    def attach(self, post_hook: bool = True) -> None:
+        """Hook the model; ``post_hook=False`` when the engine's own output hook on the
+        model calls :meth:`after` (one forward hook on the model instead of two)."""
+        if self._handles:
+            return
+        model = self.engine.model
+        self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True)]
+        if post_hook:
+            self._handles.append(
+                model.register_forward_hook(
+                    lambda mod, args, kwargs, out: self.after(out), with_kwargs=True
+                )
+            )
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clear()
+
+    def clear(self) -> None:
+        self.calls = []
+        self.dropped = 0
+        self._pending = None
+        self._step = None
+
+    def calls_for(self, step: int) -> list[RecordedCall]:
+        """The calls recorded during step ``step`` (empty if none)."""
+        return self.calls if self._step == step else []
+
+    def _before(self, module: Any, args: Any, kwargs: Any) -> None:
+        e = self.engine
+        self._pending = None
+        if self.paused or not e.in_step:
+            return
+        step = e.session.step
+        if step != self._step:
+            self.calls, self.dropped, self._step = [], 0, step
+        if len(self.calls) >= MAX_CALLS:
+            self.dropped += 1
+            return
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        call = RecordedCall(
+            tuple(args), dict(kwargs), torch.get_rng_state(), cuda, _autocast_state(),
+            torch.is_grad_enabled(),
+        )
+        self.calls.append(call)
+        self._pending = call
+
+    def after(self, output: Any) -> None:
+        """The model returned: keep the gradient that will reach each floating output."""
+        call, self._pending = self._pending, None
+        if call is None or self.paused or not call.grad_enabled:
+            return
+        for i, t in enumerate(float_tensors(output)):
+            if t.requires_grad:
+                t.register_hook(functools.partial(_keep_grad, call, i))
+
+
+@dataclasses.dataclass
+class Finding:
+    """The first module where non-finite values appeared in a replay.
+
+    Attributes:
+        module: Qualified name (as in ``model.named_modules()``; ``LOSS`` for the loss's
+            backward, the model's class name in angle brackets for the model itself).
+        phase: ``"forward"`` (its output went non-finite from finite inputs) or
+            ``"backward"`` (its input gradient, or its own parameters' gradient, went
+            non-finite from a finite gradient at its output).
+        hidden: The module's output is not the model's output (the logits).
+        inputs: Its inputs (forward) or the gradients at its output (backward), CPU copies.
+        outputs: Its outputs (forward) or the gradients it produced (backward), CPU copies.
+        summary: Stats of the whole tensors (shape, dtype, NaN/Inf counts, min/max).
+        note: One sentence for the details.
+
+    Example:
+        >>> f = Finding("encoder.1", "forward")
+        >>> f.module
+        'encoder.1'
+    """
+
+    module: str
+    phase: str
+    hidden: bool = True
+    inputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    note: str = ""
+    _out_ref: Any = dataclasses.field(default=None, repr=False)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The kept tensors as numpy arrays, named for the dump."""
+        out: dict[str, np.ndarray] = {}
+        kinds = ("grad_output", "grad_input") if self.phase == "backward" else ("input", "output")
+        for kind, group in zip(kinds, (self.inputs, self.outputs), strict=True):
+            for key, t in group.items():
+                if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+                    t = t.float()
+                out[f"localized.{self.module}.{kind}{key}"] = t.numpy()
+        return out
+
+
+def _kept(tensors: Sequence[torch.Tensor | None], prefix: str = "") -> dict[str, torch.Tensor]:
+    present = [(i, t) for i, t in enumerate(tensors) if t is not None]
+    if len(present) == 1:
+        return {prefix: _copy(present[0][1], LOCALIZED_BYTES)}
+    return {f"{prefix}.{i}": _copy(t, LOCALIZED_BYTES) for i, t in present}
+
+
+def _summaries(tensors: Sequence[torch.Tensor | None]) -> list[dict[str, Any]]:
+    return [stats(t) for t in tensors if t is not None]
+
+
+class Localizer:
+    """Per-module hooks that name the first module producing non-finite values.
+
+    A context manager in the manner of fairseq's ``NanDetector``, but with full backward
+    hooks, names kept in a dict on the manager (nothing is written onto the user's
+    modules), and every hook removed on exit. ``-inf`` outputs of modules matching
+    ``allow_neg_inf`` (exact names or ``fnmatch`` patterns) are intended (attention masks):
+    they are not blamed, and ``-inf`` reaching later modules from them is not either.
+
+    Args:
+        model: The module to watch (its submodules included).
+        forward: Register forward hooks (blame: finite inputs, non-finite output).
+        backward: Register full backward hooks (blame: finite gradient at the output,
+            non-finite gradient at the input or of the module's own parameters).
+        allow_neg_inf: Names whose ``-inf`` outputs are intended.
+        prefix: Put before every name (``"module."`` for a DDP-wrapped model).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> with Localizer(model) as loc, torch.no_grad():
+        ...     _ = model(torch.full((1, 2), float("nan")))
+        >>> loc.finding is None  # the NaN came in with the input: no module is blamed
+        True
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        forward: bool = True,
+        backward: bool = False,
+        allow_neg_inf: Sequence[str] = (),
+        prefix: str = "",
+    ) -> None:
+        self.model = model
+        self.names: dict[torch.nn.Module, str] = {}
+        for name, module in model.named_modules():
+            self.names.setdefault(module, prefix + name if name else prefix.rstrip("."))
+        root = self.names[model]
+        self.names[model] = root or f"<{type(model).__name__}>"
+        self.do_forward = forward
+        self.do_backward = backward
+        self.allow = tuple(allow_neg_inf)
+        self.finding: Finding | None = None
+        self.neg_inf_seen = False
+        self.order: list[tuple[str, torch.nn.Module, bool, bool]] = []
+        self._candidates: dict[int, Finding] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> Localizer:
+        for module, name in self.names.items():
+            if self.do_forward:
+                hook = functools.partial(self._forward, name)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            if self.do_backward:
+                hook = functools.partial(self._backward, name)
+                self._handles.append(module.register_full_backward_hook(hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def allowed(self, name: str) -> bool:
+        return any(name == pat or fnmatch.fnmatchcase(name, pat) for pat in self.allow)
+
+    def _forward(self, name: str, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        if self.finding is not None:
+            return
+        ins = float_tensors((args, kwargs))
+        outs = float_tensors(output)
+        in_nan, in_pos, in_neg = _flags(ins)
+        out_nan, out_pos, out_neg = _flags(outs)
+        allowed = self.allowed(name)
+        if out_neg and allowed:
+            self.neg_inf_seen = True
+        in_bad = in_nan or in_pos or (in_neg and not self.neg_inf_seen)
+        out_bad = out_nan or out_pos or (out_neg and not in_neg and not allowed)
+        if out_bad and not in_bad:
+            self.finding = Finding(
+                name,
+                "forward",
+                inputs=_kept(ins),
+                outputs=_kept(outs),
+                summary={"input": _summaries(ins), "output": _summaries(outs)},
+                note=f"'{name}' turned finite inputs into non-finite outputs in the replay.",
+                _out_ref=outs[0] if outs else None,
+            )
+
+    def _backward(self, name: str, module: Any, grad_input: Any, grad_output: Any) -> None:
+        go = [g for g in grad_output if g is not None]
+        gi = [g for g in grad_input if g is not None]
+        go_bad, gi_bad = _nonfinite(go), _nonfinite(gi)
+        self.order.append((name, module, go_bad, gi_bad))
+        if gi_bad and not go_bad:
+            self._candidates[len(self.order) - 1] = Finding(
+                name,
+                "backward",
+                inputs=_kept(go),
+                outputs=_kept(gi),
+                summary={"grad_output": _summaries(go), "grad_input": _summaries(gi)},
+                note=(
+                    f"the backward of '{name}' turned a finite gradient at its output into "
+                    "a non-finite gradient at its input in the replay."
+                ),
+            )
+
+    def conclude_backward(
+        self, param_grads: Mapping[torch.Tensor, torch.Tensor | None]
+    ) -> Finding | None:
+        """After the backward: the first module, in the order the backward reached them,
+        whose input gradient or own parameters' gradient went non-finite from a finite
+        gradient at its output."""
+        for pos, (name, module, go_bad, _gi_bad) in enumerate(self.order):
+            if go_bad:
+                continue
+            if pos in self._candidates:
+                self.finding = self._candidates[pos]
+                return self.finding
+            own = [(n, param_grads.get(p)) for n, p in module.named_parameters(recurse=False)]
+            bad = [(n, g) for n, g in own if g is not None and _nonfinite([g])]
+            if bad:
+                pname, grad = bad[0]
+                self.finding = Finding(
+                    name,
+                    "backward",
+                    outputs={f".{pname}": _copy(grad, LOCALIZED_BYTES)},
+                    summary={"param_grad": {pname: stats(grad)}},
+                    note=(
+                        f"the backward of '{name}' produced a non-finite gradient for its "
+                        f"parameter '{pname}' from a finite gradient at its output."
+                    ),
+                )
+                return self.finding
+        first_bad = next((e for e in self.order if e[2]), None)
+        if first_bad is not None:
+            inner = first_bad[0]
+            parent = inner.rsplit(".", 1)[0] if "." in inner else self.names[self.model]
+            self.finding = Finding(
+                parent,
+                "backward",
+                note=(
+                    f"the gradient reaching the output of '{inner}' was already non-finite "
+                    f"while no module before it went bad: an operation outside submodules in "
+                    f"the forward of '{parent}' has an unstable backward."
+                ),
+            )
+        return self.finding
+
+
+@contextlib.contextmanager
+def preserved(model: torch.nn.Module) -> Iterator[None]:
+    """Restore train/eval modes, buffers (BatchNorm statistics), ``.grad`` and the RNG."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for p, g in grads:
+            p.grad = g
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _set_rng(call: RecordedCall) -> None:
+    torch.set_rng_state(call.rng_cpu)
+    if call.rng_cuda is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state_all(call.rng_cuda)
+
+
+@contextlib.contextmanager
+def _autocast(states: Sequence[tuple[str, torch.dtype]]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for dev, dtype in states:
+            stack.enter_context(torch.autocast(dev, dtype=dtype))
+        yield
+
+
+@dataclasses.dataclass
+class ReplayResult:
+    """What one replay found.
+
+    Attributes:
+        finding: The first bad module, or None.
+        output_nonfinite: The replayed model output holds NaN/Inf.
+        notes: Why a part of the replay could not run, in words.
+
+    Example:
+        >>> ReplayResult().finding is None
+        True
+    """
+
+    finding: Finding | None = None
+    output_nonfinite: bool = False
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def replay_call(
+    model: torch.nn.Module,
+    call: RecordedCall,
+    *,
+    allow_neg_inf: Sequence[str] = (),
+    logits_module: str | None = None,
+    backward: bool = False,
+    prefix: str = "",
+) -> ReplayResult:
+    """Re-run one recorded call under the localizing hooks; restore everything after.
+
+    The forward is replayed first (without autograd); if it finds no bad module and
+    ``backward`` is set, the forward runs again with full backward hooks and the model's
+    backward is replayed from the recorded gradient of the loss with respect to the output.
+
+    Args:
+        model: The model, holding the weights the step started from.
+        call: The recorded call.
+        allow_neg_inf: Module names whose ``-inf`` outputs are intended.
+        logits_module: Name of the submodule whose output is the logits (None: the output).
+        backward: Also replay the backward pass.
+        prefix: Put before every module name.
+
+    Returns:
+        The :class:`ReplayResult`.
+    """
+    result = ReplayResult()
+    logits_ref: list[torch.Tensor] = []
+    with preserved(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _set_rng(call)
+        with torch.no_grad(), _autocast(call.autocast), Localizer(
+            model, allow_neg_inf=allow_neg_inf, prefix=prefix
+        ) as loc, _capture(model, logits_module, logits_ref):
+            out = model(*call.args, **call.kwargs)
+        outs = float_tensors(out)
+        result.output_nonfinite = _nonfinite(outs)
+        if loc.finding is not None:
+            f = loc.finding
+            final = logits_ref[0] if logits_ref else (outs[0] if outs else None)
+            f.hidden = not (
+                f.module in (loc.names[model], (prefix + logits_module) if logits_module else None)
+                or (final is not None and f._out_ref is not None and _same(f._out_ref, final))
+            )
+            result.finding = f
+            return result
+        del out, outs
+        if not backward:
+            return result
+        if not call.grad_enabled or not call.output_grads:
+            result.notes.append(
+                "backward not replayed: no gradient of the model output was recorded "
+                "(the step's forward ran without autograd or its output was not used)"
+            )
+            return result
+        grads = call.output_grads
+        if _nonfinite(list(grads.values())):
+            result.finding = Finding(
+                LOSS,
+                "backward",
+                hidden=False,
+                outputs=_kept(list(grads.values())),
+                summary={"output_grad": _summaries(list(grads.values()))},
+                note="the loss's own backward made the gradient of the model output non-finite.",
+            )
+            return result
+        _set_rng(call)
+        with torch.enable_grad(), _autocast(call.autocast), Localizer(
+            model, forward=False, backward=True, allow_neg_inf=allow_neg_inf, prefix=prefix
+        ) as loc:
+            outs = float_tensors(model(*call.args, **call.kwargs))
+            pairs = [
+                (outs[i], g.to(outs[i].device, outs[i].dtype))
+                for i, g in sorted(grads.items())
+                if i < len(outs) and outs[i].requires_grad and outs[i].shape == g.shape
+            ]
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not pairs or not params:
+                result.notes.append(
+                    "backward not replayed: the replayed output does not match the recorded "
+                    "gradient, or the model has no trainable parameters"
+                )
+                return result
+            got = torch.autograd.grad(
+                [o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True
+            )
+            result.finding = loc.conclude_backward(dict(zip(params, got, strict=True)))
+        if result.finding is not None:
+            result.finding.hidden = True
+        return result
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    try:
+        return a.shape == b.shape and a.data_ptr() == b.data_ptr()
+    except RuntimeError:  # tensors without storage
+        return False
+
+
+@contextlib.contextmanager
+def _capture(
+    model: torch.nn.Module, name: str | None, into: list[torch.Tensor]
+) -> Iterator[None]:
+    """Keep the logits module's output (first floating tensor) during the replay."""
+    if name is None:
+        yield
+        return
+    module = dict(model.named_modules()).get(name)
+    if module is None:
+        yield
+        return
+
+    def hook(mod: Any, args: Any, output: Any) -> None:
+        found = float_tensors(output)
+        if found and not into:
+            into.append(found[0])
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The module to replay and the prefix of its names (DDP replays its inner module,
+    so that no collective runs on one rank alone)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return model.module, "module."
+    return model, ""
+
+
+def localize_step(engine: Any, record: Any, evidence: Any, *, run: bool) -> dict[str, np.ndarray]:
+    """The probe's part: replay the bad step (when ``run``), fill ``evidence``, and return
+    the arrays for the dump (the localized module's tensors, the recorded output gradient
+    and CPU RNG state, and the call's arguments when they are not the step's inputs)."""
+    recorder: CallRecorder | None = getattr(engine, "calls", None)
+    calls = recorder.calls_for(record.step) if recorder is not None else []
+    arrays = _call_arrays(engine, calls)
+    if not run:
+        return arrays
+    if recorder is None or not calls:
+        evidence.details["replay"] = (
+            "not replayed: the model was not called inside the guarded step"
+        )
+        return arrays
+    loss_ok = math.isfinite(record.loss)
+    backward = loss_ok and not math.isfinite(record.grad_norm)
+    model, prefix = unwrap(engine.model)
+    in_step = engine.in_step
+    recorder.paused, engine.in_step = True, False
+    result = ReplayResult()
+    index = 0
+    try:
+        for call in calls:
+            result = replay_call(
+                model,
+                call,
+                allow_neg_inf=engine.config.allow_neg_inf,
+                logits_module=engine.config.logits_module,
+                backward=backward,
+                prefix=prefix,
+            )
+            if result.finding is not None:
+                break
+            index += 1
+    except Exception as err:  # noqa: BLE001 - the replay must never break training
+        evidence.details["replay"] = f"replay failed: {type(err).__name__}: {err}"
+        return arrays
+    finally:
+        recorder.paused, engine.in_step = False, in_step
+    info: dict[str, Any] = {"calls_recorded": len(calls) + recorder.dropped}
+    if result.notes:
+        info["notes"] = result.notes
+    f = result.finding
+    if f is None:
+        info["found"] = None
+        if not result.output_nonfinite and not (
+            math.isfinite(record.logits_min) and math.isfinite(record.logits_max)
+        ):
+            info["notes"] = [*info.get("notes", []), "the replay did not reproduce the "
+                             "non-finite output (a non-deterministic operation?)"]
+        evidence.details["replay"] = info
+        return arrays
+    info.update(found=f.module, phase=f.phase, hidden=f.hidden, call=index, note=f.note,
+                **f.summary)
+    evidence.details["replay"] = info
+    if f.phase == "forward":
+        evidence.where = f.module
+        if f.hidden:
+            evidence.activation = f.module
+    else:
+        evidence.grad_where = f.module
+    arrays.update(f.arrays())
+    return arrays
+
+
+def _call_arrays(engine: Any, calls: Sequence[RecordedCall]) -> dict[str, np.ndarray]:
+    """What ``nanguard replay`` needs besides the inputs: the first call's RNG state, its
+    recorded output gradient, and its arguments when they differ from the step's inputs."""
+    if not calls:
+        return {}
+    call = calls[0]
+    out: dict[str, np.ndarray] = {"replay.rng_cpu": call.rng_cpu.numpy().copy()}
+    for i, g in sorted(call.output_grads.items()):
+        out[f"replay.output_grad.{i}"] = _as_numpy(_copy(g, GRAD_BYTES))
+    step_inputs = {id(t) for t in _tensors(engine.inputs)}
+    given = [*_tensors(call.args), *_tensors(call.kwargs)]
+    tensors_only = all(isinstance(a, torch.Tensor) for a in call.args) and all(
+        isinstance(v, torch.Tensor) for v in call.kwargs.values()
+    )
+    if tensors_only and not all(id(t) in step_inputs for t in given):
+        for i, a in enumerate(call.args):
+            out[f"replay.args.{i}"] = _as_numpy(_copy(a, 64 * 2**20))
+        for k, v in call.kwargs.items():
+            out[f"replay.kwargs.{k}"] = _as_numpy(_copy(v, 64 * 2**20))
+    return out
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+        t = t.float()
+    return t.numpy()
