@@ -1,0 +1,382 @@
+"""nanguard for PyTorch Lightning: a callback driving the shared torch machinery.
+
+``NanGuard`` subclasses the ``Callback`` of every Lightning package installed
+(``lightning.pytorch`` and the standalone ``pytorch_lightning``), so one class works with
+whichever ``Trainer`` the user builds: each package checks callbacks with ``isinstance``
+against its own ``Callback``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+try:
+    import torch
+except ImportError as err:  # pragma: no cover - exercised without torch installed
+    raise ImportError(
+        "nanguard.lightning needs PyTorch and Lightning. Install them with: "
+        "pip install 'nanguard[lightning]'"
+    ) from err
+
+from nanguard._torch_engine import TorchEngine
+from nanguard.config import ACTIONS, GuardConfig
+from nanguard.events import Event, StepRecord
+from nanguard.session import Verdict
+
+__all__ = ["NanGuard"]
+
+log = logging.getLogger("nanguard")
+
+TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+
+
+def _callback_base() -> type:
+    """One class deriving from every installed Lightning package's ``Callback``."""
+    bases: list[type] = []
+    versions: dict[str, str] = {}
+    try:
+        import lightning
+        import lightning.pytorch
+
+        bases.append(lightning.pytorch.Callback)
+        versions["lightning"] = lightning.__version__
+    except ImportError:
+        pass
+    try:
+        import pytorch_lightning
+
+        bases.append(pytorch_lightning.Callback)
+        versions["pytorch_lightning"] = pytorch_lightning.__version__
+    except ImportError:
+        pass
+    if not bases:
+        raise ImportError(
+            "nanguard.lightning needs PyTorch Lightning (`lightning` or `pytorch_lightning`). "
+            "Install it with: pip install 'nanguard[lightning]'"
+        )
+    _VERSIONS.update(versions)
+    if len(bases) == 1:
+        return bases[0]
+    return type("_LightningCallback", tuple(bases), {"__module__": __name__})
+
+
+_VERSIONS: dict[str, str] = {}
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from lightning.pytorch import Callback as _CallbackBase
+else:
+    _CallbackBase = _callback_base()
+
+
+class NanGuard(_CallbackBase):
+    """Keeps ``Trainer.fit`` alive when a training step goes non-finite.
+
+    Each optimizer step it records the loss (from the training step's output), the
+    LightningModule output's min and max (or ``logits_module``'s), the global gradient norm
+    and the learning rate in one device-to-host transfer, in ``on_before_optimizer_step``.
+    A bad step's gradients are dropped there, so the optimizer leaves the weights (and its
+    state) untouched; repeated bad steps roll back to the last finite snapshot and lower the
+    learning rate of every optimizer (schedulers keep it lowered); in the end the guard
+    raises :class:`nanguard.NonFiniteTrainingError` out of ``trainer.fit``. Each event writes
+    a dump that ``nanguard inspect`` reads. Under DDP every rank takes the same action on the
+    same step and reports the same cause.
+
+    Works with ``lightning.pytorch`` and the standalone ``pytorch_lightning`` (the class
+    derives from the ``Callback`` of each one installed). Automatic optimization only.
+
+    Args:
+        actions: The ladder, any subset of ``("skip", "rollback", "lower_lr", "abort")``.
+        clip_grad_norm: Clip the global gradient norm to this value on every good step
+            (before Lightning's own ``gradient_clip_val``, which still applies after it).
+        snapshot_every: Optimizer steps between snapshots of a finite state.
+        max_skips: Consecutive skipped steps before a rollback.
+        max_rollbacks: Rollbacks before an abort.
+        lr_factor: Learning-rate multiplier at each rollback, in (0, 1).
+        dump_dir: Where dumps go (created on the first dump).
+        max_dumps: Dumps written per run at most; an abort always dumps.
+        history_size: Steps of stats kept in ``history`` and in dumps.
+        log_every: Optimizer steps between stats pushed through ``pl_module.log``
+            (``nanguard/loss``, ``nanguard/grad_norm``, ...; see ``docs/lightning.md``).
+        dump_state: When a dump carries the model and optimizer state: "abort",
+            "always" or "never".
+        logits_module: Name (as in ``pl_module.named_modules()``) of the submodule whose
+            output counts as the logits; default: the LightningModule's own output.
+        allow_neg_inf: Module names whose ``-inf`` outputs are intended (attention masks).
+
+    Example:
+        >>> import lightning.pytorch as pl  # doctest: +SKIP
+        >>> from nanguard.lightning import NanGuard
+        >>> trainer = pl.Trainer(callbacks=[NanGuard(clip_grad_norm=1.0)])  # doctest: +SKIP
+        >>> trainer.fit(model, loader)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        actions: tuple[str, ...] = ACTIONS,
+        clip_grad_norm: float | None = None,
+        snapshot_every: int = 100,
+        max_skips: int = 3,
+        max_rollbacks: int = 3,
+        lr_factor: float = 0.5,
+        dump_dir: str = "nanguard_dumps",
+        max_dumps: int = 50,
+        history_size: int = 256,
+        log_every: int = 1,
+        dump_state: str = "abort",
+        logits_module: str | None = None,
+        allow_neg_inf: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.config = GuardConfig(
+            actions=actions,
+            clip_grad_norm=clip_grad_norm,
+            snapshot_every=snapshot_every,
+            max_skips=max_skips,
+            max_rollbacks=max_rollbacks,
+            lr_factor=lr_factor,
+            dump_dir=dump_dir,
+            max_dumps=max_dumps,
+            history_size=history_size,
+            log_every=log_every,
+            dump_state=dump_state,
+            logits_module=logits_module,
+            allow_neg_inf=allow_neg_inf,
+        )
+        self._engine: TorchEngine | None = None
+        self._handles: list[Any] = []
+        self._pending_state: dict[str, Any] | None = None
+        self._scaler: Any = None
+        self._warned_no_output = False
+        self._stepped = False
+        self.amp_skips = 0
+        self.dumps: list[str] = []
+
+    # -- what users read ---------------------------------------------------------------
+    @property
+    def history(self) -> list[StepRecord]:
+        """The last ``history_size`` optimizer steps, oldest first."""
+        return [] if self._engine is None else list(self._engine.session.history)
+
+    @property
+    def events(self) -> list[Event]:
+        """Every event of the current (or last) fit, oldest first."""
+        return [] if self._engine is None else list(self._engine.session.events)
+
+    @property
+    def step_count(self) -> int:
+        """Index of the next optimizer step."""
+        return 0 if self._engine is None else self._engine.session.step
+
+    @property
+    def snapshot_step(self) -> int | None:
+        """The step whose starting state the last snapshot holds."""
+        snap = None if self._engine is None else self._engine.snapshot
+        return None if snap is None else snap.step
+
+    # -- set-up and tear-down ----------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "nanguard.lightning.NanGuard supports automatic optimization only: with manual "
+                "optimization the training step, not Lightning, decides when and how often "
+                "the optimizers step, so the guard cannot tell a step's boundaries. Received: "
+                "automatic_optimization=False. Remove the callback, or switch to automatic "
+                "optimization."
+            )
+        self._remove_hooks()
+        # Attached here, after the strategy created the process group and the optimizers.
+        engine = TorchEngine(
+            self.config,
+            pl_module,
+            list(trainer.optimizers),
+            framework="lightning",
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            extra_versions=_VERSIONS,
+        )
+        engine.attach()
+        self._engine = engine
+        self._handles = [opt.register_step_post_hook(self._after_step) for opt in engine.optimizers]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.amp_skips = 0
+        self.dumps = []
+        self._warned_no_output = False
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._remove_hooks()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._engine is not None:
+            self._engine.end_step()
+            self._engine.detach()
+
+    # -- one optimizer step (one or more batches with gradient accumulation) -----------
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        inputs, targets = _split_batch(batch)
+        if not engine.in_step:
+            self._stepped = False
+            engine.begin_step([inputs], [targets])
+        else:  # another micro-batch of the same optimizer step
+            engine.inputs.append(inputs)
+            engine.targets.append(targets)
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        engine = self._engine
+        if engine is None or not engine.in_step:
+            return
+        # Lightning passes the loss divided by accumulate_grad_batches (summing the
+        # micro-batches gives their mean) and, with a GradScaler, already scaled.
+        if self._scaler is not None:
+            scale = getattr(self._scaler, "_scale", None)
+            loss = loss.detach() / (scale if scale is not None else self._scaler.get_scale())
+        engine.add_loss(loss)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        engine = self._engine
+        if engine is None or not engine.in_step or self._stepped:
+            return
+        self._stepped = True
+        if engine.loss is None:
+            # training_step returned None: Lightning's own skip, not an event.
+            engine.session.step += 1
+            return
+        if engine.output is None and not self._warned_no_output:
+            self._warned_no_output = True
+            warnings.warn(
+                "nanguard saw no output of the LightningModule in this training step (does "
+                "training_step call a submodule instead of self(x)?). Set "
+                "logits_module='<submodule name>' so the logits' range is recorded.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        record = engine.measure()
+        if self._scaler is not None and self._scaler_skips(engine, record):
+            return
+        verdict = engine.decide(record=record)
+        self._finish(pl_module, verdict)
+
+    def _scaler_skips(self, engine: TorchEngine, record: StepRecord) -> bool:
+        """Finite loss, non-finite gradients under a GradScaler: the scaler's own skip.
+
+        The scaler found the Inf/NaN when it unscaled the gradients, will skip
+        ``optimizer.step()`` and lower its scale; that is AMP working, not a nanguard event.
+        """
+        loss_bad = (
+            engine.any_rank_loss_bad if engine.distributed else not math.isfinite(record.loss)
+        )
+        if loss_bad or math.isfinite(record.grad_norm) or engine.update_was_bad:
+            return False
+        self.amp_skips += 1
+        record.cause = "amp_scaler_skip"
+        engine.session.history.append(record)
+        engine.session.step = record.step + 1
+        engine.verdict = None
+        return True
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._engine is not None and self._engine.in_step:
+            self._engine.after_update()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        engine = self._engine
+        if engine is None or not self._stepped:
+            return  # with gradient accumulation, the optimizer steps at a later micro-batch
+        self._stepped = False
+        engine.end_step()
+
+    def _finish(self, pl_module: pl.LightningModule, verdict: Verdict) -> None:
+        if verdict.dump_path:
+            self.dumps.append(verdict.dump_path)
+        rec = verdict.record
+        if rec.step % self.config.log_every == 0:
+            self._log(pl_module, rec)
+        verdict.raise_if_abort()
+
+    def _log(self, pl_module: pl.LightningModule, rec: StepRecord) -> None:
+        assert self._engine is not None
+        ladder = self._engine.session.ladder
+        values = {
+            "nanguard/loss": rec.loss,
+            "nanguard/grad_norm": rec.grad_norm,
+            "nanguard/logits_min": rec.logits_min,
+            "nanguard/logits_max": rec.logits_max,
+            "nanguard/lr": rec.lr,
+            "nanguard/bad_steps": float(ladder.total_bad),
+            "nanguard/rollbacks": float(ladder.rollbacks),
+        }
+        if self._scaler is not None:
+            values["nanguard/amp_skips"] = float(self.amp_skips)
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and history, saved in Lightning checkpoints."""
+        if self._engine is None:
+            return dict(self._pending_state or {})
+        return {
+            "session": self._engine.session.state_dict(),
+            "lr_scale": self._engine.lr_scale,
+            "amp_skips": self.amp_skips,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the counters; applied at ``on_fit_start`` when the run is set up."""
+        state = dict(state_dict)
+        if self._engine is None or not self._handles:
+            self._pending_state = state
+        else:
+            self._apply_state(state)
+
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        assert self._engine is not None
+        self._engine.session.load_state_dict(state.get("session", {}))
+        self._engine.lr_scale = float(state.get("lr_scale", 1.0))
+        self.amp_skips = int(state.get("amp_skips", 0))
+
+
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch: ``(x, y)`` pairs and dicts with a label key."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping):
+        for key in TARGET_KEYS:
+            if key in batch:
+                return {k: v for k, v in batch.items() if k != key}, batch[key]
+    return batch, None

@@ -1,0 +1,91 @@
+"""Distributed agreement, for real: two CPU ranks over gloo, a NaN on rank 1 only.
+
+Both runs are helper scripts started as subprocesses (Lightning's ``strategy="ddp"``
+re-executes its script for rank 1, and ``torch.multiprocessing`` spawns the plain guard's
+ranks), so this test process is never forked, and a hang is caught by the timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.distributed.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+import nanguard  # noqa: E402
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+HERE = Path(__file__).parent
+TIMEOUT = 150
+
+
+def run_ranks(script: str, outdir: Path) -> list[dict]:
+    """Run a two-rank helper script; fail (and kill every rank) if it hangs."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / script), str(outdir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{script} hung for {TIMEOUT}s (ranks disagreed?):\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+    return [json.loads((outdir / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def check_agreement(results: list[dict], outdir: Path) -> None:
+    r0, r1 = results
+    # the same action on the same step on both ranks, though only rank 1 saw the NaN
+    assert r0["actions"] == r1["actions"]
+    assert r0["actions"][3:5] == ["skip", "rollback"]
+    assert r0["actions"].count(None) == len(r0["actions"]) - 2
+    assert r0["lr"] == r1["lr"]
+    assert r0["lr"][-1] == pytest.approx(r0["lr"][0] * 0.5)
+    # the same cause everywhere: rank 1's, the earliest in CAUSES
+    for r in results:
+        assert [(e["step"], e["cause"]) for e in r["events"]] == [
+            (3, "input_nonfinite"), (4, "input_nonfinite")
+        ]
+        assert {e["rank"] for e in r["events"]} == {r["rank"]}
+    # each rank writes its own dump, named and labelled with its rank
+    for rank, r in enumerate(results):
+        for path in r["dumps"]:
+            assert f"_rank{rank}_" in os.path.basename(path)
+            dump = nanguard.load(path)
+            assert dump.event.rank == rank
+            assert dump.meta["rank"] == rank
+            assert dump.meta["world_size"] == 2
+            assert dump.event.details["cause_rank"] == 1
+    # bit-identical weights on both ranks at the end
+    w0 = torch.load(outdir / "rank0.pt")
+    w1 = torch.load(outdir / "rank1.pt")
+    assert w0.keys() == w1.keys()
+    for k in w0:
+        assert torch.isfinite(w0[k]).all(), k
+        assert torch.equal(w0[k], w1[k]), k
+
+
+def test_plain_torch_guard_ranks_agree(tmp_path):
+    check_agreement(run_ranks("_ddp_torch.py", tmp_path), tmp_path)
+
+
+@pytest.mark.lightning
+def test_lightning_ddp_ranks_agree(tmp_path):
+    pytest.importorskip("lightning")
+    check_agreement(run_ranks("_ddp_lightning.py", tmp_path), tmp_path)

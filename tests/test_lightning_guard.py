@@ -1,0 +1,399 @@
+"""The Lightning callback, trained for real with ``Trainer.fit`` and real faults."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+
+import pytest
+
+pytest.importorskip("lightning")
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+import nanguard  # noqa: E402
+from nanguard.lightning import NanGuard  # noqa: E402
+
+pytestmark = pytest.mark.lightning
+
+N_IN, N_CLASSES, BATCH = 8, 4, 8
+
+
+def make_data(n_batches: int, nan_batches: tuple[int, ...] = (), scale: float = 1.0):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n_batches * BATCH, N_IN, generator=g) * scale
+    y = torch.randint(0, N_CLASSES, (n_batches * BATCH,), generator=g)
+    for b in nan_batches:
+        x[b * BATCH, 1] = math.nan
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=False)
+
+
+def loader_of(batches):
+    """A loader yielding these ready-made batches, in order."""
+    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, lr: float = 1e-2, naive_softmax: bool = False, sched: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(N_IN, 16), torch.nn.ReLU(), torch.nn.Linear(16, N_CLASSES)
+        )
+        self.lr = lr
+        self.naive_softmax = naive_softmax
+        self.sched = sched
+        self.step_losses: list[float] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        if self.naive_softmax:  # exp(x) / sum(exp(x)): overflows for logits over ~88
+            p = torch.exp(logits) / torch.exp(logits).sum(-1, keepdim=True)
+            loss = -torch.log(p[torch.arange(len(y)), y]).mean()
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        self.step_losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if not self.sched:
+            return opt
+        # A scheduler that would put the base LR back every step unless nanguard scales it.
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def trainer(tmp_path, guard, *, module=pl, **kwargs):
+    opts = dict(
+        max_epochs=1,
+        callbacks=[guard, *kwargs.pop("extra_callbacks", [])],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+    )
+    opts.update(kwargs)
+    return module.Trainer(**opts)
+
+
+def assert_finite(module):
+    for name, p in module.named_parameters():
+        assert torch.isfinite(p).all(), name
+
+
+class SnapshotWatcher(pl.Callback):
+    """Copies the weights whenever the guard takes a snapshot, and checks each rollback."""
+
+    def __init__(self, guard: NanGuard):
+        self.guard = guard
+        self.saved: dict[int, dict[str, torch.Tensor]] = {}
+        self.checked_rollbacks = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = self.guard.snapshot_step
+        if step is not None and step not in self.saved:
+            self.saved[step] = copy.deepcopy(pl_module.state_dict())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        last = self.guard.history[-1]
+        if last.action == "rollback":
+            expected = self.saved[self.guard.snapshot_step]
+            for k, v in pl_module.state_dict().items():
+                assert torch.equal(v, expected[k]), k  # bit for bit
+            self.checked_rollbacks += 1
+
+
+def test_nan_batch_is_skipped_and_dumped(tmp_path):
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = Classifier()
+    trainer(tmp_path, guard).fit(model, make_data(8, nan_batches=(3,)))
+    actions = [r.action for r in guard.history]
+    assert actions == [None, None, None, "skip", None, None, None, None]
+    assert [r.step for r in guard.history] == list(range(8))
+    assert_finite(model)
+    (event,) = guard.events
+    assert (event.step, event.cause, event.rank) == (3, "input_nonfinite", 0)
+    dump = nanguard.load(guard.dumps[0])
+    assert dump.event.cause == "input_nonfinite"
+    assert dump.event.step == 3
+    assert dump.meta["rank"] == 0
+    assert dump.meta["framework"] == "lightning"
+    assert "lightning" in dump.meta["environment"]
+    assert math.isnan(dump.tensors["inputs"][0, 1])
+    assert dump.tensors["targets"].shape == (BATCH,)
+    assert [h["step"] for h in dump.history][-1] == 3
+
+
+def test_naive_softmax_overflow(tmp_path):
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    loader = make_data(4)
+    big = make_data(1, scale=1e4)  # inputs ~1e4: logits far beyond exp's float32 range
+    batches = list(loader)
+    batches.insert(2, next(iter(big)))
+    model = Classifier(naive_softmax=True)
+    trainer(tmp_path, guard).fit(model, loader_of(batches))
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (2, "logit_overflow", "skip")
+    assert guard.history[2].logits_max > 88.8
+    assert nanguard.load(guard.dumps[0]).event.cause == "logit_overflow"
+    assert_finite(model)
+
+
+def test_rollback_is_bit_for_bit_and_lowers_lr_despite_scheduler(tmp_path):
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"), max_skips=1, snapshot_every=2)
+    watcher = SnapshotWatcher(guard)
+    model = Classifier(lr=1e-2, sched=True)
+    t = trainer(tmp_path, guard, extra_callbacks=[watcher])
+    t.fit(model, make_data(10, nan_batches=(5, 6)))
+    actions = [r.action for r in guard.history]
+    assert actions[5:7] == ["skip", "rollback"]
+    assert watcher.checked_rollbacks == 1
+    lrs = [r.lr for r in guard.history]
+    assert lrs[:7] == [1e-2] * 7
+    # the LambdaLR stepped after the rollback; the LR stays halved
+    assert lrs[7:] == [pytest.approx(5e-3)] * 3
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(5e-3)
+    assert t.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(5e-3)
+    assert_finite(model)
+
+
+class Regression(pl.LightningModule):
+    """Linear regression with a learning rate far too high: the loss grows to Inf."""
+
+    def __init__(self, lr: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(N_IN, 1)
+        self.lr = lr
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def test_learning_rate_that_blows_up_is_lowered(tmp_path):
+    guard = NanGuard(
+        dump_dir=str(tmp_path / "dumps"), max_skips=0, max_rollbacks=20, lr_factor=0.01,
+        snapshot_every=1, actions=("skip", "rollback", "lower_lr"),
+    )
+    model = Regression(lr=1e3)
+    batches = [(x * 30, y.float()) for x, y in make_data(40)]
+    trainer(tmp_path, guard).fit(model, loader_of(batches))
+    causes = {e.cause for e in guard.events}
+    assert guard.events, "the learning rate should have blown the weights up"
+    # The core calls an output beyond exp's range with an Inf loss "logit_overflow", even
+    # for a regression; the later, slower divergence shows as grad_explosion.
+    assert causes <= {"logit_overflow", "grad_explosion", "update_nonfinite", "loss_nonfinite"}
+    assert guard.events[0].step == 3
+    assert all(e.action == "rollback" for e in guard.events)
+    final_lr = guard.history[-1].lr
+    assert final_lr == pytest.approx(1e3 * 0.01 ** len(guard.events))
+    assert_finite(model)
+    assert all(r.action is None for r in guard.history[-5:])  # it recovered
+    for path in guard.dumps:
+        dump = nanguard.load(path)
+        assert dump.event.cause in causes
+        assert dump.meta["rank"] == 0
+
+
+def test_fault_on_every_step_aborts(tmp_path):
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"), max_skips=1, max_rollbacks=1)
+    model = Classifier()
+    with pytest.raises(nanguard.NonFiniteTrainingError) as info:
+        trainer(tmp_path, guard).fit(model, make_data(10, nan_batches=tuple(range(2, 10))))
+    err = info.value
+    assert err.event.cause == "input_nonfinite"
+    actions = [r.action for r in guard.history]
+    assert actions == [None, None, "skip", "rollback", "skip", "abort"]
+    assert err.event.step == 5
+    dump = nanguard.load(err.dump_path)
+    assert dump.event.action == "abort"
+    assert any(k.startswith("model.") for k in dump.tensors) or dump.meta.get("ladder")
+    assert_finite(model)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = Classifier()
+    # 8 batches, 2 per optimizer step; the NaN is in the second micro-batch of step 1.
+    trainer(tmp_path, guard, accumulate_grad_batches=2).fit(
+        model, make_data(8, nan_batches=(3,))
+    )
+    assert [r.step for r in guard.history] == [0, 1, 2, 3]
+    assert [r.action for r in guard.history] == [None, "skip", None, None]
+    assert guard.events[0].cause == "input_nonfinite"
+    # the recorded loss is the mean of the micro-batch losses
+    losses = model.step_losses
+    for i in (0, 2, 3):
+        assert guard.history[i].loss == pytest.approx((losses[2 * i] + losses[2 * i + 1]) / 2)
+    dump = nanguard.load(guard.dumps[0])
+    assert set(dump.tensors) >= {"inputs.0", "inputs.1", "targets.0", "targets.1"}
+    assert_finite(model)
+
+
+def test_bf16_mixed_on_cpu(tmp_path):
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = Classifier()
+    trainer(tmp_path, guard, precision="bf16-mixed").fit(model, make_data(6, nan_batches=(2,)))
+    assert [r.action for r in guard.history] == [None, None, "skip", None, None, None]
+    assert guard.events[0].cause == "input_nonfinite"
+    assert all(math.isfinite(r.grad_norm) for r in guard.history if r.action is None)
+    dump = nanguard.load(guard.dumps[0])
+    assert dump.tensors["output"].dtype.name == "float32"  # bf16 output, stored as float32
+    assert_finite(model)
+
+
+def test_fp16_gradscaler_skips_are_the_scalers(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    # A scale far too large makes the fp16 backward overflow: the scaler skips those
+    # steps and lowers its scale; nanguard must count them, not act on them.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-10)
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = Classifier()
+    before = copy.deepcopy(model.state_dict())
+    t = trainer(tmp_path, guard, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    t.fit(model, make_data(8))
+    assert guard.amp_skips >= 1
+    assert guard.events == []
+    skipped = [r for r in guard.history if r.cause == "amp_scaler_skip"]
+    assert len(skipped) == guard.amp_skips
+    assert all(r.action is None and not math.isfinite(r.grad_norm) for r in skipped)
+    assert any(math.isfinite(r.grad_norm) for r in guard.history)
+    assert not any(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert_finite(model)
+
+
+def test_checkpoint_saves_and_restores_counters(tmp_path):
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = Classifier()
+    t = trainer(tmp_path, guard)
+    t.fit(model, make_data(6, nan_batches=(1, 4)))
+    path = str(tmp_path / "run.ckpt")
+    t.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["callbacks"]["NanGuard"]
+    assert saved["session"]["step"] == 6
+    assert saved["session"]["ladder"]["total_bad"] == 2
+
+    resumed = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    t2 = trainer(tmp_path, resumed, max_epochs=2)
+    t2.fit(Classifier(), make_data(6, nan_batches=(2,)), ckpt_path=path)
+    steps = [r.step for r in resumed.history]
+    assert steps == list(range(12))  # history restored, then 6 more steps
+    assert [r.action for r in resumed.history][6:] == [None, None, "skip", None, None, None]
+    assert resumed.state_dict()["session"]["ladder"]["total_bad"] == 3
+    assert resumed.events[0].step == 8
+
+
+def test_logs_through_pl_module_log(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"), log_every=2)
+    logger = CSVLogger(str(tmp_path), name="logs")
+    t = trainer(tmp_path, guard, logger=logger, log_every_n_steps=1)
+    t.fit(Classifier(), make_data(6))
+    with open(f"{logger.log_dir}/metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("nanguard/grad_norm")]
+    assert [int(r["step"]) for r in rows] == list(range(6))
+    for name in ("loss", "grad_norm", "logits_min", "logits_max", "lr", "bad_steps", "rollbacks"):
+        assert f"nanguard/{name}" in rows[0]
+    # pushed at steps 0, 2, 4; Lightning's logger repeats the last value in between
+    logged = [float(r["nanguard/grad_norm"]) for r in rows]
+    expected = [guard.history[s - s % 2].grad_norm for s in range(6)]
+    assert logged == pytest.approx(expected)
+    assert logged[1] != pytest.approx(guard.history[1].grad_norm)
+
+
+class SometimesNone(Classifier):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 2:
+            return None  # Lightning's convention for "skip this batch"
+        return super().training_step(batch, batch_idx)
+
+
+def test_training_step_returning_none_is_not_an_event(tmp_path):
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = SometimesNone()
+    trainer(tmp_path, guard).fit(model, make_data(5))
+    assert guard.events == []
+    assert guard.step_count == 5
+    assert [r.step for r in guard.history] == [0, 1, 3, 4]
+    assert not (tmp_path / "dumps").exists()
+
+
+class Manual(Classifier):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+def test_manual_optimization_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="automatic optimization only"):
+        trainer(tmp_path, NanGuard()).fit(Manual(), make_data(2))
+
+
+def test_logits_module_and_invalid_options(tmp_path):
+    with pytest.raises(ValueError, match="max_skips"):
+        NanGuard(max_skips=-1)
+    with pytest.raises(ValueError, match="lr_factor"):
+        NanGuard(lr_factor=1.5)
+    with pytest.raises(ValueError, match="actions"):
+        NanGuard(actions=("skip", "explode"))
+    with pytest.raises(ValueError, match="logits_module"):
+        trainer(tmp_path, NanGuard(logits_module="nope")).fit(Classifier(), make_data(1))
+    guard = NanGuard(logits_module="net.0", dump_dir=str(tmp_path / "dumps"))
+    trainer(tmp_path, guard).fit(Classifier(), make_data(2))
+    # the first Linear's output, not the model's: 16 features, ReLU not applied yet
+    assert guard.history[0].logits_min < 0
+
+
+def test_standalone_pytorch_lightning_package(tmp_path):
+    ptl = pytest.importorskip("pytorch_lightning")
+
+    class PTLClassifier(ptl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Linear(N_IN, N_CLASSES)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    assert isinstance(guard, ptl.Callback)
+    assert isinstance(guard, pl.Callback)
+    model = PTLClassifier()
+    trainer(tmp_path, guard, module=ptl).fit(model, make_data(5, nan_batches=(1,)))
+    assert [r.action for r in guard.history] == [None, "skip", None, None, None]
+    assert nanguard.load(guard.dumps[0]).event.cause == "input_nonfinite"
+    assert_finite(model)
