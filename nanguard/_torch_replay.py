@@ -714,3 +714,95 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
         t = t.float()
     return t.numpy()
+
+
+class ReplayInputError(ValueError):
+    """A dump or model that ``nanguard replay`` cannot use; the message is one line.
+
+    Example:
+        >>> str(ReplayInputError("the dump holds no model state"))
+        'the dump holds no model state'
+    """
+
+
+def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> ReplayResult:
+    """Load the dump's model state into ``model`` and replay the dumped batch on it.
+
+    The call is ``replay.args.*``/``replay.kwargs.*`` when the dump recorded them, else
+    ``model(inputs)``, ``model(*inputs.N)`` or ``model(**inputs.KEY)``. The CPU RNG state
+    and the output gradient recorded in the step are used when present, so dropout and the
+    backward replay the step's own.
+
+    Raises:
+        ReplayInputError: No model state, parameters that do not match, or no inputs.
+    """
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in dump.state.items() if k.startswith(prefix)}
+    if not state:
+        raise ReplayInputError(
+            f"the dump holds no model state ({dump.path}); replay needs an abort dump or "
+            "one written with dump_state='always'"
+        )
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing from the dump: {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"not in the model: {', '.join(unexpected[:3])}")
+        if shapes:
+            parts.append(f"shape (dump vs model): {', '.join(shapes[:3])}")
+        raise ReplayInputError(
+            f"the model's parameters do not match the dump's ({'; '.join(parts)})"
+        )
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(torch.from_numpy(np.array(state[k])).to(t.dtype))
+    args, kwargs = _dumped_call(dump.tensors)
+    rng = dump.tensors.get("replay.rng_cpu")
+    grads = {
+        int(k.rsplit(".", 1)[1]): torch.from_numpy(np.array(v))
+        for k, v in dump.tensors.items()
+        if k.startswith("replay.output_grad.")
+    }
+    call = RecordedCall(
+        args, kwargs,
+        torch.from_numpy(np.array(rng)) if rng is not None else torch.get_rng_state(),
+        None, [], True, grads,
+    )
+    model.train(train)
+    config = dump.meta.get("config", {})
+    return replay_call(
+        model,
+        call,
+        allow_neg_inf=tuple(config.get("allow_neg_inf") or ()),
+        logits_module=config.get("logits_module"),
+        backward=bool(grads),
+    )
+
+
+def _dumped_call(tensors: Mapping[str, np.ndarray]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a))
+
+    args = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items()
+                  if k.startswith("replay.args."))
+    kwargs = {k[len("replay.kwargs."):]: t(v) for k, v in tensors.items()
+              if k.startswith("replay.kwargs.")}
+    if args or kwargs:
+        return tuple(t(v) for _, v in args), kwargs
+    if "inputs" in tensors:
+        return (t(tensors["inputs"]),), {}
+    parts = {k[len("inputs."):]: v for k, v in tensors.items() if k.startswith("inputs.")}
+    if parts and all(k.isdigit() for k in parts):
+        return tuple(t(parts[k]) for k in sorted(parts, key=int)), {}
+    if parts:
+        return (), {k: t(v) for k, v in parts.items()}
+    raise ReplayInputError("the dump holds no inputs to replay (no 'inputs' tensors)")

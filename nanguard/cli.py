@@ -1,4 +1,4 @@
-"""The ``nanguard`` command line: read dumps after the fact."""
+"""The ``nanguard`` command line: read, draw and replay dumps after the fact."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ from typing import Any, TextIO
 
 from nanguard.dump import SUFFIX, Dump, DumpError, load, tensor_summary
 from nanguard.events import StepRecord
+from nanguard.report import MissingExtra
 
 HISTORY_ROWS = 12
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 success, 2 unreadable input)."""
+    """Run the command line; returns the exit code (0 success, 1 replay found nothing,
+    2 bad input: an unreadable dump, a missing extra, a factory or model that does not fit).
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -25,11 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args, sys.stdout))
-    except DumpError as err:
-        print(f"nanguard: error: {err}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # pragma: no cover - `nanguard ls | head`
         return 0
+    except (DumpError, UsageError, MissingExtra, OSError) as err:
+        print(f"nanguard: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +48,133 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="list the dumps in a directory, one line each")
     p.add_argument("dir", nargs="?", default="nanguard_dumps", help="default: nanguard_dumps")
     p.set_defaults(run=_ls)
+    p = sub.add_parser("report", help="write a self-contained HTML report (needs matplotlib)")
+    p.add_argument("path", help="a dump file")
+    p.add_argument("-o", "--output", help="the HTML file (default: the dump's name + .html)")
+    p.set_defaults(run=_report)
+    p = sub.add_parser("plot", help="draw the history as one PNG (needs matplotlib)")
+    p.add_argument("path", help="a dump file")
+    p.add_argument("-o", "--output", help="the PNG file (default: the dump's name + .png)")
+    p.set_defaults(run=_plot)
+    p = sub.add_parser(
+        "replay", help="PyTorch: rebuild the model, load the dumped state, replay the batch"
+    )
+    p.add_argument("path", help="a dump that holds the model state")
+    p.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                   help="a function returning the model, e.g. mypkg.models:build")
+    p.add_argument("--eval", action="store_true", help="replay in eval mode (default: train)")
+    p.set_defaults(run=_replay)
     return parser
+
+
+class UsageError(Exception):
+    """Bad input to a command: printed as one line, exit 2."""
+
+
+def _default_output(path: str, ext: str) -> str:
+    base = os.path.basename(path)
+    base = base[: -len(SUFFIX)] if base.endswith(SUFFIX) else os.path.splitext(base)[0]
+    return base + ext
+
+
+def _report(args: argparse.Namespace, out: TextIO) -> int:
+    from nanguard import report
+
+    dump = load(args.path)
+    path = report.write_report(dump, args.output or _default_output(args.path, ".html"))
+    out.write(f"wrote {path}\n")
+    return 0
+
+
+def _plot(args: argparse.Namespace, out: TextIO) -> int:
+    from nanguard import report
+
+    dump = load(args.path)
+    path = report.write_plot(dump, args.output or _default_output(args.path, ".png"))
+    out.write(f"wrote {path}\n")
+    return 0
+
+
+def load_factory(spec: str) -> Any:
+    """The callable named by ``"package.module:factory"`` (the current directory is searched
+    first, as ``python -m`` would)."""
+    import importlib
+
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise UsageError(f"--model must look like package.module:factory. Received: {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except Exception as err:  # noqa: BLE001 - any import failure is the user's input
+        raise UsageError(
+            f"cannot import module {mod_name!r} for --model: {type(err).__name__}: {err}"
+        ) from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"module {mod_name!r} has no attribute {attr!r} (--model {spec})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"--model {spec} is not callable")
+    return obj
+
+
+def _replay(args: argparse.Namespace, out: TextIO) -> int:
+    dump = load(args.path)
+    if not any(k.startswith("model.") for k in dump.state):
+        raise UsageError(
+            f"the dump holds no model state: {args.path} (replay needs an abort dump or one "
+            "written with dump_state='always')"
+        )
+    factory = load_factory(args.model)
+    try:
+        from nanguard._torch_replay import ReplayInputError, replay_dump
+    except ImportError as err:
+        raise UsageError(
+            f"nanguard replay needs PyTorch: pip install 'nanguard[torch]' ({err})"
+        ) from err
+    import torch
+
+    try:
+        model = factory()
+    except Exception as err:  # noqa: BLE001 - the user's factory failed
+        raise UsageError(f"--model {args.model} raised {type(err).__name__}: {err}") from err
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(
+            f"--model {args.model} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    try:
+        result = replay_dump(dump, model, train=not args.eval)
+    except ReplayInputError as err:
+        raise UsageError(str(err)) from err
+    mode = "eval" if args.eval else "train"
+    out.write(
+        f"replayed step {dump.event.step} of {args.path} on {type(model).__name__} "
+        f"({mode} mode; the dump says: {dump.event.cause}"
+        + (f" in '{dump.event.where}'" if dump.event.where else "") + ")\n"
+    )
+    for note in result.notes:
+        out.write(f"  note: {note}\n")
+    f = result.finding
+    if f is None:
+        out.write(
+            "  no module produced a non-finite value in the replay"
+            + (" (the model output is non-finite)" if result.output_nonfinite else "")
+            + "\n"
+        )
+        return 1
+    out.write(f"first bad module: {f.module} ({f.phase})\n  {f.note}\n")
+    for kind, items in f.summary.items():
+        entries = items.items() if isinstance(items, dict) else enumerate(items)
+        for key, s in entries:
+            label = kind if isinstance(items, list) and len(items) == 1 else f"{kind} {key}"
+            out.write(
+                f"  {label:<12} {'x'.join(map(str, s.get('shape', []))) or 'scalar'} "
+                f"{s.get('dtype', '')}  min {_num(s.get('min'))}  max {_num(s.get('max'))}  "
+                f"NaN {s.get('nan', 0)}  Inf {s.get('inf', 0)}\n"
+            )
+    return 0
 
 
 def dump_json(dump: Dump) -> dict[str, Any]:

@@ -106,8 +106,10 @@ def test_hidden_exp_overflow_is_named_with_its_tensors(tmp_path):
     assert np.isfinite(inp).all()
     assert np.isinf(out).any()
     info = dump.event.details["replay"]
-    assert info["found"] == "1" and info["phase"] == "forward"
-    assert info["input"][0]["nan"] == 0 and info["input"][0]["inf"] == 0
+    assert info["found"] == "1"
+    assert info["phase"] == "forward"
+    assert info["input"][0]["nan"] == 0
+    assert info["input"][0]["inf"] == 0
     assert info["output"][0]["inf"] == int(np.isinf(out).sum()) > 0
     assert info["input"][0]["max"] == pytest.approx(float(inp.max()))
     guard.close()
@@ -160,10 +162,12 @@ def test_dropout_replays_the_same_mask_and_rng_stream_is_untouched(tmp_path):
     ev = guard.events[-1]
     assert (ev.cause, ev.where) == ("activation_nonfinite", "3")
     # the user's hook saw the real forward and the replay: the same dropout mask both times
-    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+    assert len(seen) == 2
+    assert torch.equal(seen[0], seen[1])
     kept = nanguard.load(guard.dumps[-1]).tensors["localized.3.input"]
     assert np.array_equal(kept, seen[0].numpy())
-    assert len(masks) == 2 and torch.equal(masks[0], masks[1])
+    assert len(masks) == 2
+    assert torch.equal(masks[0], masks[1])
     assert masks[0].any()  # dropout really dropped something
     guard.close()
 
@@ -253,7 +257,8 @@ def test_replay_restores_grads_modes_buffers_and_rng():
     call = RecordedCall((x,), {}, torch.get_rng_state(), None, [], True, {0: out_grad})
     rng = torch.get_rng_state()
     result = replay_call(model, call, backward=True)
-    assert result.finding is not None and result.finding.module == "3"
+    assert result.finding is not None
+    assert result.finding.module == "3"
     assert result.finding.phase == "backward"
     assert all(p.grad is g for p, g in zip(model.parameters(), grads, strict=True))
     assert [m.training for m in model] == [True, True, False, True, True]

@@ -1,0 +1,203 @@
+"""nanguard report / plot / replay on dumps from real torch runs."""
+
+from __future__ import annotations
+
+import math
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import nanguard  # noqa: E402
+from nanguard.cli import load_factory, main  # noqa: E402
+from nanguard.config import GuardConfig  # noqa: E402
+from nanguard.events import StepRecord  # noqa: E402
+from nanguard.session import GuardSession  # noqa: E402
+from nanguard.torch import NanGuard  # noqa: E402
+
+pytestmark = pytest.mark.torch
+F = torch.nn.functional
+
+FACTORY = textwrap.dedent(
+    """
+    import torch
+
+
+    class Exp(torch.nn.Module):
+        def forward(self, x):
+            return torch.exp(x)
+
+
+    class SqrtAbs(torch.nn.Module):
+        def forward(self, x):
+            return torch.sqrt(x.abs())
+
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), Exp(), torch.nn.Linear(8, 2))
+
+
+    def build_sqrt():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), SqrtAbs(), torch.nn.Linear(8, 2))
+        with torch.no_grad():
+            model[0].weight[:3].zero_()
+            model[0].bias[:3].zero_()
+        return model
+
+
+    def build_other():
+        return torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.Linear(9, 2))
+
+
+    def not_a_model():
+        return 42
+    """
+)
+
+
+@pytest.fixture
+def factory(tmp_path, monkeypatch):
+    name = f"ng_factory_{abs(hash(str(tmp_path)))}"
+    (tmp_path / f"{name}.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    yield name
+    sys.modules.pop(name, None)
+
+
+def train(model, dump_dir, scales, dump_state="always"):
+    """A few real steps; a large input scale makes the hidden exp overflow."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = NanGuard(model, opt, dump_dir=str(dump_dir), dump_state=dump_state)
+    g = torch.Generator().manual_seed(0)
+    for scale in scales:
+        x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+        opt.zero_grad()
+        with guard.step(x * scale, targets=y):
+            loss = F.cross_entropy(model(x * scale), y)
+            guard.backward(loss)
+            opt.step()
+    guard.close()
+    return guard
+
+
+def build_from(factory_name, fn="build"):
+    return load_factory(f"{factory_name}:{fn}")()
+
+
+@pytest.fixture
+def overflow_dump(factory, tmp_path):
+    guard = train(build_from(factory), tmp_path / "dumps", [1.0] * 6 + [300.0])
+    assert [e.cause for e in guard.events] == ["activation_nonfinite"]
+    return guard.dumps[-1]
+
+
+def test_dump_state_always_puts_the_model_in_a_skip_dump(overflow_dump):
+    dump = nanguard.load(overflow_dump)
+    assert dump.event.action == "skip"
+    assert {"model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"} <= set(dump.state)
+
+
+def test_report_is_one_self_contained_page_with_the_cause(overflow_dump, tmp_path, capsys):
+    out = tmp_path / "report.html"
+    assert main(["report", overflow_dump, "-o", str(out)]) == 0
+    page = out.read_text()
+    assert "activation_nonfinite" in page
+    assert "turned finite inputs into non-finite outputs" in page  # the fix text
+    assert page.count("data:image/png;base64,") == 1
+    assert "localized.1.output" in page
+    assert "localized.1.input" in page
+    for external in ("src='http", 'src="http', "<link", "<script"):
+        assert external not in page
+    assert str(out) in capsys.readouterr().out
+
+
+def test_plot_writes_a_png(overflow_dump, tmp_path):
+    out = tmp_path / "history.png"
+    assert main(["plot", overflow_dump, "-o", str(out)]) == 0
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 5000
+
+
+def test_report_without_matplotlib_says_how_to_install(overflow_dump, tmp_path, monkeypatch,
+                                                       capsys):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    for command in ("report", "plot"):
+        assert main([command, overflow_dump, "-o", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert "pip install 'nanguard[report]'" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_replay_names_the_first_bad_module(overflow_dump, factory, capsys):
+    assert main(["replay", overflow_dump, "--model", f"{factory}:build"]) == 0
+    out = capsys.readouterr().out
+    assert "first bad module: 1 (forward)" in out
+    assert "NaN 0  Inf 0" in out  # its input was finite
+
+
+def test_replay_of_a_backward_fault_uses_the_recorded_output_gradient(factory, tmp_path,
+                                                                      capsys):
+    guard = train(build_from(factory, "build_sqrt"), tmp_path / "d2", [1.0])
+    assert guard.events[-1].cause == "grad_nonfinite"
+    assert main(["replay", guard.dumps[-1], "--model", f"{factory}:build_sqrt"]) == 0
+    assert "first bad module: 1 (backward)" in capsys.readouterr().out
+
+
+def _one_line_error(capsys):
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("nanguard: error: ")
+    assert captured.err.count("\n") == 1
+    return captured.err
+
+
+def test_replay_bad_inputs_exit_2_with_one_line(overflow_dump, factory, tmp_path, capsys):
+    no_state = train(build_from(factory), tmp_path / "d3", [300.0], dump_state="never")
+    assert main(["replay", no_state.dumps[-1], "--model", f"{factory}:build"]) == 2
+    assert "no model state" in _one_line_error(capsys)
+    assert main(["replay", overflow_dump, "--model", "no_such_module_xyz:build"]) == 2
+    assert "cannot import module 'no_such_module_xyz'" in _one_line_error(capsys)
+    assert main(["replay", overflow_dump, "--model", f"{factory}:missing"]) == 2
+    assert "has no attribute 'missing'" in _one_line_error(capsys)
+    assert main(["replay", overflow_dump, "--model", f"{factory}"]) == 2
+    assert "package.module:factory" in _one_line_error(capsys)
+    assert main(["replay", overflow_dump, "--model", f"{factory}:build_other"]) == 2
+    err = _one_line_error(capsys)
+    assert "do not match" in err
+    assert "0.weight" in err
+    assert main(["replay", overflow_dump, "--model", f"{factory}:not_a_model"]) == 2
+    assert "not a torch.nn.Module" in _one_line_error(capsys)
+    assert main(["replay", str(tmp_path / "nope.nanguard.zip"), "--model", "a:b"]) == 2
+    assert "no such dump" in _one_line_error(capsys)
+
+
+def test_layer_growth_names_the_gradient_that_grew_first(tmp_path, capsys):
+    session = GuardSession(GuardConfig(dump_dir=str(tmp_path)), framework="test")
+    session.extra_meta["param_names"] = ["embed.weight", "rnn.weight_hh", "head.weight"]
+    for step in range(12):
+        rnn = 1.0 if step < 6 else 1.0 * 3.0 ** (step - 5)  # grows from step 6
+        head = 1.0 if step < 9 else 10.0  # grows later
+        norms = [0.5, rnn, head]
+        rec = StepRecord(step=step, loss=1.0, grad_norm=math.hypot(*norms), lr=0.1,
+                         logits_min=-1.0, logits_max=1.0, layer_grad_norms=norms)
+        session.conclude(rec, probe=None)
+    bad = StepRecord(step=12, loss=1.0, grad_norm=math.inf, lr=0.1, logits_min=-1.0,
+                     logits_max=1.0, layer_grad_norms=[0.5, math.inf, math.inf])
+    verdict = session.conclude(bad, probe=None)
+    ev = verdict.event
+    assert ev.cause == "grad_explosion"
+    growth = ev.details["layer_growth"]
+    assert (growth["first"], growth["step"]) == ("rnn.weight_hh", 7)
+    assert "rnn.weight_hh" in ev.message
+    out = tmp_path / "r.html"
+    assert main(["report", verdict.dump_path, "-o", str(out)]) == 0
+    assert "The first gradient to grow was <b>rnn.weight_hh</b>" in out.read_text()
