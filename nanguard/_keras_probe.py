@@ -1,0 +1,185 @@
+"""The Keras slow path: looks closely at a bad step (batch, weights, layer-by-layer replay).
+
+Nothing here runs on a good step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import keras
+import numpy as np
+
+from nanguard import detector
+from nanguard._keras_state import first_nonfinite, state_variables, to_numpy
+from nanguard._keras_step import sparse_classes
+from nanguard.events import StepRecord
+
+ACTIVATION_DUMP_BYTES = 16 * 2**20
+
+
+def named_arrays(obj: Any, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor of a nested batch as a host array, with a readable path."""
+    if obj is None:
+        return
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from named_arrays(value, f"{prefix}.{key}")
+    elif isinstance(obj, (list, tuple)):
+        if len(obj) == 1:
+            yield from named_arrays(obj[0], prefix)
+        else:
+            for i, value in enumerate(obj):
+                yield from named_arrays(value, f"{prefix}.{i}")
+    else:
+        yield prefix, to_numpy(obj)
+
+
+def describe_nonfinite(name: str, a: np.ndarray) -> str | None:
+    if a.dtype.kind not in "fc":
+        return None
+    nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    if nan or inf:
+        return f"{name}: {nan} NaN, {inf} Inf of {a.size} values"
+    return None
+
+
+def check_targets(
+    targets: list[tuple[str, np.ndarray]], output: np.ndarray | None, sparse_floats: bool
+) -> str | None:
+    """NaN/Inf in floating targets, or class ids outside ``[0, n_classes)``."""
+    for name, t in targets:
+        if t.dtype.kind == "f":
+            found = describe_nonfinite(name, t)
+            if found:
+                return found
+        if output is None or t.size == 0 or t.dtype.kind not in "iuf":
+            continue
+        if t.dtype.kind == "f" and not sparse_floats:
+            continue
+        n = sparse_classes(t.shape, output.shape)
+        if n is None:
+            continue
+        bad = (t < 0) | (t >= n)
+        if bad.any():
+            index = int(np.flatnonzero(bad.reshape(-1))[0])
+            first = t.reshape(-1)[index].item()
+            return (f"{name}: {int(bad.sum())} class id(s) outside [0, {n}), the first is "
+                    f"{first:g} at index {index}")
+    return None
+
+
+def localize(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.ndarray] | None:
+    """Replay a batch layer by layer; the first layer whose output is non-finite.
+
+    Works for ``Sequential`` and functional models (their ``layers`` run in order, with
+    ``training=False`` so the replay changes no state). Returns ``(layer name, is the
+    output layer, its input, its output)``, or None when every output is finite or the
+    model cannot be replayed (a subclassed model).
+    """
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if not layers:
+        return None
+    if isinstance(model, keras.Sequential):
+        h = x
+        for i, layer in enumerate(layers):
+            out = layer(h, training=False)
+            arr = to_numpy(out, 2**62)
+            if not np.isfinite(arr).all():
+                return layer.name, i == len(layers) - 1, _cut(h), _cut(arr)
+            h = out
+        return None
+    try:
+        outputs = [layer.output for layer in layers]
+        replay = keras.Model(model.inputs, outputs)
+    except Exception:  # noqa: BLE001 - subclassed or shared layers: no replay possible
+        return None
+    results = replay(x, training=False)
+    for layer, out in zip(layers, results, strict=False):
+        arrays = [to_numpy(t, 2**62) for t in keras.tree.flatten(out)]
+        if all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f"):
+            continue
+        try:
+            inp = keras.Model(model.inputs, layer.input)(x, training=False)
+            inp_arr = _cut(to_numpy(keras.tree.flatten(inp)[0], 2**62))
+        except Exception:  # noqa: BLE001 - the input is optional forensic detail
+            inp_arr = np.zeros(0, np.float32)
+        last = layer is layers[-1] or any(out is o for o in keras.tree.flatten(model.outputs))
+        return layer.name, bool(last), inp_arr, _cut(arrays[0])
+    return None
+
+
+def _cut(a: Any) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        a = to_numpy(a, 2**62)
+    if a.ndim and a.nbytes > ACTIVATION_DUMP_BYTES:
+        a = a[: max(1, ACTIVATION_DUMP_BYTES // max(1, a[0].nbytes))]
+    return a
+
+
+class KerasProbe:
+    """Answers the core's questions about one bad step.
+
+    Args:
+        model: The model being trained.
+        batch: ``{"x": ..., "y": ..., "y_pred": ...}`` tensors of the step (may be empty
+            in the loss-only fallback).
+        sparse_floats: Floating targets count as class ids (sparse loss).
+        replay: Whether to replay the batch layer by layer.
+    """
+
+    def __init__(self, model: Any, batch: Mapping[str, Any], *, sparse_floats: bool,
+                 replay: bool = True) -> None:
+        self.model = model
+        self.batch = batch
+        self.sparse_floats = sparse_floats
+        self.replay = replay
+        self._tensors: dict[str, np.ndarray] | None = None
+        self.localized: tuple[str, bool, np.ndarray, np.ndarray] | None = None
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        if self._tensors is None:
+            out: dict[str, np.ndarray] = {}
+            out.update(named_arrays(self.batch.get("x"), "inputs"))
+            out.update(named_arrays(self.batch.get("y"), "targets"))
+            if self.batch.get("y_pred") is not None:
+                out["output"] = to_numpy(self.batch["y_pred"])
+            self._tensors = out
+        out = dict(self._tensors)
+        if self.localized is not None:
+            name, _, inp, res = self.localized
+            out[f"activation.{name}.input"] = inp
+            out[f"activation.{name}.output"] = res
+        return out
+
+    def evidence(self, record: StepRecord) -> detector.Evidence:
+        ev = detector.Evidence()
+        arrays = self.tensors()
+        output = arrays.get("output")
+        if output is not None:
+            ev.logits_dtype = str(output.dtype)
+        layers = getattr(self.model, "layers", [])
+        ev.where = layers[-1].name if layers else None
+        for name, a in arrays.items():
+            if name.startswith("inputs"):
+                ev.input_nonfinite = describe_nonfinite(name, a)
+                if ev.input_nonfinite:
+                    break
+        targets = [(n, a) for n, a in arrays.items() if n.startswith("targets")]
+        ev.target_invalid = check_targets(targets, output, self.sparse_floats)
+        ev.weights_nonfinite = first_nonfinite(self.model)
+        logits_bad = not (detector.finite(record.logits_min) and detector.finite(record.logits_max))
+        clean = not (ev.input_nonfinite or ev.target_invalid or ev.weights_nonfinite)
+        if self.replay and clean and logits_bad and self.batch.get("x") is not None:
+            self.localized = localize(self.model, self.batch["x"])
+            if self.localized is not None:
+                name, is_output, _, _ = self.localized
+                ev.where = name
+                if not is_output:
+                    ev.activation = name
+                ev.details["replay_layer"] = name
+        return ev
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {name: to_numpy(v, 2**62) for name, v in state_variables(self.model)}

@@ -1,0 +1,240 @@
+"""What nanguard puts inside a Keras 3 training step (the hot path).
+
+Four instance attributes are patched while a guarded ``fit`` runs, never the classes:
+
+- ``model.train_step``: opens a per-step capture and returns the packed stats, plus the
+  batch and ``y_pred`` as tensors that stay where they are (read only on a bad step).
+- ``model.compute_loss``: records the batch's own loss and ``y_pred``; sparse labels
+  outside ``[0, n_classes)`` are replaced by 0 for the loss (so TensorFlow on the CPU does
+  not raise) and the loss is made NaN, which makes the step bad.
+- ``optimizer.apply``: the global gradient norm before clipping, the finiteness decision,
+  ``clip_grad_norm``, and the update itself inside a ``cond`` (as Keras's own
+  ``LossScaleOptimizer`` does), then one check that the weights stayed finite.
+- ``model._loss_tracker.update_state``: leaves out a bad batch's loss, so one skipped
+  batch does not turn Keras's running mean (``logs["loss"]``) into NaN for the epoch.
+
+The same code runs traced (TensorFlow graph) and eagerly (``run_eagerly=True``, torch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import keras
+from keras import ops
+
+STATS_KEY = "_nanguard"
+# Order of the packed stats tensor; per-variable gradient norms follow.
+HEAD = ("loss", "logits_min", "logits_max", "grad_norm", "lr", "applied", "weights_ok",
+        "labels_ok")
+
+
+def first_float(structure: Any) -> Any:
+    """The first floating tensor of a (nested) model output: the logits source."""
+    for t in keras.tree.flatten(structure):
+        if t is not None and "float" in keras.backend.standardize_dtype(t.dtype):
+            return t
+    return None
+
+
+def sparse_classes(y_shape: tuple[Any, ...], pred_shape: tuple[Any, ...]) -> int | None:
+    """``n_classes`` when targets of this shape are class ids for outputs of that shape."""
+    if not pred_shape or pred_shape[-1] is None or pred_shape[-1] < 2:
+        return None
+    n = int(pred_shape[-1])
+    if len(y_shape) == len(pred_shape) - 1:
+        return n
+    if len(y_shape) == len(pred_shape) and y_shape[-1] == 1:
+        return n
+    return None
+
+
+class _Capture:
+    """Tensors of one step, linked across the patched methods while it is traced/run."""
+
+    def __init__(self) -> None:
+        self.loss: Any = None
+        self.y_pred: Any = None
+        self.labels_ok: Any = None
+        self.grad: tuple[Any, ...] | None = None
+
+
+class StepInstrument:
+    """Patches a compiled Keras model's training step; :meth:`remove` undoes it.
+
+    Args:
+        model: The compiled model (its class's default ``train_step``).
+        clip_grad_norm: Clip the global gradient norm to this value, or None.
+        sparse_float_labels: Treat floating targets as class ids when their shape says so
+            (the compiled loss is a sparse one).
+    """
+
+    def __init__(
+        self, model: Any, clip_grad_norm: float | None, sparse_float_labels: bool
+    ) -> None:
+        self.model = model
+        self.optimizer = model.optimizer
+        self.clip = clip_grad_norm
+        self.sparse_float_labels = sparse_float_labels
+        self.cap: _Capture | None = None
+        # 1.0: keep a bad step's update from the weights; 0.0 when the ladder would only log.
+        self.block_bad = keras.Variable(1.0, dtype="float32", trainable=False,
+                                        name="nanguard_block_bad")
+        self._patched: list[tuple[Any, str]] = []
+        self.tracker = getattr(model, "_loss_tracker", None)
+        self._patch(model, "train_step", self._train_step(model.train_step))
+        self._patch(model, "compute_loss", self._compute_loss(model.compute_loss))
+        self._patch(self.optimizer, "apply", self._apply(self.optimizer.apply))
+        if self.tracker is not None:
+            self._patch(self.tracker, "update_state", self._track(self.tracker.update_state))
+
+    def _patch(self, obj: Any, name: str, fn: Callable[..., Any]) -> None:
+        # Straight into the instance dict: no Keras/torch attribute tracking, easy to undo.
+        vars(obj)[name] = fn
+        self._patched.append((obj, name))
+
+    def remove(self) -> None:
+        for obj, name in reversed(self._patched):
+            vars(obj).pop(name, None)
+        self._patched = []
+
+    # -- the wrappers ---------------------------------------------------------------------
+    def _train_step(self, orig: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def train_step(data: Any) -> Any:
+            self.cap = cap = _Capture()
+            try:
+                logs = orig(data)
+            finally:
+                self.cap = None
+            if cap.loss is None or cap.grad is None:
+                return logs
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            out = dict(logs)
+            extra = {"stats": self._pack(cap)}
+            if x is not None:
+                extra["x"] = x
+            if y is not None:
+                extra["y"] = y
+            pred = first_float(cap.y_pred)
+            if pred is not None:
+                extra["y_pred"] = ops.stop_gradient(pred)
+            out[STATS_KEY] = extra
+            return out
+
+        return train_step
+
+    def _compute_loss(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def compute_loss(x: Any = None, y: Any = None, y_pred: Any = None,
+                         sample_weight: Any = None, **kwargs: Any) -> Any:
+            cap = self.cap
+            if cap is None or cap.loss is not None or kwargs.get("training") is False:
+                return orig(x, y, y_pred, sample_weight, **kwargs)
+            y_safe, labels_ok = self._guard_labels(y, y_pred)
+            loss = orig(x, y_safe, y_pred, sample_weight, **kwargs)
+            if labels_ok is not None:
+                loss = ops.where(labels_ok, loss, ops.cast(math.nan, loss.dtype))
+            cap.loss = ops.stop_gradient(loss)
+            cap.y_pred = y_pred
+            cap.labels_ok = labels_ok
+            return loss
+
+        return compute_loss
+
+    def _guard_labels(self, y: Any, y_pred: Any) -> tuple[Any, Any]:
+        if y is None or y_pred is None or not hasattr(y, "shape") or not hasattr(y_pred, "shape"):
+            return y, None
+        dtype = keras.backend.standardize_dtype(y.dtype)
+        is_int = "int" in dtype
+        if not (is_int or ("float" in dtype and self.sparse_float_labels)):
+            return y, None
+        n = sparse_classes(tuple(y.shape), tuple(y_pred.shape))
+        if n is None:
+            return y, None
+        inside = ops.logical_and(ops.greater_equal(y, 0), ops.less(y, n))
+        return ops.where(inside, y, ops.zeros_like(y)), ops.all(inside)
+
+    def _apply(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def apply(grads: Any, trainable_variables: Any = None) -> Any:
+            cap = self.cap
+            if cap is None or cap.loss is None or cap.grad is not None:
+                return orig(grads, trainable_variables)
+            grads = list(grads)
+            tvs = (list(trainable_variables) if trainable_variables is not None
+                   else list(self.optimizer._trainable_variables))
+            squares = [
+                None if g is None else ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads
+            ]
+            present = [s for s in squares if s is not None]
+            total = ops.sqrt(ops.sum(ops.stack(present))) if present else ops.cast(math.nan,
+                                                                                   "float32")
+            per = ops.stack([
+                ops.cast(math.nan, "float32") if s is None else ops.sqrt(s) for s in squares
+            ]) if squares else ops.zeros((0,), "float32")
+            good = ops.logical_and(ops.all(ops.isfinite(cap.loss)), ops.isfinite(total))
+            go = ops.logical_or(good, ops.less(self.block_bad, 0.5))
+            if self.clip is not None:
+                factor = ops.minimum(1.0, self.clip / (total + 1e-6))
+                grads = [None if g is None else g * ops.cast(factor, g.dtype) for g in grads]
+            # The rate this step uses, read before `apply` advances the iteration count.
+            lr = ops.cast(self.optimizer.learning_rate, "float32")
+            _cond_apply(go, lambda: orig(grads, trainable_variables), self.optimizer)
+            weights_ok = ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in tvs]))
+            cap.grad = (total, per, lr, go, weights_ok)
+            return None
+
+        return apply
+
+    def _track(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def update_state(values: Any, sample_weight: Any = None) -> Any:
+            if self.cap is None:
+                return orig(values, sample_weight=sample_weight)
+            ok = ops.all(ops.isfinite(values))
+            values = ops.where(ok, values, ops.zeros_like(values))
+            weight = ops.cast(1 if sample_weight is None else sample_weight, "float32")
+            return orig(values, sample_weight=weight * ops.cast(ok, "float32"))
+
+        return update_state
+
+    def _pack(self, cap: _Capture) -> Any:
+        assert cap.grad is not None
+        total, per, lr, go, weights_ok = cap.grad
+        f32 = "float32"
+        nan = ops.cast(math.nan, f32)
+        loss = ops.sum(ops.cast(cap.loss, f32))
+        pred = first_float(cap.y_pred)
+        if pred is not None:
+            pred = ops.cast(ops.stop_gradient(pred), f32)
+            has_nan = ops.any(ops.isnan(pred))
+            lo = ops.where(has_nan, nan, ops.min(pred))
+            hi = ops.where(has_nan, nan, ops.max(pred))
+        else:
+            lo = hi = nan
+        labels_ok = (ops.cast(1.0, f32) if cap.labels_ok is None
+                     else ops.cast(cap.labels_ok, f32))
+        head = [loss, lo, hi, ops.cast(total, f32), lr, ops.cast(go, f32),
+                ops.cast(weights_ok, f32), labels_ok]
+        return ops.concatenate([ops.stack(head), ops.cast(per, f32)])
+
+
+def _cond_apply(pred: Any, apply: Callable[[], Any], optimizer: Any) -> None:
+    """``apply()`` only where ``pred`` holds, inside the step (as ``LossScaleOptimizer``)."""
+
+    def skip() -> None:
+        return None
+
+    def run() -> None:
+        apply()
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.__internal__.distribute.strategy_supports_no_merge_call():
+            def cross_replica(distribution: Any) -> None:
+                ops.cond(pred, lambda: distribution.extended.call_for_each_replica(apply),
+                         skip)
+
+            tf.distribute.get_replica_context().merge_call(cross_replica)
+            return
+    ops.cond(pred, run, skip)

@@ -1,0 +1,331 @@
+"""nanguard for Keras 3: a callback for ``model.fit`` (TensorFlow and torch backends)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from typing import Any
+
+try:
+    import keras
+except ImportError as err:  # pragma: no cover - exercised without keras installed
+    raise ImportError(
+        "nanguard.keras needs Keras 3. Install it with: pip install 'nanguard[keras]'"
+    ) from err
+
+from nanguard import policy
+from nanguard._keras_probe import KerasProbe
+from nanguard._keras_state import LearningRate, Snapshot, to_numpy
+from nanguard._keras_step import HEAD, STATS_KEY, StepInstrument
+from nanguard.config import ACTIONS, GuardConfig
+from nanguard.detector import finite
+from nanguard.dump import environment
+from nanguard.events import Event, StepRecord
+from nanguard.session import GuardSession, Verdict
+
+__all__ = ["LOG_NAMES", "NanGuard"]
+
+log = logging.getLogger("nanguard")
+
+LOG_NAMES = ("nanguard_loss", "nanguard_logits_min", "nanguard_logits_max",
+             "nanguard_grad_norm", "nanguard_lr", "nanguard_bad")
+SUPPORTED_BACKENDS = ("tensorflow", "torch")
+_H = {name: i for i, name in enumerate(HEAD)}
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Keeps ``model.fit`` alive when a training step goes non-finite.
+
+    Attached to ``fit``, it instruments the model's compiled training step (no subclassing):
+    each step computes the batch's own loss, the output's min and max, the global gradient
+    norm before clipping and the learning rate, and keeps a bad step's update from the
+    weights inside the step. The numbers come back in one small tensor. Repeated bad steps
+    roll back to the last finite snapshot and lower the learning rate; in the end the guard
+    aborts with :class:`nanguard.NonFiniteTrainingError` raised out of ``fit`` (other
+    callbacks' ``on_train_end`` does not run, so nothing cleans up a backup). Every event
+    writes a dump that ``nanguard inspect`` reads. See ``docs/keras.md``.
+
+    Args:
+        actions: The ladder, any subset of ``("skip", "rollback", "lower_lr", "abort")``.
+        clip_grad_norm: Clip the global gradient norm to this value on every step.
+        snapshot_every: Steps between snapshots of a finite state (one before the first).
+        max_skips: Consecutive skipped steps before a rollback.
+        max_rollbacks: Rollbacks before an abort.
+        lr_factor: Learning-rate multiplier at each rollback, in (0, 1).
+        dump_dir: Where dumps go (created on the first dump).
+        max_dumps: Dumps written per run at most; an abort always dumps.
+        history_size: Steps of stats kept in ``guard.history`` and in dumps.
+        log_every: Steps between stats put in the batch ``logs`` (``nanguard_loss``, ...)
+            and on the ``nanguard`` Python logger (DEBUG).
+        dump_state: When a dump carries model and optimizer variables: "abort",
+            "always" or "never".
+        logits_module: Accepted for a uniform signature; Keras's logits source is the
+            model output ``y_pred``, so a value here is ignored with a warning.
+        allow_neg_inf: Layer names whose ``-inf`` outputs are intended.
+
+    Example:
+        >>> from nanguard.keras import NanGuard
+        >>> guard = NanGuard(dump_dir="dumps", clip_grad_norm=1.0)
+        >>> model.fit(x, y, epochs=5, callbacks=[guard])  # doctest: +SKIP
+        >>> guard.history[-1]["grad_norm"]  # doctest: +SKIP
+    """
+
+    # The batch-end hook only adds numbers to the logs: Keras may run it on a worker
+    # thread. Everything that changes the model runs inside `model.train_function`.
+    async_safe = True
+
+    def __init__(
+        self,
+        *,
+        actions: tuple[str, ...] = ACTIONS,
+        clip_grad_norm: float | None = None,
+        snapshot_every: int = 100,
+        max_skips: int = 3,
+        max_rollbacks: int = 3,
+        lr_factor: float = 0.5,
+        dump_dir: str = "nanguard_dumps",
+        max_dumps: int = 50,
+        history_size: int = 256,
+        log_every: int = 1,
+        dump_state: str = "abort",
+        logits_module: str | None = None,
+        allow_neg_inf: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.config = GuardConfig(
+            actions=actions,
+            clip_grad_norm=clip_grad_norm,
+            snapshot_every=snapshot_every,
+            max_skips=max_skips,
+            max_rollbacks=max_rollbacks,
+            lr_factor=lr_factor,
+            dump_dir=dump_dir,
+            max_dumps=max_dumps,
+            history_size=history_size,
+            log_every=log_every,
+            dump_state=dump_state,
+            logits_module=logits_module,
+            allow_neg_inf=allow_neg_inf,
+        )
+        if logits_module is not None:
+            warnings.warn(
+                "nanguard.keras ignores `logits_module`: the logits source is the model "
+                f"output y_pred. Received: logits_module={logits_module!r}",
+                UserWarning,
+                stacklevel=2,
+            )
+        versions = {"keras": keras.__version__, "keras_backend": keras.backend.backend()}
+        backend_module = sys.modules.get(keras.backend.backend())
+        if backend_module is not None and hasattr(backend_module, "__version__"):
+            versions[keras.backend.backend()] = backend_module.__version__
+        self.session = GuardSession(self.config, framework="keras",
+                                    environment=environment(**versions))
+        self.dumps: list[str] = []
+        self.fallback = False
+        self._instrument: StepInstrument | None = None
+        self._inner: Any = None
+        self._lr: LearningRate | None = None
+        self._snapshot: Snapshot | None = None
+        self._batch = 0
+        self._batch_logs: dict[int, dict[str, float]] = {}
+        self._blocking = True
+
+    # -- what users read ---------------------------------------------------------------
+    @property
+    def history(self) -> list[StepRecord]:
+        """The last ``history_size`` steps, oldest first."""
+        return list(self.session.history)
+
+    @property
+    def events(self) -> list[Event]:
+        """Every event of the last ``fit``, oldest first."""
+        return list(self.session.events)
+
+    @property
+    def step_count(self) -> int:
+        """Index of the next step."""
+        return self.session.step
+
+    @property
+    def snapshot_step(self) -> int | None:
+        """The step whose starting state the last snapshot holds."""
+        return None if self._snapshot is None else self._snapshot.step
+
+    # -- Keras hooks -------------------------------------------------------------------
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self._teardown()
+        model = self.model
+        if not getattr(model, "compiled", False) or getattr(model, "optimizer", None) is None:
+            raise ValueError(
+                "nanguard.keras.NanGuard needs a compiled model with an optimizer: call "
+                f"model.compile(optimizer=..., loss=...) before fit. Received: model={model.name!r}"
+            )
+        self.session.reset()
+        self.dumps = []
+        self._snapshot = None
+        self._batch_logs = {}
+        self._blocking = True
+        self.session.extra_meta["param_names"] = [v.path for v in model.trainable_variables]
+        self._lr = LearningRate(model.optimizer)
+        reason = _why_not_instrumented(model)
+        self.fallback = reason is not None
+        if reason is not None:
+            warnings.warn(
+                f"nanguard cannot instrument this training step ({reason}); it falls back to "
+                "loss-only checks: a bad batch is seen after its update from logs['loss'], "
+                "and every skip or rollback restores the last snapshot. See docs/keras.md.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            loss_name = repr(getattr(model, "loss", "")).lower()
+            self._instrument = StepInstrument(
+                model, self.config.clip_grad_norm, sparse_float_labels="sparse" in loss_name
+            )
+        if getattr(model, "steps_per_execution", 1) > 1:
+            warnings.warn(
+                "With steps_per_execution > 1 nanguard still skips every bad update inside "
+                "the step, but sees (and records) only the last step of each execution.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        model.train_function = None
+        model.make_train_function(force=True)
+        self._inner = model.train_function
+        model.train_function = self._train_function
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._batch = batch
+        if batch == 0 and self._lr is not None:
+            self._lr.keep_lowered()  # after every on_epoch_begin (a LearningRateScheduler)
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        stats = self._batch_logs.pop(batch, None)
+        if stats and logs is not None:
+            logs.update(stats)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._teardown()
+
+    # -- the step ----------------------------------------------------------------------
+    def _train_function(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            self._maybe_snapshot()
+            logs = self._inner(*args, **kwargs)
+        except StopIteration:
+            raise
+        except BaseException as err:
+            if type(err).__name__ != "OutOfRangeError":  # the end of a tf.data epoch
+                self._teardown()
+            raise
+        try:
+            return self._after_step(logs)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _maybe_snapshot(self) -> None:
+        last = None if self._snapshot is None else self._snapshot.step
+        if self.session.snapshot_due(last):
+            snap = Snapshot(self.session.step, self.model)
+            if snap.finite():
+                self._snapshot = snap
+
+    def _after_step(self, logs: Any) -> Any:
+        logs = dict(logs)
+        extra = logs.pop(STATS_KEY, None)
+        step = self.session.step
+        update_bad = False
+        if extra is not None:
+            v = to_numpy(extra["stats"]).tolist()  # the one device-to-host transfer
+            n = len(HEAD)
+            record = StepRecord(
+                step=step, loss=v[_H["loss"]], logits_min=v[_H["logits_min"]],
+                logits_max=v[_H["logits_max"]], grad_norm=v[_H["grad_norm"]], lr=v[_H["lr"]],
+                layer_grad_norms=v[n:] or None,
+            )
+            bad = not (finite(record.loss) and finite(record.grad_norm)) or v[_H["labels_ok"]] < 0.5
+            update_bad = v[_H["applied"]] > 0.5 and v[_H["weights_ok"]] < 0.5 and not bad
+            batch: dict[str, Any] = extra
+        else:
+            loss = logs.get("loss")
+            value = float(to_numpy(loss)) if loss is not None else float("nan")
+            assert self._lr is not None
+            record = StepRecord(step=step, loss=value, lr=self._lr.read())
+            bad = loss is not None and not finite(value)
+            batch = {}
+        probe = KerasProbe(self.model, batch, sparse_floats=self._sparse_floats(),
+                           replay=not self.fallback)
+        verdict = self.session.conclude(record, probe, bad=bad, update_nonfinite=update_bad,
+                                        update_step=step)
+        self._carry_out(verdict)
+        self._publish(verdict)
+        if verdict.action == "abort":
+            self._teardown()
+            verdict.raise_if_abort()
+        return logs
+
+    def _sparse_floats(self) -> bool:
+        return "sparse" in repr(getattr(self.model, "loss", "")).lower()
+
+    def _carry_out(self, verdict: Verdict) -> None:
+        decision = verdict.decision
+        # Instrumented: a bad update was already kept from the weights inside the step.
+        # Loss-only fallback: it was applied, so any blocking decision restores the snapshot.
+        restore = decision.restores or (self.fallback and decision.blocks_update)
+        if restore and self._snapshot is not None:
+            self._snapshot.restore()
+        if self.fallback and decision.action is not None:
+            self.model.reset_metrics()  # Keras's running loss would stay NaN all epoch
+        if decision.lower_lr and self._lr is not None:
+            self._lr.lower(self.config.lr_factor)
+        if self._instrument is not None:
+            upcoming, _ = policy.decide(self.session.ladder, self.config,
+                                        step=self.session.step, bad=True)
+            if upcoming.blocks_update != self._blocking:
+                self._blocking = upcoming.blocks_update
+                self._instrument.block_bad.assign(1.0 if self._blocking else 0.0)
+
+    def _publish(self, verdict: Verdict) -> None:
+        if verdict.dump_path:
+            self.dumps.append(verdict.dump_path)
+        rec = verdict.record
+        if rec.step % self.config.log_every:
+            return
+        self._batch_logs[self._batch] = {
+            "nanguard_loss": rec.loss,
+            "nanguard_logits_min": rec.logits_min,
+            "nanguard_logits_max": rec.logits_max,
+            "nanguard_grad_norm": rec.grad_norm,
+            "nanguard_lr": rec.lr,
+            "nanguard_bad": 0.0 if verdict.action is None else 1.0,
+        }
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("nanguard %r", rec)
+
+    def _teardown(self) -> None:
+        """Undo every patch; the model trains as before without the guard."""
+        if self._instrument is not None:
+            self._instrument.remove()
+            self._instrument = None
+        if self._lr is not None:
+            self._lr.restore()
+        if self._inner is not None:
+            model = self.model
+            if getattr(model, "train_function", None) == self._train_function:
+                model.train_function = None
+            self._inner = None
+
+
+def _why_not_instrumented(model: Any) -> str | None:
+    backend = keras.backend.backend()
+    if backend not in SUPPORTED_BACKENDS:
+        return f"the {backend!r} backend is not supported yet"
+    owner = type(model).train_step
+    if not getattr(owner, "__module__", "").startswith("keras."):
+        return f"{type(model).__name__} overrides train_step"
+    for name in ("compute_loss", "train_step"):
+        if name in vars(model):
+            return f"model.{name} was replaced on the instance"
+    return None

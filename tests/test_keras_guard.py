@@ -1,0 +1,428 @@
+"""nanguard.keras with the TensorFlow backend: real model.fit runs with real faults."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import nanguard  # noqa: E402
+from nanguard import cli  # noqa: E402
+from nanguard.keras import LOG_NAMES, NanGuard  # noqa: E402
+
+pytestmark = pytest.mark.keras
+ops = keras.ops
+
+if keras.backend.backend() != "tensorflow":  # pragma: no cover - conftest sets tensorflow
+    pytest.skip("these tests run the TensorFlow backend", allow_module_level=True)
+
+import tensorflow as tf  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    logging.getLogger("nanguard").setLevel(logging.ERROR)
+    keras.utils.set_random_seed(0)
+    yield
+    logging.getLogger("nanguard").setLevel(logging.NOTSET)
+
+
+def classifier(n_in=8, n_classes=3, lr=0.05, run_eagerly=False, optimizer=None):
+    model = keras.Sequential([
+        keras.Input((n_in,)),
+        keras.layers.Dense(16, activation="relu", name="hidden"),
+        keras.layers.Dense(n_classes, name="head"),
+    ])
+    model.compile(optimizer or keras.optimizers.SGD(lr),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  run_eagerly=run_eagerly)
+    return model
+
+
+def data(n=64, n_in=8, n_classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, n_in)).astype("float32"), rng.integers(0, n_classes, n)
+
+
+def weights(model):
+    return [np.array(v) for v in model.get_weights()]
+
+
+def all_finite(model):
+    return all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def optimizer_state(model):
+    return [np.array(ops.convert_to_numpy(v)) for v in model.optimizer.variables
+            if "learning_rate" not in v.path]
+
+
+class Recorder(keras.callbacks.Callback):
+    """Placed after the guard: what later callbacks see, and the state around each step."""
+
+    def __init__(self):
+        super().__init__()
+        self.logs, self.before, self.after = [], [], []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before.append((weights(self.model), optimizer_state(self.model)))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.logs.append(dict(logs or {}))
+        self.after.append((weights(self.model), optimizer_state(self.model)))
+
+
+def same(a, b):
+    pairs = zip(a, b, strict=True)
+    return all(x.dtype == y.dtype and x.tobytes() == y.tobytes() for x, y in pairs)
+
+
+def inspect_json(path, capsys):
+    capsys.readouterr()
+    assert cli.main(["inspect", "--json", path]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"max_skips": -1}, "max_skips"),
+        ({"lr_factor": 1.5}, "lr_factor"),
+        ({"actions": ("skip", "explode")}, "actions"),
+        ({"dump_state": "sometimes"}, "dump_state"),
+        ({"snapshot_every": 0}, "snapshot_every"),
+        ({"clip_grad_norm": -1.0}, "clip_grad_norm"),
+    ],
+)
+def test_invalid_options_raise_value_error(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        NanGuard(**kwargs)
+
+
+def test_missing_keras_names_the_extra():
+    code = ("import sys; sys.modules['keras'] = None\n"
+            "try:\n import nanguard.keras\nexcept ImportError as e: print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "pip install 'nanguard[keras]'" in out
+
+
+def test_uncompiled_model_is_a_clear_error():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    guard = NanGuard()
+    guard.set_model(model)
+    with pytest.raises(ValueError, match="compile"):
+        guard.on_train_begin()
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_nan_batch_is_skipped_inside_the_step(tmp_path, run_eagerly):
+    x, y = data()
+    x[21, 3] = np.nan  # batch 1 of 16-sample batches
+    model = classifier(run_eagerly=run_eagerly)
+    guard, rec = NanGuard(dump_dir=str(tmp_path)), Recorder()
+    hist = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                     callbacks=[guard, rec])
+    assert [r.step for r in guard.history] == list(range(8))
+    assert [(e.step, e.cause, e.action) for e in guard.events] == [
+        (1, "input_nonfinite", "skip"), (5, "input_nonfinite", "skip")]
+    assert all_finite(model)
+    # The skipped step changed nothing: weights and optimizer state (iterations) as before.
+    assert same(rec.before[1][0], rec.after[1][0])
+    assert same(rec.before[1][1], rec.after[1][1])
+    assert not same(rec.before[2][0], rec.after[2][0])
+    assert np.isfinite(hist.history["loss"]).all()  # Keras's running mean leaves it out
+    for name in LOG_NAMES:
+        assert name in rec.logs[0]
+    assert rec.logs[1]["nanguard_bad"] == 1.0
+    assert np.isnan(rec.logs[1]["nanguard_loss"])
+    assert rec.logs[2]["nanguard_loss"] == pytest.approx(guard.history[2].loss)
+    entry = guard.history[2]
+    assert entry["grad_norm"] == entry.grad_norm > 0
+    assert entry.lr == pytest.approx(0.05)
+    dump = nanguard.load(guard.dumps[0])
+    assert dump.event.cause == "input_nonfinite"
+    assert dump.event.step == 1
+    assert np.isnan(dump.tensors["inputs"]).sum() == 1
+    assert dump.history[-1].step == 1
+    assert dump.meta["framework"] == "keras"
+
+
+def test_tf_data_input_and_per_batch_loss(tmp_path):
+    x, y = data(n=48)
+    x[40] = np.inf  # the third batch
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    model = classifier()
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(ds, epochs=1, verbose=0, callbacks=[guard])
+    assert [(e.step, e.cause) for e in guard.events] == [(2, "input_nonfinite")]
+    # The recorded loss is the batch's own: the first step's loss matches a fresh evaluation.
+    keras.utils.set_random_seed(0)
+    fresh = classifier()
+    first = float(fresh.compute_loss(x[:16], y[:16], fresh(x[:16])))
+    assert guard.history[0].loss == pytest.approx(first, rel=1e-5)
+    assert all_finite(model)
+
+
+def test_labels_out_of_range_become_a_target_invalid_event(tmp_path):
+    x, y = data()
+    y[37] = 7  # batch 2, index 5; TensorFlow on the CPU would raise inside the step
+    model = classifier()
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (2, "target_invalid", "skip")
+    assert "the first is 7" in event.message
+    assert "index 5" in event.message
+    assert "Step 2" in event.message
+    assert len(guard.history) == 4
+    assert all_finite(model)
+
+
+def naive_softmax(z):
+    e = ops.exp(z)
+    return e / ops.sum(e, axis=-1, keepdims=True)
+
+
+def test_naive_softmax_layer_is_localized_by_replay(tmp_path, capsys):
+    x, y = data()
+    x[32:48] *= 1e4  # batch 2
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(16, name="hidden")(inputs)
+    h = keras.layers.Activation(naive_softmax, name="naive_softmax")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(h))  # functional
+    model.compile(keras.optimizers.SGD(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (2, "activation_nonfinite", "naive_softmax")
+    dump = nanguard.load(guard.dumps[0])
+    assert np.isfinite(dump.tensors["activation.naive_softmax.input"]).all()
+    assert np.isnan(dump.tensors["activation.naive_softmax.output"]).any()
+    report = inspect_json(guard.dumps[0], capsys)
+    assert (report["step"], report["cause"], report["where"]) == (
+        2, "activation_nonfinite", "naive_softmax")
+    assert report["tensors"]["activation.naive_softmax.output"]["nan"] > 0
+    assert all_finite(model)
+
+
+def test_naive_softmax_output_layer_is_a_logits_cause(tmp_path):
+    x, y = data()
+    x[:16] *= 1e4
+    model = keras.Sequential([keras.Input((8,)),
+                              keras.layers.Dense(3, activation=naive_softmax, name="probs")])
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert [(e.step, e.cause, e.where) for e in guard.events] == [
+        (0, "logits_nonfinite", "probs")]
+
+
+def test_custom_loss_dividing_by_relu_sum(tmp_path, capsys):
+    def ratio_loss(y_true, y_pred):
+        return ops.sum(ops.square(y_true - y_pred)) / ops.sum(y_pred)
+
+    rng = np.random.default_rng(1)
+    x = np.abs(rng.normal(size=(64, 4))).astype("float32")
+    x[16:32] = 0.0  # batch 1: every ReLU output is 0
+    y = rng.random((64, 2)).astype("float32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(
+        2, activation="relu", use_bias=False, kernel_initializer="ones", name="out")])
+    model.compile(keras.optimizers.SGD(0.001), ratio_loss)
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause) == (1, "loss_nonfinite")
+    assert inspect_json(guard.dumps[0], capsys)["cause"] == "loss_nonfinite"
+    assert all_finite(model)
+
+
+def test_unscaled_inputs_with_sgd_diverge_then_abort(tmp_path):
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(256, 8)) * 1e4).astype("float32")
+    y = (x.sum(1, keepdims=True) * 0.1).astype("float32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(1e-8), "mse")
+    guard = NanGuard(dump_dir=str(tmp_path), lr_factor=0.9)
+    with pytest.raises(nanguard.NonFiniteTrainingError) as info:
+        model.fit(x, y, batch_size=32, epochs=10, verbose=0, callbacks=[guard])
+    first = guard.events[0]
+    assert first.cause == "grad_explosion"
+    assert first.step == next(r.step for r in guard.history if not np.isfinite(r.grad_norm))
+    assert "grew from" in first.message
+    assert info.value.event.cause in ("grad_explosion", "grad_nonfinite")
+    assert all_finite(model)  # no bad update ever reached the weights
+    lrs = [r.lr for r in guard.history if r.action == "rollback"]
+    assert lrs == sorted(lrs, reverse=True)
+    assert len(lrs) == 3
+
+
+def test_rollback_is_bit_identical_and_lowers_a_float_lr(tmp_path):
+    x, y = data(n=128)
+    x[80:96, 0] = np.nan  # batch 5
+    model = classifier(optimizer=keras.optimizers.Adam(0.01))
+    guard = NanGuard(dump_dir=str(tmp_path), max_skips=0, snapshot_every=2)
+    rec = Recorder()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard, rec])
+    assert [(e.step, e.action) for e in guard.events] == [(5, "rollback")]
+    snap = guard.snapshot_step
+    assert snap == 4
+    # Model weights and Adam state (moments, iterations) after the rollback: exactly the
+    # state before step 4.
+    assert same(rec.after[5][0], rec.before[snap][0])
+    assert same(rec.after[5][1], rec.before[snap][1])
+    assert float(ops.convert_to_numpy(model.optimizer.learning_rate)) == np.float32(0.005)
+    assert guard.history[6].lr == pytest.approx(0.005)
+    assert guard.history[4].lr == pytest.approx(0.01)
+    assert all_finite(model)
+
+
+def test_lower_lr_scales_a_learning_rate_schedule(tmp_path):
+    x, y = data()
+    x[16:32] = np.nan  # batch 1
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.9)
+    model = classifier(optimizer=keras.optimizers.SGD(schedule))
+    guard = NanGuard(dump_dir=str(tmp_path), max_skips=0)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert [e.action for e in guard.events] == ["rollback"]
+    h = guard.history
+    # Step 2 runs at optimizer iteration 0 again (rolled back to the snapshot before step 0),
+    # at half the schedule's rate; step 3 at iteration 1.
+    assert h[0].lr == pytest.approx(0.1)
+    assert h[2].lr == pytest.approx(0.05)
+    assert h[3].lr == pytest.approx(0.1 * 0.9 * 0.5)
+    assert model.optimizer._learning_rate is schedule  # the user's schedule is put back
+
+
+def test_learning_rate_scheduler_cannot_undo_lower_lr(tmp_path):
+    x, y = data()
+    x[0] = np.nan  # the first batch of every epoch
+    model = classifier(lr=0.1)
+    sched = keras.callbacks.LearningRateScheduler(lambda epoch, lr: 0.1)
+    guard = NanGuard(dump_dir=str(tmp_path), max_skips=0)
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+              callbacks=[guard, sched])
+    assert [e.action for e in guard.events] == ["rollback", "rollback"]
+    assert guard.history[1].lr == pytest.approx(0.05)
+    assert guard.history[5].lr == pytest.approx(0.025)  # kept through the scheduler's reset
+
+
+def test_clip_grad_norm_bounds_the_update(tmp_path):
+    x, y = data(n=16)
+    x *= 50
+    model = classifier(lr=0.1)
+    before = weights(model)
+    guard = NanGuard(dump_dir=str(tmp_path), clip_grad_norm=0.5)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[guard])
+    norm = guard.history[0].grad_norm
+    assert norm > 5  # recorded before clipping
+    moved = np.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(weights(model), before, strict=False)))
+    assert moved == pytest.approx(0.1 * 0.5, rel=1e-3)
+
+
+def test_update_that_overflows_is_rolled_back_at_once(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8)).astype("float32")
+    y = (rng.normal(size=(32, 1)) * 100).astype("float32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, name="lin")])
+    model.compile(keras.optimizers.SGD(3e38), "mse")
+    before = weights(model)
+    guard = NanGuard(dump_dir=str(tmp_path), actions=("skip", "rollback"), max_rollbacks=1)
+    rec = Recorder()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard, rec])
+    first = guard.events[0]
+    assert (first.step, first.cause, first.action) == (0, "update_nonfinite", "rollback")
+    assert "lin" in first.where
+    assert same(rec.after[0][0], before)  # restored within the same step
+    assert inspect_json(guard.dumps[0], capsys)["cause"] == "update_nonfinite"
+    # Rollbacks used up and no abort in `actions`: the ladder can only "skip", but this
+    # update was caught after it landed, so the weights stay non-finite (documented limit).
+    assert guard.events[1].action == "skip"
+    assert not all_finite(model)
+
+
+def test_every_step_bad_aborts_out_of_fit_keeping_backups(tmp_path, capsys):
+    x, y = data()
+    x[:] = np.nan
+    backup = tmp_path / "backup"
+    model = classifier()
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"), max_skips=1, max_rollbacks=1)
+    bar = keras.callbacks.BackupAndRestore(str(backup), save_freq=1)
+    with pytest.raises(nanguard.NonFiniteTrainingError) as info:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[guard, bar])
+    err = info.value
+    assert [e.action for e in guard.events] == ["skip", "rollback", "skip", "abort"]
+    assert err.event.step == 3
+    assert err.event.cause == "input_nonfinite"
+    dump = nanguard.load(err.dump_path)
+    assert dump.event.step == 3
+    assert [h.step for h in dump.history] == [0, 1, 2, 3]
+    assert any(k.startswith("model.") for k in dump.state)  # an abort dumps the state
+    report = inspect_json(err.dump_path, capsys)
+    assert (report["step"], report["cause"]) == (3, "input_nonfinite")
+    assert report["tensors"]["inputs"]["nan"] == 16 * 8
+    assert backup.exists()
+    assert any(backup.iterdir())
+    assert all_finite(model)
+    # The model is unpatched: it trains again without the guard.
+    assert "train_step" not in vars(model)
+    assert "apply" not in vars(model.optimizer)
+    model.fit(*data(), batch_size=16, epochs=1, verbose=0)
+
+
+def test_custom_train_step_falls_back_to_loss_only_with_a_warning(tmp_path):
+    class Custom(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(x, y, self(x, training=True))
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=False))
+            self._loss_tracker.update_state(loss)
+            return {"loss": self._loss_tracker.result()}
+
+    inputs = keras.Input((8,))
+    model = Custom(inputs, keras.layers.Dense(3)(inputs))
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    x[20] = np.nan
+    guard = NanGuard(dump_dir=str(tmp_path), snapshot_every=1)
+    with pytest.warns(RuntimeWarning, match="loss-only"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert guard.fallback
+    # The NaN update already landed (loss-only), so the weights are corrupt: rollback.
+    assert [(e.step, e.cause, e.action) for e in guard.events] == [
+        (1, "weights_nonfinite", "rollback")]
+    assert all_finite(model)
+
+
+def test_guard_is_reusable_and_resets_on_train_begin(tmp_path):
+    x, y = data()
+    model = classifier()
+    guard = NanGuard(dump_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[guard])
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[guard])
+    assert [r.step for r in guard.history] == [0, 1, 2, 3]
+    assert not guard.events
+    assert model.train_function is None or "nanguard" not in repr(model.train_function)
+
+
+def test_import_nanguard_does_not_import_keras():
+    code = "import sys, nanguard, nanguard.cli; print('keras' in sys.modules)"
+    env = {**os.environ}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True, env=env).stdout
+    assert out.strip() == "False"
