@@ -1,0 +1,126 @@
+"""nanguard.keras with Keras's torch backend, in a subprocess (KERAS_BACKEND is read at import)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("keras")
+pytest.importorskip("torch")
+
+pytestmark = pytest.mark.keras
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, logging, sys
+    import numpy as np
+    import keras
+    from keras import ops
+    import nanguard
+    from nanguard.keras import NanGuard
+
+    logging.getLogger("nanguard").setLevel(logging.ERROR)
+    assert keras.backend.backend() == "torch", keras.backend.backend()
+    dump_dir = sys.argv[1]
+    out = {}
+    rng = np.random.default_rng(0)
+
+    def model_and_data(opt):
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(3)])
+        m.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x = rng.normal(size=(64, 8)).astype("float32")
+        return m, x, rng.integers(0, 3, 64)
+
+    def state(m):
+        return [np.array(v.numpy()).tobytes() for v in
+                [*m.variables, *m.optimizer.variables] if "learning_rate" not in v.path]
+
+    class Rec(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__(); self.before = []; self.after = []; self.logs = []
+        def on_train_batch_begin(self, b, logs=None): self.before.append(state(self.model))
+        def on_train_batch_end(self, b, logs=None):
+            self.after.append(state(self.model)); self.logs.append(dict(logs))
+
+    # 1. a NaN batch and an out-of-range label: skipped inside the step
+    m, x, y = model_and_data(keras.optimizers.SGD(0.05))
+    x[20] = np.nan
+    y[50] = 9
+    g, rec = NanGuard(dump_dir=dump_dir), Rec()
+    m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[g, rec])
+    out["skip_events"] = [(e.step, e.cause, e.action) for e in g.events]
+    out["skip_unchanged"] = rec.before[1] == rec.after[1]
+    out["good_changed"] = rec.before[2] != rec.after[2]
+    out["label_message"] = g.events[-1].message
+    out["logs_loss"] = rec.logs[2].get("nanguard_loss")
+    out["history_loss"] = g.history[2].loss
+    out["finite"] = all(np.isfinite(w).all() for w in m.get_weights())
+
+    # 2. rollback to the snapshot, bit for bit, with Adam state, and the LR lowered
+    m, x, y = model_and_data(keras.optimizers.Adam(0.01))
+    x[48:64] = np.nan
+    g, rec = NanGuard(dump_dir=dump_dir, max_skips=0, snapshot_every=2), Rec()
+    m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[g, rec])
+    out["rollback_events"] = [(e.step, e.action) for e in g.events]
+    out["rollback_identical"] = rec.after[3] == rec.before[g.snapshot_step]
+    out["lr_after"] = float(ops.convert_to_numpy(m.optimizer.learning_rate))
+
+    # 3. every step bad: abort raised out of fit, dump readable
+    m, x, y = model_and_data(keras.optimizers.SGD(0.05))
+    x[:] = np.inf
+    g = NanGuard(dump_dir=dump_dir, max_skips=1, max_rollbacks=1)
+    try:
+        m.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[g])
+        out["abort"] = None
+    except nanguard.NonFiniteTrainingError as err:
+        d = nanguard.load(err.dump_path)
+        out["abort"] = [d.event.step, d.event.cause, [h.step for h in d.history]]
+
+    # 4. naive softmax in a hidden layer: replay names it
+    def naive_softmax(z):
+        e = ops.exp(z)
+        return e / ops.sum(e, axis=-1, keepdims=True)
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+                          keras.layers.Activation(naive_softmax, name="naive_softmax"),
+                          keras.layers.Dense(3)])
+    m.compile(keras.optimizers.SGD(0.01),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = rng.normal(size=(32, 8)).astype("float32"); x[16:] *= 1e4
+    g = NanGuard(dump_dir=dump_dir)
+    m.fit(x, rng.integers(0, 3, 32), batch_size=16, epochs=1, shuffle=False, verbose=0,
+          callbacks=[g])
+    out["softmax"] = [(e.step, e.cause, e.where) for e in g.events]
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def test_torch_backend_end_to_end(tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lines, proc.stdout[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["skip_events"] == [[1, "input_nonfinite", "skip"], [3, "target_invalid", "skip"]]
+    assert out["skip_unchanged"]
+    assert out["good_changed"]
+    assert "the first is 9" in out["label_message"]
+    assert out["logs_loss"] == pytest.approx(out["history_loss"])
+    assert out["finite"]
+    assert out["rollback_events"] == [[3, "rollback"]]
+    assert out["rollback_identical"]
+    assert out["lr_after"] == pytest.approx(0.005)
+    assert out["abort"] == [3, "input_nonfinite", [0, 1, 2, 3]]
+    assert out["softmax"] == [[1, "activation_nonfinite", "naive_softmax"]]
