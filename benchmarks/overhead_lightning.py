@@ -1,0 +1,181 @@
+"""Per-step cost of nanguard.lightning.NanGuard in Trainer.fit, against no callback and
+against Trainer(detect_anomaly=True).
+
+Runs, interleaved in one process, blocks of `Trainer.fit` on two models: an MLP of about
+1.5M parameters and a small transformer encoder (4 layers, d=256). Each block is one fit of
+`--steps` optimizer steps (plus one) in one of these modes:
+  plain    no callback
+  guard    NanGuard at default options (log_every=1: 7 values through pl_module.log every
+           step; snapshot_every=100, so the snapshot before the first step falls in a block
+           of 100 steps, as it does once per 100 steps in a run)
+  anomaly  Trainer(detect_anomaly=True), no callback
+A step's time is the wall time between two consecutive `on_train_batch_start` calls of a
+timing callback placed first, so it holds everything Lightning does for the step: data
+loading, the training step, every callback, logging. Trainer set-up is not counted.
+Prints a table and writes JSON to benchmarks/results/overhead_lightning.json.
+Target: guard overhead <= 3% of the plain step time on both models.
+
+Run: python benchmarks/overhead_lightning.py [--rounds 5] [--steps 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+
+import lightning
+import lightning.pytorch as pl
+import torch
+
+from nanguard.lightning import NanGuard
+
+F = torch.nn.functional
+
+
+class Module(pl.LightningModule):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-4)
+
+
+def mlp() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    net = torch.nn.Sequential(
+        torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+        torch.nn.Linear(1024, 512), torch.nn.ReLU(),
+        torch.nn.Linear(512, 10),
+    )
+    return net, (torch.randn(128, 1024), torch.randint(0, 10, (128,)))
+
+
+class Encoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(1000, 256)
+        layer = torch.nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.1, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(256, 10)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
+def transformer() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    return Encoder(), (torch.randint(0, 1000, (16, 64)), torch.randint(0, 10, (16,)))
+
+
+class Timer(pl.Callback):
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self.starts.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        self.starts.append(time.perf_counter())
+
+
+def run_block(module: Module, batch, mode: str, steps: int, root: str) -> list[float]:
+    timer = Timer()
+    callbacks: list[pl.Callback] = [timer]
+    if mode == "guard":
+        callbacks.append(NanGuard(dump_dir=os.path.join(root, "dumps")))
+    trainer = pl.Trainer(
+        max_steps=steps + 1,
+        callbacks=callbacks,
+        detect_anomaly=mode == "anomaly",
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    loader = torch.utils.data.DataLoader([batch] * (steps + 1), batch_size=None)
+    trainer.fit(module, loader)
+    s = timer.starts
+    return [b - a for a, b in zip(s[1:], s[2:], strict=False)]  # step 0 (warm-up) left out
+
+
+def bench(name: str, factory, rounds: int, steps: int, modes: list[str], root: str) -> dict:
+    torch.manual_seed(0)
+    net, batch = factory()
+    module = Module(net)
+    n_params = sum(p.numel() for p in module.parameters())
+    run_block(module, batch, "plain", 10, root)  # warm-up
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(rounds):
+        order = modes if r % 2 == 0 else modes[::-1]
+        for mode in order:
+            samples[mode] += run_block(module, batch, mode, steps, root)
+    plain_med = statistics.median(samples["plain"])
+    plain_mean = statistics.fmean(samples["plain"])
+    result = {"model": name, "params": n_params, "steps_per_mode": len(samples["plain"]),
+              "modes": {}}
+    for mode in modes:
+        med = statistics.median(samples[mode])
+        mean = statistics.fmean(samples[mode])
+        result["modes"][mode] = {
+            "median_ms": med * 1e3,
+            "mean_ms": mean * 1e3,
+            "overhead_median_pct": (med / plain_med - 1) * 100,
+            "overhead_mean_pct": (mean / plain_mean - 1) * 100,
+        }
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100, help="steps per block")
+    parser.add_argument("--no-anomaly", action="store_true")
+    parser.add_argument(
+        "--out", default=os.path.join("benchmarks", "results", "overhead_lightning.json")
+    )
+    args = parser.parse_args()
+    for name in ("nanguard", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+    modes = ["plain", "guard"] + ([] if args.no_anomaly else ["anomaly"])
+    with tempfile.TemporaryDirectory() as root:
+        results = [bench(n, f, args.rounds, args.steps, modes, root)
+                   for n, f in (("mlp", mlp), ("transformer", transformer))]
+    print(f"lightning {lightning.__version__}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps per "
+          "mode, interleaved")
+    print(f"{'model':<12} {'params':>9} {'mode':<8} {'median ms':>10} {'mean ms':>9} "
+          f"{'overhead (median)':>18} {'overhead (mean)':>16}")
+    for res in results:
+        for mode, m in res["modes"].items():
+            print(f"{res['model']:<12} {res['params']:>9,} {mode:<8} {m['median_ms']:>10.3f} "
+                  f"{m['mean_ms']:>9.3f} {m['overhead_median_pct']:>17.1f}% "
+                  f"{m['overhead_mean_pct']:>15.1f}%")
+    meta = {"lightning": lightning.__version__, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.platform(),
+            "target_guard_overhead_pct": 3.0}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
