@@ -117,7 +117,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100, help="steps per block")
     parser.add_argument("--no-anomaly", action="store_true")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "overhead_torch.json"))
+    parser.add_argument(
+        "--out", default=os.path.join("benchmarks", "results", "overhead_torch.json")
+    )
     args = parser.parse_args()
     logging.getLogger("nanguard").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")

@@ -88,5 +88,4 @@ def _script(name):
     import pathlib
     import shutil
 
-    found = shutil.which(name) or pathlib.Path(sys.executable).with_name(name)
-    return found
+    return shutil.which(name) or pathlib.Path(sys.executable).with_name(name)

@@ -103,7 +103,7 @@ def test_missing_rungs_are_passed_over():
 def test_ladder_invariants(bad, max_skips, max_rollbacks, actions):
     cfg = GuardConfig(actions=tuple(actions), max_skips=max_skips, max_rollbacks=max_rollbacks)
     decisions, state = _climb(cfg, bad)
-    for d, b in zip(decisions, bad):
+    for d, b in zip(decisions, bad, strict=True):
         assert (d.action is None) == (not b)
         if b:
             # a bad step never reaches the weights while any blocking rung exists

@@ -69,7 +69,8 @@ def test_no_partial_file_left_on_failure(tmp_path):
 def test_unreadable_files_raise_dump_error(tmp_path, kind):
     good = make_dump(tmp_path / "good")
     path = tmp_path / f"x{SUFFIX}"
-    raw = open(good, "rb").read()
+    with open(good, "rb") as fh:
+        raw = fh.read()
     if kind == "truncated":
         path.write_bytes(raw[: len(raw) // 2])
     elif kind == "garbage":
@@ -112,7 +113,8 @@ def test_unreadable_files_raise_dump_error(tmp_path, kind):
 def test_any_damage_gives_dump_error_or_a_dump(tmp_path_factory, cut, flip):
     folder = tmp_path_factory.mktemp("fuzz")
     good = make_dump(folder)
-    raw = bytearray(open(good, "rb").read())
+    with open(good, "rb") as fh:
+        raw = bytearray(fh.read())
     pos = cut % len(raw)
     raw[pos] ^= flip
     path = folder / f"damaged{SUFFIX}"

@@ -367,7 +367,7 @@ def test_lowered_lr_survives_schedulers(tmp_path, scheduler):
         ref_sched.step()
         ref_lrs.append(reference.param_groups[0]["lr"])
     assert before[0] > 0
-    for got, ref in zip(lrs[3:], ref_lrs[3:]):
+    for got, ref in zip(lrs[3:], ref_lrs[3:], strict=True):
         assert got == pytest.approx(ref * 0.5)  # the schedule goes on, at half the rate
 
 
