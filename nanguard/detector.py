@@ -159,7 +159,7 @@ def classify(
             "from_logits=True) instead of exp(x)/sum(exp(x))." + trend
         )
     if not finite(record.loss):
-        return "loss_nonfinite", where, (
+        return "loss_nonfinite", None, (
             f"Step {s}: inputs, weights and outputs are finite and moderate (output in "
             f"[{_fmt(record.logits_min)}, {_fmt(record.logits_max)}]) but the loss is "
             f"{record.loss}: the loss function divides by ~0 or takes log(0). Add an epsilon "
