@@ -600,7 +600,7 @@ def agree_across_ranks(
     }
     if rank != engine.session.rank:
         agreed.details["local_numbers"] = dict(
-            zip(("loss", "logits_min", "logits_max", "grad_norm"), numbers)
+            zip(("loss", "logits_min", "logits_max", "grad_norm"), numbers, strict=True)
         )
         record.loss, record.logits_min, record.logits_max, record.grad_norm = best
     return agreed
