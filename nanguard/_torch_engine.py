@@ -105,7 +105,11 @@ def check_targets(targets: Any, output: torch.Tensor | None) -> str | None:
 
 
 def _n_classes(t: torch.Tensor, output: torch.Tensor) -> int | None:
-    if output.ndim == t.ndim + 1:
+    """Classes the output scores, when its shape says it scores classes for these targets.
+
+    A single output column is a regression or a binary logit, not a one-class classifier.
+    """
+    if output.ndim == t.ndim + 1 and output.shape[-1] > 1:
         if tuple(t.shape) == tuple(output.shape[:-1]):
             return int(output.shape[-1])
         if tuple(t.shape) == (output.shape[0], *output.shape[2:]):
@@ -135,10 +139,12 @@ class Snapshot:
             live = model.state_dict(keep_vars=True)
             for k, v in self.model.items():
                 live[k].data.copy_(v)
-        for opt, saved in zip(optimizers, self.optim):
+        for opt, saved in zip(optimizers, self.optim, strict=True):
             for i, p in enumerate(_opt_params(opt)):
                 if i in saved:
-                    opt.state[p] = {k: _copy(v, _state_device(k, v, p)) for k, v in saved[i].items()}
+                    opt.state[p] = {
+                        k: _copy(v, _state_device(k, v, p)) for k, v in saved[i].items()
+                    }
                 else:
                     opt.state.pop(p, None)
 
@@ -202,14 +208,14 @@ class TorchEngine:
             raise TypeError(f"nanguard needs a torch.nn.Module. Received: model={model!r}")
         self.config = config
         self.model = model
-        self.names = {p: n for n, p in model.named_parameters()}
+        self.names: dict[torch.Tensor, str] = {p: n for n, p in model.named_parameters()}
         if not self.names:
             raise ValueError(
                 f"The model has no parameters, so there is nothing to guard. Received: "
                 f"model={type(model).__name__}"
             )
         self.optimizers: list[Any] = []
-        self.params: list[torch.nn.Parameter] = []
+        self.params: list[torch.Tensor] = []
         self.set_optimizers(optimizers)
         self.session = GuardSession(
             config,
@@ -234,7 +240,7 @@ class TorchEngine:
     # -- set-up -------------------------------------------------------------------------
     def set_optimizers(self, optimizers: Iterable[Any]) -> None:
         opts = list(optimizers)
-        params: list[torch.nn.Parameter] = []
+        params: list[torch.Tensor] = []
         seen: set[int] = set()
         for opt in opts:
             for p in _opt_params(opt):
@@ -428,7 +434,9 @@ class TorchEngine:
         tensors = [p.detach() for p in self.params]
         for opt in self.optimizers:
             for st in opt.state.values():
-                tensors += [v for v in st.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+                tensors += [
+                    v for v in st.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                ]
         peaks = _foreach_norms(tensors, math.inf)
         return bool(torch.stack([x.float().cpu() for x in peaks]).isfinite().all())
 
@@ -467,7 +475,8 @@ class TorchEngine:
             for p in _opt_params(opt):
                 for key, value in opt.state.get(p, {}).items():
                     if isinstance(value, torch.Tensor):
-                        out[f"{prefix}{self.names.get(p, id(p))}.{key}"] = to_numpy(value, 2**62)
+                        name = self.names.get(p) or str(id(p))
+                        out[f"{prefix}{name}.{key}"] = to_numpy(value, 2**62)
         return out
 
 
@@ -484,13 +493,13 @@ def _foreach_norms(tensors: list[torch.Tensor], ord: float = 2.0) -> list[torch.
         groups.setdefault((t.device, t.dtype), []).append(i)
     out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
     for idx in groups.values():
-        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], ord)):
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], ord), strict=True):
             out[i] = n
     return out
 
 
 def _layer_norms(
-    params: list[torch.nn.Parameter], grads: list[torch.Tensor], norms: list[float]
+    params: list[torch.Tensor], grads: list[torch.Tensor], norms: list[float]
 ) -> list[float]:
     if len(grads) == len(params):
         return norms

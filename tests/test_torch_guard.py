@@ -498,3 +498,15 @@ def test_state_dict_round_trip(tmp_path):
     fresh.load_state_dict(json.loads(json.dumps(saved)))
     assert fresh.step_count == 4 and fresh.history[1].action == "skip"
     fresh.close()
+
+
+def test_label_check_reads_the_class_dimension():
+    from nanguard._torch_engine import check_targets
+
+    y = torch.tensor([0, 3, -100])
+    assert check_targets(y, torch.zeros(3, 4)) is None  # -100 is torch's ignore_index
+    assert "outside [0, 3)" in check_targets(y, torch.zeros(3, 3))
+    assert check_targets(torch.tensor([[0, 5]]), torch.zeros(1, 6, 2)) is None  # (N, C, d)
+    assert "outside [0, 4)" in check_targets(torch.tensor([[0, 5]]), torch.zeros(1, 4, 2))
+    assert check_targets(torch.tensor([0, 7]), torch.zeros(2, 1)) is None  # one column: no classes
+    assert "NaN" in check_targets(torch.tensor([0.5, float("nan")]), torch.zeros(2, 1))
