@@ -118,6 +118,25 @@ def _cut(a: Any) -> np.ndarray:
     return a
 
 
+def clean_loss_bad_grads(record: StepRecord) -> bool:
+    return detector.finite(record.loss) and not detector.finite(record.grad_norm)
+
+
+def grad_norm_owner(model: Any, record: StepRecord) -> str | None:
+    """The layer owning the first variable (in backward order) whose gradient norm is
+    non-finite: where the gradients overflowed. ``layer_grad_norms`` follow
+    ``model.trainable_variables``; Keras has no backward replay, the norms stand in."""
+    i = detector.last_nonfinite(record.layer_grad_norms)
+    variables = list(model.trainable_variables)
+    if i is None or i >= len(variables):
+        return None
+    target = id(variables[i])
+    for layer in getattr(model, "layers", []):
+        if any(id(v) == target for v in layer.trainable_variables):
+            return str(layer.name)
+    return None
+
+
 class KerasProbe:
     """Answers the core's questions about one bad step.
 
@@ -170,6 +189,8 @@ class KerasProbe:
         ev.target_invalid = check_targets(targets, output, self.sparse_floats)
         ev.weights_nonfinite = first_nonfinite(self.model)
         logits_bad = not (detector.finite(record.logits_min) and detector.finite(record.logits_max))
+        if clean_loss_bad_grads(record):
+            ev.grad_where = grad_norm_owner(self.model, record)
         clean = not (ev.input_nonfinite or ev.target_invalid or ev.weights_nonfinite)
         if self.replay and clean and logits_bad and self.batch.get("x") is not None:
             self.localized = localize(self.model, self.batch["x"])

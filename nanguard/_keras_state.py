@@ -60,6 +60,9 @@ def first_nonfinite(model: Any) -> str | None:
             continue
         nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
         if nan or inf:
+            # A model variable is named by its path (as in meta["param_names"]), optimizer
+            # state keeps its "optimizer." prefix, as in the torch adapters.
+            name = name.removeprefix("model.")
             return f"{name}: {nan} NaN, {inf} Inf of {a.size} values"
     return None
 

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanguard import detector
+
 MAX_CALLS = 8  # model calls recorded per step (gradient accumulation inside one step)
 LOCALIZED_BYTES = 4 * 2**20  # per tensor kept in the dump for the localized module
 GRAD_BYTES = 16 * 2**20  # the recorded output gradient kept in the dump
@@ -656,6 +658,11 @@ def localize_step(engine: Any, record: Any, evidence: Any, *, run: bool) -> dict
     if result.notes:
         info["notes"] = result.notes
     f = result.finding
+    if f is None and backward:
+        owner = _grad_norm_owner(engine, record)
+        if owner is not None:
+            evidence.grad_where = owner
+            info["grad_norm_owner"] = owner
     if f is None:
         info["found"] = None
         if not result.output_nonfinite and not (
@@ -676,6 +683,18 @@ def localize_step(engine: Any, record: Any, evidence: Any, *, run: bool) -> dict
         evidence.grad_where = f.module
     arrays.update(f.arrays())
     return arrays
+
+
+def _grad_norm_owner(engine: Any, record: Any) -> str | None:
+    """The module owning the first parameter (in backward order) whose gradient norm is
+    non-finite: where the gradients overflowed when no module's gradient holds Inf/NaN
+    (finite entries whose float32 L2 norm overflows)."""
+    i = detector.last_nonfinite(record.layer_grad_norms)
+    names = engine.session.extra_meta.get("param_names") or []
+    if i is None or i >= len(names):
+        return None
+    owner = str(names[i]).rpartition(".")[0]
+    return owner or f"<{type(engine.model).__name__}>"
 
 
 def _call_arrays(engine: Any, calls: Sequence[RecordedCall]) -> dict[str, np.ndarray]:

@@ -187,6 +187,20 @@ def classify(
     )
 
 
+def last_nonfinite(values: Sequence[float] | None) -> int | None:
+    """Index of the last non-finite value, e.g. of per-parameter gradient norms.
+
+    Parameters are listed in forward order, so the last one whose gradient norm is
+    non-finite is the first the backward pass reached: where the gradients overflowed
+    (an L2 norm also overflows when its gradient's entries are finite but beyond
+    ~1.8e19 in float32).
+    """
+    for i in range(len(values or ()) - 1, -1, -1):
+        if not finite((values or ())[i]):
+            return i
+    return None
+
+
 def _name(description: str | None) -> str | None:
     """The tensor or module name a description starts with (``"fc.weight: 1 NaN"``)."""
     return description.split(":", 1)[0] if description else None
