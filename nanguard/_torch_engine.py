@@ -90,18 +90,22 @@ def check_targets(targets: Any, output: torch.Tensor | None) -> str | None:
         if t.dtype == torch.bool or output is None or t.numel() == 0:
             continue
         n_classes = _n_classes(t, output)
-        if n_classes is None:
-            continue
-        valid = t[t != IGNORE_INDEX]
-        bad = (valid < 0) | (valid >= n_classes)
-        if bool(bad.any()):
-            first = valid[bad][0].item()
-            count = int(bad.sum())
-            return (
-                f"{name}: {count} class id(s) outside [0, {n_classes}), "
-                f"the first is {first}"
-            )
+        found = None if n_classes is None else _describe_labels(name, t, n_classes)
+        if found:
+            return found
     return None
+
+
+def _describe_labels(name: str, t: torch.Tensor, n_classes: int) -> str | None:
+    valid = t[t != IGNORE_INDEX]
+    bad = (valid < 0) | (valid >= n_classes)
+    if not bool(bad.any()):
+        return None
+    index = int(torch.nonzero(((t < 0) & (t != IGNORE_INDEX)) | (t >= n_classes))[0][0])
+    return (
+        f"{name}: {int(bad.sum())} class id(s) outside [0, {n_classes}), the first is "
+        f"{valid[bad][0].item()} (batch row {index})"
+    )
 
 
 def _n_classes(t: torch.Tensor, output: torch.Tensor) -> int | None:
@@ -302,6 +306,9 @@ class TorchEngine:
         self.lmin: torch.Tensor | None = None
         self.lmax: torch.Tensor | None = None
         self.loss: torch.Tensor | None = None
+        self.labels_bad: torch.Tensor | None = None
+        self.label_faults: list[str] = []
+        self.original_labels: dict[str, tuple[torch.Tensor, int]] = {}
         self.verdict: Verdict | None = None
 
     def begin_step(self, inputs: Any = None, targets: Any = None) -> None:
@@ -324,9 +331,40 @@ class TorchEngine:
             return
         out = out.detach()
         self.output = out
+        if self.targets is not None:
+            self._defuse_labels(out)
         lo, hi = torch.aminmax(out) if out.numel() else (out.new_tensor(0), out.new_tensor(0))
         self.lmin = lo if self.lmin is None else torch.minimum(self.lmin, lo)
         self.lmax = hi if self.lmax is None else torch.maximum(self.lmax, hi)
+
+    def _defuse_labels(self, out: torch.Tensor) -> None:
+        """Out-of-range class ids, found and made harmless before the user's loss sees them.
+
+        An out-of-range label makes the loss raise on the CPU and fire a device-side assert
+        on CUDA, before any hook could act. So, without a transfer: the bad ids are set to 0
+        in place, the step is marked bad (its loss becomes NaN in :meth:`measure`) and the
+        original ids are kept for the slow path and the dump. Ranks agree on skipping it.
+        """
+        for name, t in named_tensors(self.targets, "targets"):
+            if t.is_floating_point() or t.dtype == torch.bool or not t.numel():
+                continue
+            n_classes = _n_classes(t, out)
+            if n_classes is None or t.device != out.device or name in self.original_labels:
+                continue
+            bad = ((t < 0) & (t != IGNORE_INDEX)) | (t >= n_classes)
+            self.label_faults.append(name)
+            self.original_labels[name] = (t.clone(), n_classes)
+            t.masked_fill_(bad, 0)
+            flag = bad.any()
+            self.labels_bad = flag if self.labels_bad is None else self.labels_bad | flag
+
+    def describe_label_faults(self) -> str | None:
+        for name in self.label_faults:
+            original, n_classes = self.original_labels[name]
+            found = _describe_labels(name, original, n_classes)
+            if found:
+                return found
+        return None
 
     def add_loss(self, loss: torch.Tensor) -> None:
         loss = loss.detach().float().reshape(-1).sum()
@@ -342,8 +380,11 @@ class TorchEngine:
             total = torch.linalg.vector_norm(norms)
         else:
             norms, total = torch.zeros(0, device=dev), nan
+        loss = self.loss if self.loss is not None else nan
+        if self.labels_bad is not None:
+            loss = torch.where(self.labels_bad.to(loss.device), nan.to(loss.device), loss)
         head = [
-            self.loss if self.loss is not None else nan,
+            loss,
             self.lmin.float() if self.lmin is not None else nan,
             self.lmax.float() if self.lmax is not None else nan,
             total,
@@ -364,6 +405,9 @@ class TorchEngine:
         packed = torch.cat([stats, norms])
         values = packed.tolist()
         self.update_was_bad = values[7] == 1.0 if self.distributed else values[4] == 0.0
+        if self.update_was_bad and not self.distributed:
+            # The fast flag can be a false alarm (an L2 norm past float range): confirm.
+            self.update_was_bad = not all_finite([p.detach() for p in self.params])
         self.pending_update_ok = None
         n_head = len(stats)
         self.any_rank_bad = bool(values[5]) if self.distributed else None
@@ -420,8 +464,7 @@ class TorchEngine:
         if self.verdict is not None and self.verdict.action is not None:
             return
         with torch.no_grad():
-            peaks = _foreach_norms([p.detach() for p in self.params], math.inf)
-            self.pending_update_ok = torch.stack([x.float() for x in peaks]).isfinite().all()
+            self.pending_update_ok = maybe_finite([p.detach() for p in self.params])
 
     def end_step(self) -> None:
         self.in_step = False
@@ -437,14 +480,22 @@ class TorchEngine:
                 tensors += [
                     v for v in st.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
                 ]
-        peaks = _foreach_norms(tensors, math.inf)
-        return bool(torch.stack([x.float().cpu() for x in peaks]).isfinite().all())
+        return bool(maybe_finite(tensors)) or all_finite(tensors)
 
     def take_snapshot(self, step: int) -> bool:
         if not self.weights_finite():
             return False
         self.snapshot = Snapshot(step, self.model, self.optimizers)
         return True
+
+    def lr_of(self, name: str | None) -> float | None:
+        """Learning rate of the group holding the parameter called ``name``."""
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                if any(self.names.get(p) == name for p in group["params"]):
+                    lr = group.get("lr")
+                    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        return None
 
     def current_lr(self) -> float:
         for opt in self.optimizers:
@@ -498,6 +549,26 @@ def _foreach_norms(tensors: list[torch.Tensor], ord: float = 2.0) -> list[torch.
     return out
 
 
+def maybe_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A device-side flag, no sync: True means every tensor is finite.
+
+    The L2 norm propagates NaN and Inf and runs as one vectorised kernel per (device, dtype)
+    group (the inf-norm is ~15x slower on the CPU). False can also mean a norm past the
+    dtype's range with finite entries (beyond ~1.8e19 in float32): confirm with
+    :func:`all_finite` before acting.
+    """
+    norms = _foreach_norms(tensors)
+    if not norms:
+        return torch.ones((), dtype=torch.bool)
+    dev = norms[0].device
+    return torch.stack([n.float().to(dev) for n in norms]).isfinite().all()
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Exact check, element by element (slow path only)."""
+    return all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point())
+
+
 def _layer_norms(
     params: list[torch.Tensor], grads: list[torch.Tensor], norms: list[float]
 ) -> list[float]:
@@ -520,10 +591,13 @@ class TorchProbe:
         if e.output is not None:
             ev.logits_dtype = str(e.output.dtype).replace("torch.", "")
         ev.where = e.logits_name
-        ev.target_invalid = check_targets(e.targets, e.output)
+        ev.target_invalid = e.describe_label_faults() or check_targets(e.targets, e.output)
         if e.update_was_bad:
             ev.update_nonfinite = True
             ev.weights_nonfinite = self._first_nonfinite_state()
+            lr = e.lr_of(ev.weights_nonfinite.split(":")[0] if ev.weights_nonfinite else None)
+            if lr is not None:
+                ev.details["lr_of_where"] = lr
         else:
             ev.weights_nonfinite = self._first_nonfinite_state()
         for name, t in named_tensors(e.inputs, "inputs"):
@@ -563,7 +637,7 @@ class TorchProbe:
         for name, t in named_tensors(e.inputs, "inputs"):
             out[name] = to_numpy(t)
         for name, t in named_tensors(e.targets, "targets"):
-            out[name] = to_numpy(t)
+            out[name] = to_numpy(e.original_labels.get(name, (t, 0))[0])  # as the loader gave
         if e.output is not None:
             out["output"] = to_numpy(e.output)
         out.update(self.replayed)

@@ -127,7 +127,8 @@ def classify(
         return "update_nonfinite", where, (
             f"Step {s}: the gradients were finite (norm {_fmt(record.grad_norm)}) but the "
             f"optimizer update made the weights non-finite{_at(where)}: the update is too large. "
-            f"Lower the learning rate (it was {_fmt(record.lr)}) or set clip_grad_norm."
+            f"Lower the learning rate (it was {_fmt(_lr_of(record, evidence))}) or set "
+            "clip_grad_norm."
         )
     if evidence.weights_nonfinite:
         return "weights_nonfinite", _name(evidence.weights_nonfinite), (
@@ -183,7 +184,7 @@ def classify(
     return "update_nonfinite", None, (
         f"Step {s}: the gradients were finite (norm {_fmt(record.grad_norm)}) but the optimizer "
         f"update would make the weights non-finite: the update is too large. Lower the "
-        f"learning rate (it was {_fmt(record.lr)}) or set clip_grad_norm."
+        f"learning rate (it was {_fmt(_lr_of(record, evidence))}) or set clip_grad_norm."
     )
 
 
@@ -199,6 +200,12 @@ def last_nonfinite(values: Sequence[float] | None) -> int | None:
         if not finite((values or ())[i]):
             return i
     return None
+
+
+def _lr_of(record: StepRecord, evidence: Evidence) -> float:
+    """The learning rate of the parameter that overflowed, when the adapter knows it."""
+    lr = evidence.details.get("lr_of_where")
+    return float(lr) if isinstance(lr, (int, float)) else record.lr
 
 
 def _name(description: str | None) -> str | None:

@@ -252,7 +252,8 @@ class _Step:
                 return False
             # On the CPU an out-of-range label raises inside the loss before any hook can
             # act: that is a bad step with a known cause, not a crash.
-            if engine.verdict is None and check_targets(engine.targets, engine.output):
+            labels = engine.describe_label_faults() or check_targets(engine.targets, engine.output)
+            if engine.verdict is None and labels:
                 verdict = engine.decide(bad=True)
                 try:
                     guard._finish(verdict)

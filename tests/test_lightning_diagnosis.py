@@ -29,14 +29,6 @@ def _quiet():
 def _params():
     for case in S.CASES:
         marks = ()
-        if case.key == "invalid_labels":
-            marks = pytest.mark.xfail(
-                strict=True, raises=IndexError,
-                reason="on the CPU torch's cross-entropy raises for a label outside "
-                       "[0, n_classes) inside training_step; the Lightning callback has no "
-                       "hook that can catch it (the plain-torch guard catches it in "
-                       "guard.step's __exit__)",
-            )
         yield pytest.param(case, id=case.key, marks=marks)
 
 
