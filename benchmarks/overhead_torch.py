@@ -117,6 +117,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=100, help="steps per block")
     parser.add_argument("--no-anomaly", action="store_true")
+    parser.add_argument("--models", default="mlp,transformer", help="comma-separated")
     parser.add_argument(
         "--out", default=os.path.join("benchmarks", "results", "overhead_torch.json")
     )
@@ -124,8 +125,9 @@ def main() -> int:
     logging.getLogger("nanguard").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
     modes = ["plain", "guard"] + ([] if args.no_anomaly else ["anomaly"])
+    chosen = args.models.split(",")
     results = [bench(n, f, args.rounds, args.steps, modes)
-               for n, f in (("mlp", mlp), ("transformer", transformer))]
+               for n, f in (("mlp", mlp), ("transformer", transformer)) if n in chosen]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds x {args.steps} steps per mode, interleaved")
     print(f"{'model':<12} {'params':>9} {'mode':<8} {'median ms':>10} {'mean ms':>9} "

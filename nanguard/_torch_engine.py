@@ -376,7 +376,10 @@ class TorchEngine:
         dev = grads[0].device if grads else self.params[0].device
         nan = torch.full((), math.nan, device=dev)
         if grads:
-            norms = torch.stack([n.float().to(dev) for n in _foreach_norms(grads)])
+            per_param = _foreach_norms(grads)
+            if any(n.dtype != torch.float32 or n.device != dev for n in per_param):
+                per_param = [n.float().to(dev) for n in per_param]
+            norms = torch.stack(per_param)
             total = torch.linalg.vector_norm(norms)
         else:
             norms, total = torch.zeros(0, device=dev), nan
@@ -539,6 +542,11 @@ def _scaled(value: Any, factor: float) -> Any:
 
 def _foreach_norms(tensors: list[torch.Tensor], ord: float = 2.0) -> list[torch.Tensor]:
     """Per-tensor norms, one fused kernel per (device, dtype) group."""
+    if not tensors:
+        return []
+    first = tensors[0]
+    if all(t.dtype == first.dtype and t.device == first.device for t in tensors):
+        return list(torch._foreach_norm(tensors, ord))
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
@@ -561,7 +569,9 @@ def maybe_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not norms:
         return torch.ones((), dtype=torch.bool)
     dev = norms[0].device
-    return torch.stack([n.float().to(dev) for n in norms]).isfinite().all()
+    if any(n.dtype != torch.float32 or n.device != dev for n in norms):
+        norms = [n.float().to(dev) for n in norms]
+    return torch.stack(norms).isfinite().all()
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
