@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 ACTIONS: tuple[str, ...] = ("skip", "rollback", "lower_lr", "abort")
@@ -94,6 +94,12 @@ class GuardConfig:
         if not all(isinstance(n, str) for n in names):
             raise _fail("allow_neg_inf", self.allow_neg_inf, "expected module names (strings)")
         set_(self, "allow_neg_inf", tuple(names))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> GuardConfig:
+        """Build from an adapter's keyword arguments (its ``locals()``); other keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
         """The options as plain JSON-ready values."""

@@ -93,21 +93,7 @@ class NanGuard(keras.callbacks.Callback):
         allow_neg_inf: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
-        self.config = GuardConfig(
-            actions=actions,
-            clip_grad_norm=clip_grad_norm,
-            snapshot_every=snapshot_every,
-            max_skips=max_skips,
-            max_rollbacks=max_rollbacks,
-            lr_factor=lr_factor,
-            dump_dir=dump_dir,
-            max_dumps=max_dumps,
-            history_size=history_size,
-            log_every=log_every,
-            dump_state=dump_state,
-            logits_module=logits_module,
-            allow_neg_inf=allow_neg_inf,
-        )
+        self.config = GuardConfig.from_options(locals())
         if logits_module is not None:
             warnings.warn(
                 "nanguard.keras ignores `logits_module`: the logits source is the model "

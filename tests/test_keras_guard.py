@@ -426,3 +426,9 @@ def test_import_nanguard_does_not_import_keras():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True, env=env).stdout
     assert out.strip() == "False"
+
+
+def test_shared_options_have_the_contract_names_and_defaults():
+    from tests._options import assert_shared_options
+
+    assert_shared_options(NanGuard)

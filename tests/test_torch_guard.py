@@ -510,3 +510,9 @@ def test_label_check_reads_the_class_dimension():
     assert "outside [0, 4)" in check_targets(torch.tensor([[0, 5]]), torch.zeros(1, 4, 2))
     assert check_targets(torch.tensor([0, 7]), torch.zeros(2, 1)) is None  # one column: no classes
     assert "NaN" in check_targets(torch.tensor([0.5, float("nan")]), torch.zeros(2, 1))
+
+
+def test_shared_options_have_the_contract_names_and_defaults():
+    from tests._options import assert_shared_options
+
+    assert_shared_options(NanGuard)
