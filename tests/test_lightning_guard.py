@@ -315,7 +315,8 @@ def test_logs_reach_the_trainers_loggers_every_log_every_steps(tmp_path):
         assert f"nanguard/{name}" in rows[0]
     logged = [float(r["nanguard/grad_norm"]) for r in rows]
     assert logged == pytest.approx([guard.history[s].grad_norm for s in (0, 2, 4)])
-    assert [float(r["nanguard/lr"]) for r in rows] == pytest.approx([h.lr for h in guard.history[:5:2]])
+    expected_lr = [h.lr for h in guard.history[:5:2]]
+    assert [float(r["nanguard/lr"]) for r in rows] == pytest.approx(expected_lr)
 
 
 class SometimesNone(Classifier):
