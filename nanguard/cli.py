@@ -257,10 +257,18 @@ def _history_table(history: Sequence[StepRecord]) -> str:
     return _table(head, body)
 
 
+# What `replay` needs to re-run a step exactly (RNG state, the loss's gradient at the
+# output): kept in the dump and in --json, left out of the human table.
+REPLAY_MATERIAL = ("replay.rng", "replay.output_grad")
+
+
 def _tensor_table(dump: Dump) -> str:
     head = ("name", "shape", "dtype", "nan", "inf", "min", "max")
     body = []
+    hidden = [n for n in dump.tensors if n.startswith(REPLAY_MATERIAL)]
     for name, array in dump.tensors.items():
+        if name in hidden:
+            continue
         s = tensor_summary(array)
         body.append(
             (
@@ -273,7 +281,8 @@ def _tensor_table(dump: Dump) -> str:
                 _num(s["max"]),
             )
         )
-    return _table(head, body)
+    note = f"\n  (+{len(hidden)} replay tensors, listed by --json)" if hidden else ""
+    return _table(head, body) + note
 
 
 def _table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:

@@ -89,3 +89,20 @@ def _script(name):
     import shutil
 
     return shutil.which(name) or pathlib.Path(sys.executable).with_name(name)
+
+
+def test_replay_material_is_left_out_of_the_human_table_only(tmp_path, capsys):
+    import numpy as np
+
+    from nanguard.dump import write_dump
+    from nanguard.events import Event
+
+    path = write_dump(str(tmp_path), Event(3, "loss_nonfinite", None, "Step 3: bad."), [],
+                      {"inputs": np.zeros((2, 2), np.float32),
+                       "replay.rng_cpu": np.zeros(8, np.uint8)}, {"framework": "test"})
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "inputs" in out and "replay.rng_cpu" not in out
+    assert "(+1 replay tensors, listed by --json)" in out
+    assert main(["inspect", "--json", path]) == 0
+    assert "replay.rng_cpu" in json.loads(capsys.readouterr().out)["tensors"]
