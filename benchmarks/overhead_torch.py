@@ -15,16 +15,19 @@ Run: python benchmarks/overhead_torch.py [--rounds 5] [--steps 100]
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
-import statistics
 import time
 import warnings
 
 import torch
-from _models import mlp, transformer  # benchmarks/ is on sys.path when run as a script
+from _common import (  # benchmarks/ is on sys.path when run as a script
+    mlp,
+    report,
+    summarize,
+    transformer,
+)
 
 from nanguard.torch import NanGuard
 
@@ -74,18 +77,7 @@ def bench(name: str, factory, rounds: int, steps: int, modes: list[str]) -> dict
         order = modes if r % 2 == 0 else modes[::-1]
         for mode in order:
             samples[mode] += run_block(model, opt, batch, mode, steps, f"/tmp/ng_bench_{name}")
-    plain = statistics.median(samples["plain"])
-    result = {"model": name, "params": n_params, "steps_per_mode": rounds * steps, "modes": {}}
-    for mode in modes:
-        med = statistics.median(samples[mode])
-        mean = statistics.fmean(samples[mode])
-        result["modes"][mode] = {
-            "median_ms": med * 1e3,
-            "mean_ms": mean * 1e3,
-            "overhead_median_pct": (med / plain - 1) * 100,
-            "overhead_mean_pct": (mean / statistics.fmean(samples["plain"]) - 1) * 100,
-        }
-    return result
+    return summarize(name, n_params, samples)
 
 
 def main() -> int:
@@ -104,21 +96,11 @@ def main() -> int:
     chosen = args.models.split(",")
     results = [bench(n, f, args.rounds, args.steps, modes)
                for n, f in (("mlp", mlp), ("transformer", transformer)) if n in chosen]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds x {args.steps} steps per mode, interleaved")
-    print(f"{'model':<12} {'params':>9} {'mode':<8} {'median ms':>10} {'mean ms':>9} "
-          f"{'overhead (median)':>18} {'overhead (mean)':>16}")
-    for res in results:
-        for mode, m in res["modes"].items():
-            print(f"{res['model']:<12} {res['params']:>9,} {mode:<8} {m['median_ms']:>10.3f} "
-                  f"{m['mean_ms']:>9.3f} {m['overhead_median_pct']:>17.1f}% "
-                  f"{m['overhead_mean_pct']:>15.1f}%")
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.platform(), "target_guard_overhead_pct": 3.0}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"meta": meta, "results": results}, fh, indent=1)
-    print(f"wrote {args.out}")
+    report(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+           f"{args.rounds} rounds x {args.steps} steps per mode, interleaved",
+           results, meta, args.out)
     return 0
 
 
