@@ -351,6 +351,11 @@ class TorchEngine:
             n_classes = _n_classes(t, out)
             if n_classes is None or t.device != out.device or name in self.original_labels:
                 continue
+            if t.device.type == "cpu":
+                # No device to synchronise with on the CPU: look first, act only if bad.
+                lo, hi = torch.aminmax(t)
+                if int(lo) >= 0 and int(hi) < n_classes:
+                    continue
             bad = ((t < 0) & (t != IGNORE_INDEX)) | (t >= n_classes)
             self.label_faults.append(name)
             self.original_labels[name] = (t.clone(), n_classes)
@@ -367,19 +372,18 @@ class TorchEngine:
         return None
 
     def add_loss(self, loss: torch.Tensor) -> None:
-        loss = loss.detach().float().reshape(-1).sum()
+        loss = loss.detach()
+        if loss.ndim or loss.dtype != torch.float32:
+            loss = loss.float().reshape(-1).sum()
         self.loss = loss if self.loss is None else self.loss + loss
 
     def measure(self) -> StepRecord:
         """The hot path: every number the core needs, in one device-to-host transfer."""
         grads = [p.grad for p in self.params if p.grad is not None]
         dev = grads[0].device if grads else self.params[0].device
-        nan = torch.full((), math.nan, device=dev)
+        nan = _nan(dev)
         if grads:
-            per_param = _foreach_norms(grads)
-            if any(n.dtype != torch.float32 or n.device != dev for n in per_param):
-                per_param = [n.float().to(dev) for n in per_param]
-            norms = torch.stack(per_param)
+            norms = grad_norms(grads, dev)
             total = torch.linalg.vector_norm(norms)
         else:
             norms, total = torch.zeros(0, device=dev), nan
@@ -391,7 +395,7 @@ class TorchEngine:
             self.lmin.float() if self.lmin is not None else nan,
             self.lmax.float() if self.lmax is not None else nan,
             total,
-            self.pending_update_ok.float() if self.pending_update_ok is not None else nan + 0,
+            self.pending_update_ok.float() if self.pending_update_ok is not None else nan,
         ]
         stats = torch.stack([h.to(dev) for h in head])
         if self.distributed:
@@ -540,38 +544,78 @@ def _scaled(value: Any, factor: float) -> Any:
     return value * factor
 
 
-def _foreach_norms(tensors: list[torch.Tensor], ord: float = 2.0) -> list[torch.Tensor]:
-    """Per-tensor norms, one fused kernel per (device, dtype) group."""
-    if not tensors:
-        return []
-    first = tensors[0]
-    if all(t.dtype == first.dtype and t.device == first.device for t in tensors):
-        return list(torch._foreach_norm(tensors, ord))
+_BLAS_DTYPES = (torch.float32, torch.float64)
+_BIG = 1 << 16  # elements: a CPU tensor this large gets a kernel of its own (see _reduce)
+
+_NANS: dict[torch.device, torch.Tensor] = {}
+
+
+def _nan(device: torch.device) -> torch.Tensor:
+    """A cached NaN scalar per device (read only: never written in place)."""
+    if device not in _NANS:
+        _NANS[device] = torch.full((), math.nan, device=device)
+    return _NANS[device]
+
+
+def _cpu_l2(t: torch.Tensor) -> torch.Tensor:
+    flat = t.view(-1)
+    return torch.dot(flat, flat).sqrt()
+
+
+def _cpu_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(dtype=torch.float32)
+
+
+def _reduce(
+    tensors: list[torch.Tensor], big_cpu: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """One float32 number per tensor that is non-finite when the tensor is, stacked in order.
+
+    Small tensors, and every tensor on an accelerator, go through one fused ``_foreach_norm``
+    kernel per (device, dtype) group: the fewest launches. On the CPU ``_foreach_norm`` loops
+    over a generic reduction that reads memory at about half speed, so large CPU tensors get
+    ``big_cpu`` instead (a BLAS dot product or a sum): the MLP of
+    ``benchmarks/overhead_torch.py`` is memory-bound, and these passes are most of the
+    guard's cost there.
+    """
+    out: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+        if (
+            t.device.type == "cpu"
+            and t.dtype in _BLAS_DTYPES
+            and t.numel() >= _BIG
+            and t.is_contiguous()
+        ):
+            out[i] = big_cpu(t)
+        else:
+            groups.setdefault((t.device, t.dtype), []).append(i)
     for idx in groups.values():
-        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], ord), strict=True):
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2.0), strict=True):
             out[i] = n
-    return out
+    found = [n for n in out if n is not None]
+    dev = found[0].device
+    if any(n.dtype != torch.float32 or n.device != dev for n in found):
+        found = [n.float().to(dev) for n in found]
+    return torch.stack(found)
+
+
+def grad_norms(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The L2 norm of each gradient, as one float32 tensor on ``device``."""
+    return _reduce(grads, _cpu_l2).to(device)
 
 
 def maybe_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """A device-side flag, no sync: True means every tensor is finite.
 
-    The L2 norm propagates NaN and Inf and runs as one vectorised kernel per (device, dtype)
-    group (the inf-norm is ~15x slower on the CPU). False can also mean a norm past the
-    dtype's range with finite entries (beyond ~1.8e19 in float32): confirm with
-    :func:`all_finite` before acting.
+    Sums and L2 norms propagate NaN and Inf and run vectorised (the inf-norm is ~15x slower
+    on the CPU). False can also mean a sum or norm past float32's range with finite
+    entries: confirm with :func:`all_finite` before acting.
     """
-    norms = _foreach_norms(tensors)
-    if not norms:
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
         return torch.ones((), dtype=torch.bool)
-    dev = norms[0].device
-    if any(n.dtype != torch.float32 or n.device != dev for n in norms):
-        norms = [n.float().to(dev) for n in norms]
-    return torch.stack(norms).isfinite().all()
+    return _reduce(tensors, _cpu_sum).isfinite().all()
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:

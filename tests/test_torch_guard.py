@@ -516,3 +516,64 @@ def test_shared_options_have_the_contract_names_and_defaults():
     from tests._options import assert_shared_options
 
     assert_shared_options(NanGuard)
+
+
+@pytest.mark.parametrize("where", [(0, 0), (511, 255)])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_fast_path_reductions_see_every_non_finite_value(where, bad):
+    # Large CPU tensors take BLAS/sum kernels, small ones and odd dtypes the fused norm:
+    # both must flag a single bad value anywhere, and the norms must be the true L2 norms.
+    from nanguard._torch_engine import _BIG, grad_norms, maybe_finite
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(512, 256, generator=g)
+    assert big.numel() >= _BIG
+    tensors = [big, torch.randn(7, generator=g), torch.randn(300, 300, dtype=torch.float64,
+               generator=g), torch.randn(64, 1100, generator=g).t(),  # not contiguous
+               torch.randn(5, generator=g).bfloat16(), torch.zeros(0)]
+    expected = torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors]).float()
+    norms = grad_norms(tensors, torch.device("cpu"))
+    assert torch.allclose(norms[:4], expected[:4], rtol=1e-5)
+    assert torch.allclose(norms[4:], expected[4:], rtol=1e-2)  # bfloat16 sums in bfloat16
+    assert bool(maybe_finite(tensors))
+    for i in range(5):
+        corrupted = [t.clone() for t in tensors]
+        flat = min(where[0] * where[1], corrupted[i].numel() - 1)
+        corrupted[i][torch.unravel_index(torch.tensor(flat), corrupted[i].shape)] = bad
+        assert not bool(maybe_finite(corrupted)), i
+        assert not math.isfinite(grad_norms(corrupted, torch.device("cpu"))[i].item()), i
+
+
+def test_corrupted_large_layer_and_nan_gradients_in_it(tmp_path):
+    # A layer past the size where the CPU fast path switches kernels, end to end.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 256), torch.nn.ReLU(),
+                                torch.nn.Linear(256, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = batches(6)
+
+    def corrupt(i):
+        if i == 4:
+            with torch.no_grad():
+                model[2].weight[200, 300] = float("nan")
+
+    def poison_once(grad):
+        handle.remove()
+        return grad * math.nan
+
+    def loss_fn(out, y):
+        nonlocal handle
+        if guard.step_count == 2:  # only the large layer's gradient goes NaN, once
+            handle = model[2].weight.register_hook(poison_once)
+        return F.cross_entropy(out, y)
+
+    handle = None
+
+    guard = NanGuard(model, opt, snapshot_every=3, dump_dir=str(tmp_path))
+    run(guard, model, opt, data, loss_fn=loss_fn, before_step=corrupt)
+    guard.close()
+    assert weights_finite(model)
+    causes = [(e.step, e.cause, e.where) for e in guard.events]
+    assert causes[0][:2] == (2, "grad_nonfinite")
+    assert (4, "weights_nonfinite", "2.weight") in causes
