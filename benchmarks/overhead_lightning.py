@@ -3,19 +3,22 @@ against Trainer(detect_anomaly=True).
 
 Runs, interleaved in one process, blocks of `Trainer.fit` on two models: an MLP of about
 1.5M parameters and a small transformer encoder (4 layers, d=256). Each block is one fit of
-`--steps` optimizer steps (plus one) in one of these modes:
+`--steps` optimizer steps in one of these modes:
   plain    no callback
-  guard    NanGuard at default options (log_every=1: 7 values through pl_module.log every
-           step; snapshot_every=100, so the snapshot before the first step falls in a block
-           of 100 steps, as it does once per 100 steps in a run)
+  guard    NanGuard at default options (log_every=1: its stats go to the trainer's loggers
+           every step; snapshot_every=100, so the snapshot before the first step falls in a
+           block of 100 steps, as it does once per 100 steps in a run)
   anomaly  Trainer(detect_anomaly=True), no callback
 A step's time is the wall time between two consecutive `on_train_batch_start` calls of a
-timing callback placed first, so it holds everything Lightning does for the step: data
-loading, the training step, every callback, logging. Trainer set-up is not counted.
+timing callback placed first (the last step ends at `on_train_end`), so it holds
+everything Lightning does for the step: data loading, the training step, every callback,
+logging; step 0 (the guard's first snapshot, every mode's warm-up) included. Trainer
+set-up is not counted. The headline overhead is the median over rounds of a block's mean
+step time over the plain block's of the same round (see benchmarks/_common.py).
 Prints a table and writes JSON to benchmarks/results/overhead_lightning.json.
 Target: guard overhead <= 3% of the plain step time on both models.
 
-Run: python benchmarks/overhead_lightning.py [--rounds 5] [--steps 100]
+Run: python benchmarks/overhead_lightning.py [--rounds 6] [--steps 100] [--models mlp]
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def run_block(module: Module, batch, mode: str, steps: int, root: str) -> list[f
     if mode == "guard":
         callbacks.append(NanGuard(dump_dir=os.path.join(root, "dumps")))
     trainer = pl.Trainer(
-        max_steps=steps + 1,
+        max_steps=steps,
         callbacks=callbacks,
         detect_anomaly=mode == "anomaly",
         accelerator="cpu",
@@ -87,10 +90,10 @@ def run_block(module: Module, batch, mode: str, steps: int, root: str) -> list[f
         enable_model_summary=False,
         default_root_dir=root,
     )
-    loader = torch.utils.data.DataLoader([batch] * (steps + 1), batch_size=None)
+    loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
     trainer.fit(module, loader)
     s = timer.starts
-    return [b - a for a, b in zip(s[1:], s[2:], strict=False)]  # step 0 (warm-up) left out
+    return [b - a for a, b in zip(s, s[1:], strict=False)]
 
 
 def bench(name: str, factory, rounds: int, steps: int, modes: list[str], root: str) -> dict:
@@ -100,18 +103,22 @@ def bench(name: str, factory, rounds: int, steps: int, modes: list[str], root: s
     n_params = sum(p.numel() for p in module.parameters())
     run_block(module, batch, "plain", 10, root)  # warm-up
     samples: dict[str, list[float]] = {m: [] for m in modes}
+    blocks: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(rounds):
         order = modes if r % 2 == 0 else modes[::-1]
         for mode in order:
-            samples[mode] += run_block(module, batch, mode, steps, root)
-    return summarize(name, n_params, samples)
+            times = run_block(module, batch, mode, steps, root)
+            samples[mode] += times
+            blocks[mode].append(sum(times) / len(times))
+    return summarize(name, n_params, samples, blocks)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=100, help="steps per block")
     parser.add_argument("--no-anomaly", action="store_true")
+    parser.add_argument("--models", default="mlp,transformer", help="comma-separated")
     parser.add_argument(
         "--out", default=os.path.join("benchmarks", "results", "overhead_lightning.json")
     )
@@ -122,7 +129,8 @@ def main() -> int:
     modes = ["plain", "guard"] + ([] if args.no_anomaly else ["anomaly"])
     with tempfile.TemporaryDirectory() as root:
         results = [bench(n, f, args.rounds, args.steps, modes, root)
-                   for n, f in (("mlp", mlp), ("transformer", transformer))]
+                   for n, f in (("mlp", mlp), ("transformer", transformer))
+                   if n in args.models.split(",")]
     meta = {"lightning": lightning.__version__, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": platform.platform(),
             "target_guard_overhead_pct": 3.0}

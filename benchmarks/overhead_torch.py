@@ -1,20 +1,25 @@
 """Per-step cost of nanguard.torch.NanGuard, against no guard and against anomaly mode.
 
-Runs, interleaved in one process, blocks of training steps on two models: an MLP of about
-1.5M parameters and a small transformer encoder (4 layers, d=256). Each block is one of:
+Two models: an MLP of about 1.5M parameters and a small transformer encoder (4 layers,
+d=256). Each mode trains its own copy of the model (same initial weights), with its own
+Adam, in one process:
   plain    the bare loop
-  guard    NanGuard at default options; a block is `snapshot_every` (100) steps, so the
-           snapshot before its first step is counted in, as it is once per 100 steps in a run
+  guard    the same loop under one NanGuard at default options for the whole run, so its
+           snapshot every 100 steps (and the one before the first step) is counted in
   anomaly  the bare loop under torch.autograd.detect_anomaly()
-Prints a table and writes JSON to benchmarks/results/overhead_torch.json.
+The modes take turns in short blocks (`--steps` steps), `--rounds` times, the order
+alternating. The headline overhead is the median over rounds of the guard block's time over
+the plain block's of the same round (see benchmarks/_common.py). Prints a table and writes
+JSON to benchmarks/results/overhead_torch.json.
 Target: guard overhead <= 3% of the plain step time on both models.
 
-Run: python benchmarks/overhead_torch.py [--rounds 5] [--steps 100]
+Run: python benchmarks/overhead_torch.py [--rounds 60] [--steps 5] [--models mlp]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import platform
@@ -34,56 +39,63 @@ from nanguard.torch import NanGuard
 F = torch.nn.functional
 
 
-def run_block(model, opt, batch, mode: str, steps: int, dump_dir: str) -> list[float]:
-    x, y = batch
-    times = []
-    if mode == "guard":
-        guard = NanGuard(model, opt, dump_dir=dump_dir)
+class Runner:
+    """One mode: its own model copy, optimizer and (for ``guard``) a long-lived guard."""
+
+    def __init__(self, mode: str, model, batch, dump_dir: str) -> None:
+        self.mode = mode
+        self.model = copy.deepcopy(model)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        self.x, self.y = batch
+        self.guard = NanGuard(self.model, self.opt, dump_dir=dump_dir) if mode == "guard" else None
+
+    def block(self, steps: int) -> list[float]:
+        model, opt, x, y, guard = self.model, self.opt, self.x, self.y, self.guard
+        times = []
         t0 = time.perf_counter()
         for _ in range(steps):
             opt.zero_grad()
-            with guard.step(x, targets=y):
-                guard.backward(F.cross_entropy(model(x), y))
+            if guard is not None:
+                with guard.step(x, targets=y):
+                    guard.backward(F.cross_entropy(model(x), y))
+                    opt.step()
+            elif self.mode == "anomaly":
+                with torch.autograd.detect_anomaly():
+                    F.cross_entropy(model(x), y).backward()
+                opt.step()
+            else:
+                F.cross_entropy(model(x), y).backward()
                 opt.step()
             t1 = time.perf_counter()
             times.append(t1 - t0)
             t0 = t1
-        guard.close()
         return times
-    ctx = torch.autograd.detect_anomaly if mode == "anomaly" else None
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        opt.zero_grad()
-        if ctx is None:
-            F.cross_entropy(model(x), y).backward()
-        else:
-            with ctx():
-                F.cross_entropy(model(x), y).backward()
-        opt.step()
-        t1 = time.perf_counter()
-        times.append(t1 - t0)
-        t0 = t1
-    return times
 
 
 def bench(name: str, factory, rounds: int, steps: int, modes: list[str]) -> dict:
     torch.manual_seed(0)
     model, batch = factory()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     n_params = sum(p.numel() for p in model.parameters())
-    run_block(model, opt, batch, "plain", 10, "/tmp")  # warm-up
+    runners = {m: Runner(m, model, batch, f"/tmp/ng_bench_{name}") for m in modes}
+    for runner in runners.values():
+        runner.block(3)  # warm-up (Adam state, allocator); the guard's first snapshot too
     samples: dict[str, list[float]] = {m: [] for m in modes}
+    blocks: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(rounds):
-        order = modes if r % 2 == 0 else modes[::-1]
-        for mode in order:
-            samples[mode] += run_block(model, opt, batch, mode, steps, f"/tmp/ng_bench_{name}")
-    return summarize(name, n_params, samples)
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            times = runners[mode].block(steps)
+            samples[mode] += times
+            blocks[mode].append(sum(times) / len(times))
+    if runners.get("guard") is not None:
+        assert runners["guard"].guard is not None
+        runners["guard"].guard.close()
+    return summarize(name, n_params, samples, blocks)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=100, help="steps per block")
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=5, help="steps per block")
     parser.add_argument("--no-anomaly", action="store_true")
     parser.add_argument("--models", default="mlp,transformer", help="comma-separated")
     parser.add_argument(
@@ -99,7 +111,7 @@ def main() -> int:
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.platform(), "target_guard_overhead_pct": 3.0}
     report(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-           f"{args.rounds} rounds x {args.steps} steps per mode, interleaved",
+           f"{args.rounds} rounds x {args.steps}-step blocks per mode, interleaved",
            results, meta, args.out)
     return 0
 
