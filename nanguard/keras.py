@@ -7,6 +7,8 @@ import sys
 import warnings
 from typing import Any
 
+import numpy as np
+
 try:
     import keras
 except ImportError as err:  # pragma: no cover - exercised without keras installed
@@ -233,6 +235,9 @@ class NanGuard(keras.callbacks.Callback):
             )
             bad = not (finite(record.loss) and finite(record.grad_norm)) or v[_H["labels_ok"]] < 0.5
             update_bad = v[_H["applied"]] > 0.5 and v[_H["weights_ok"]] < 0.5 and not bad
+            if update_bad:  # the in-step flag is a sum per variable: confirm element-wise
+                update_bad = not all(np.isfinite(to_numpy(w, 2**62)).all()
+                                     for w in self.model.trainable_variables)
             batch: dict[str, Any] = extra
         else:
             loss = logs.get("loss")

@@ -432,3 +432,30 @@ def test_shared_options_have_the_contract_names_and_defaults():
     from tests._options import assert_shared_options
 
     assert_shared_options(NanGuard)
+
+
+class _HugeUnused(keras.layers.Layer):
+    """Passes its input through; holds a trainable weight near float32's maximum."""
+
+    def build(self, input_shape):
+        self.huge = self.add_weight(shape=(4,), initializer=keras.initializers.Constant(3e38))
+
+    def call(self, x):
+        return x
+
+
+def test_huge_finite_weights_are_not_a_bad_update(tmp_path):
+    # The in-step weight check sums each variable (4 x 3e38 overflows float32): the host
+    # must confirm element-wise before calling the update bad.
+    model = keras.Sequential([keras.Input((8,)), _HugeUnused(),
+                              keras.layers.Dense(3, name="head")])
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    guard = NanGuard(dump_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras: no gradient for the unused weight
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[guard])
+    assert guard.events == []
+    assert [r.action for r in guard.history] == [None] * 8
+    assert np.isfinite(model.layers[0].huge.numpy()).all()
