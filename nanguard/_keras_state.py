@@ -128,7 +128,19 @@ class LearningRate:
             self.schedule = current
             self.scale_var = keras.Variable(1.0, dtype="float32", trainable=False,
                                             name="nanguard_lr_scale")
-            self.opt._learning_rate = ScaledSchedule(current, self.scale_var)
+            self.scaled: ScaledSchedule | None = ScaledSchedule(current, self.scale_var)
+            self.opt._learning_rate = self.scaled
+        else:
+            self.scaled = None
+
+    def reinstall(self) -> None:
+        """Start another ``fit`` with the schedule object a reused traced step captured.
+
+        The lowering so far stays, as it does for a float rate (which keeps its value).
+        """
+        if self.scaled is not None and self.schedule is None:
+            self.schedule = self.scaled.schedule
+            self.opt._learning_rate = self.scaled
 
     def lower(self, factor: float) -> None:
         self.scale *= factor

@@ -84,6 +84,13 @@ class StepInstrument:
                                         name="nanguard_block_bad")
         self._patched: list[tuple[Any, str]] = []
         self.tracker = getattr(model, "_loss_tracker", None)
+        self.install()
+
+    def install(self) -> None:
+        """Patch the instances (again, after :meth:`remove`: a traced step is reused)."""
+        if self._patched:
+            return
+        model = self.model
         self._patch(model, "train_step", self._train_step(model.train_step))
         self._patch(model, "compute_loss", self._compute_loss(model.compute_loss))
         self._patch(self.optimizer, "apply", self._apply(self.optimizer.apply))

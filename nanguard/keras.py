@@ -118,6 +118,7 @@ class NanGuard(keras.callbacks.Callback):
         self._batch = 0
         self._batch_logs: dict[int, dict[str, float]] = {}
         self._blocking = True
+        self._cache: tuple[tuple[Any, ...], StepInstrument, Any, LearningRate] | None = None
 
     # -- what users read ---------------------------------------------------------------
     @property
@@ -155,6 +156,8 @@ class NanGuard(keras.callbacks.Callback):
         self._batch_logs = {}
         self._blocking = True
         self.session.extra_meta["param_names"] = [v.path for v in model.trainable_variables]
+        if self._reuse_step(model):
+            return
         self._lr = LearningRate(model.optimizer)
         reason = _why_not_instrumented(model)
         self.fallback = reason is not None
@@ -182,6 +185,29 @@ class NanGuard(keras.callbacks.Callback):
         model.make_train_function(force=True)
         self._inner = model.train_function
         model.train_function = self._train_function
+        if self._instrument is not None:
+            self._cache = (_step_key(model), self._instrument, self._inner, self._lr)
+
+    def _reuse_step(self, model: Any) -> bool:
+        """Another ``fit`` of the same compiled model: reuse the instrumented step.
+
+        Rebuilding it would retrace the whole training step (seconds for a large model) at
+        every ``fit``, which Keras itself does not do.
+        """
+        if self._cache is None:
+            return False
+        key, instrument, inner, lr = self._cache
+        now = _step_key(model)
+        if any(a is not b and a != b for a, b in zip(now, key, strict=True)):
+            self._cache = None
+            return False
+        self.fallback = False
+        self._instrument, self._inner, self._lr = instrument, inner, lr
+        instrument.install()
+        instrument.block_bad.assign(1.0)
+        lr.reinstall()
+        model.train_function = self._train_function
+        return True
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._batch = batch
@@ -307,6 +333,14 @@ class NanGuard(keras.callbacks.Callback):
             if getattr(model, "train_function", None) == self._train_function:
                 model.train_function = None
             self._inner = None
+
+
+def _step_key(model: Any) -> tuple[Any, ...]:
+    """What a traced training step depends on: a change (a new ``compile``) means rebuild."""
+    return (model, model.optimizer, getattr(model, "_compile_loss", None),
+            getattr(model, "_loss_tracker", None), getattr(model, "steps_per_execution", 1),
+            getattr(model, "run_eagerly", False), getattr(model, "jit_compile", None),
+            type(model).train_step)
 
 
 def _why_not_instrumented(model: Any) -> str | None:

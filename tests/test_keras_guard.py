@@ -459,3 +459,67 @@ def test_huge_finite_weights_are_not_a_bad_update(tmp_path):
     assert guard.events == []
     assert [r.action for r in guard.history] == [None] * 8
     assert np.isfinite(model.layers[0].huge.numpy()).all()
+
+
+class _CountingSequential(keras.Sequential):
+    """Counts Python runs of compute_loss: in compiled `fit` these are traces of the step."""
+
+    traces = 0
+
+    def compute_loss(self, *args, **kwargs):
+        type(self).traces += 1
+        return super().compute_loss(*args, **kwargs)
+
+
+def test_later_fits_reuse_the_instrumented_step_and_still_guard(tmp_path):
+    model = _CountingSequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                                 keras.layers.Dense(3, name="head")], name="counting")
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    bad = x.copy()
+    bad[20, 0] = np.nan  # batch 1 of 4
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[guard])
+    traces = _CountingSequential.traces
+    assert traces >= 1 and guard.events == []
+
+    model.fit(bad, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[guard])
+    assert _CountingSequential.traces == traces  # no retrace for a second fit
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (1, "input_nonfinite", "skip")
+    assert all_finite(model)
+
+    # A new compile changes the step: it is rebuilt, and still guarded.
+    model.compile(keras.optimizers.Adam(1e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(bad, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[guard])
+    assert _CountingSequential.traces > traces
+    (event,) = guard.events
+    assert (event.step, event.cause) == (1, "input_nonfinite")
+    assert all_finite(model)
+
+    # Without the guard, fit is Keras's own again: the NaN batch reaches the weights.
+    model.fit(bad, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    assert not all_finite(model)
+
+
+def test_later_fit_with_a_schedule_lowers_the_rate_again(tmp_path):
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.05, 1000, 0.9)
+    model = classifier(optimizer=keras.optimizers.SGD(schedule))
+    x, y = data()
+    bad = x.copy()
+    bad[:, 0] = np.nan  # every batch bad: the ladder climbs to a rollback with lower_lr
+    guard = NanGuard(dump_dir=str(tmp_path), max_skips=1, actions=("skip", "rollback",
+                                                                     "lower_lr"))
+    first_lr = 0.05
+    for _ in range(2):
+        model.fit(bad, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[guard])
+        assert model.optimizer._learning_rate is schedule  # the user's schedule is back
+        actions = [r.action for r in guard.history]
+        assert actions == ["skip", "rollback", "skip", "rollback"]
+        lrs = [r.lr for r in guard.history]
+        # Lowered at each rollback, and the lowering carries into the next fit.
+        assert lrs == pytest.approx([first_lr, first_lr, first_lr / 2, first_lr / 2], rel=1e-3)
+        first_lr /= 4
+        assert all_finite(model)

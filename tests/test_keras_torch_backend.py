@@ -98,6 +98,16 @@ SCRIPT = textwrap.dedent(
     m.fit(x, rng.integers(0, 3, 32), batch_size=16, epochs=1, shuffle=False, verbose=0,
           callbacks=[g])
     out["softmax"] = [(e.step, e.cause, e.where) for e in g.events]
+
+    # 5. a second fit with the same guard reuses the instrumented step and still guards
+    m, x, y = model_and_data(keras.optimizers.SGD(0.05))
+    bad = x.copy(); bad[20, 0] = np.nan
+    g = NanGuard(dump_dir=dump_dir)
+    m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[g])
+    inner = g._inner
+    m.fit(bad, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[g])
+    out["refit"] = [g._inner is inner, [(e.step, e.cause, e.action) for e in g.events],
+                    all(np.isfinite(w).all() for w in m.get_weights())]
     print("RESULT " + json.dumps(out))
     """
 )
@@ -124,3 +134,4 @@ def test_torch_backend_end_to_end(tmp_path):
     assert out["lr_after"] == pytest.approx(0.005)
     assert out["abort"] == [3, "input_nonfinite", [0, 1, 2, 3]]
     assert out["softmax"] == [[1, "activation_nonfinite", "naive_softmax"]]
+    assert out["refit"] == [True, [[1, "input_nonfinite", "skip"]], True]
