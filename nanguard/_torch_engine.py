@@ -444,6 +444,22 @@ class TorchEngine:
         self.verdict = verdict
         return verdict
 
+    def scaler_skipped(self, record: StepRecord) -> bool:
+        """Finite loss, non-finite gradients under a GradScaler: the scaler's own skip.
+
+        The scaler found the Inf/NaN when it unscaled the gradients, skips (or skipped)
+        ``optimizer.step()`` and lowers its scale; that is AMP working, not a nanguard event.
+        Such a step is kept in the history with ``cause="amp_scaler_skip"`` and no action.
+        """
+        loss_bad = self.any_rank_loss_bad if self.distributed else not math.isfinite(record.loss)
+        if loss_bad or math.isfinite(record.grad_norm) or self.update_was_bad:
+            return False
+        record.cause = "amp_scaler_skip"
+        self.session.history.append(record)
+        self.session.step = record.step + 1
+        self.verdict = None
+        return True
+
     def carry_out(self, verdict: Verdict) -> None:
         decision = verdict.decision
         if decision.blocks_update:

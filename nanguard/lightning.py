@@ -9,7 +9,6 @@ against its own ``Callback``.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -272,21 +271,9 @@ class NanGuard(_CallbackBase):
         self._finish(pl_module, verdict)
 
     def _scaler_skips(self, engine: TorchEngine, record: StepRecord) -> bool:
-        """Finite loss, non-finite gradients under a GradScaler: the scaler's own skip.
-
-        The scaler found the Inf/NaN when it unscaled the gradients, will skip
-        ``optimizer.step()`` and lower its scale; that is AMP working, not a nanguard event.
-        """
-        loss_bad = (
-            engine.any_rank_loss_bad if engine.distributed else not math.isfinite(record.loss)
-        )
-        if loss_bad or math.isfinite(record.grad_norm) or engine.update_was_bad:
+        if not engine.scaler_skipped(record):
             return False
         self.amp_skips += 1
-        record.cause = "amp_scaler_skip"
-        engine.session.history.append(record)
-        engine.session.step = record.step + 1
-        engine.verdict = None
         return True
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:

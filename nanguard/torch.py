@@ -37,6 +37,10 @@ class NanGuard:
     Args:
         model: The ``torch.nn.Module`` being trained.
         optimizer: The optimizer stepping the model's parameters.
+        scaler: A ``torch.amp.GradScaler`` the loop steps with (``scaler.step(optimizer)``):
+            ``guard.backward(loss)`` then scales the loss itself, and the steps the scaler
+            skips for overflowing gradients are counted in ``guard.amp_skips`` (history
+            cause ``"amp_scaler_skip"``), not treated as bad steps.
         actions: The ladder, any subset of ``("skip", "rollback", "lower_lr", "abort")``.
         clip_grad_norm: Clip the global gradient norm to this value on every good step.
         snapshot_every: Steps between snapshots of a finite state (one is taken before
@@ -63,6 +67,9 @@ class NanGuard:
         ...         guard.backward(loss)
         ...         optimizer.step()
         >>> guard.close()  # doctest: +SKIP
+
+        With AMP: ``NanGuard(model, optimizer, scaler=scaler)``, ``guard.backward(loss)`` on
+        the unscaled loss, then ``scaler.step(optimizer)`` and ``scaler.update()``.
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class NanGuard:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
+        scaler: Any = None,
         actions: tuple[str, ...] = ACTIONS,
         clip_grad_norm: float | None = None,
         snapshot_every: int = 100,
@@ -89,6 +97,13 @@ class NanGuard:
             raise TypeError(
                 f"nanguard needs a torch.optim.Optimizer. Received: optimizer={optimizer!r}"
             )
+        if scaler is not None and not callable(getattr(scaler, "scale", None)):
+            raise TypeError(
+                f"`scaler` must be a torch.amp.GradScaler. Received: scaler={scaler!r}"
+            )
+        enabled = scaler is not None and getattr(scaler, "is_enabled", lambda: True)()
+        self.scaler = scaler if enabled else None
+        self.amp_skips = 0
         self._engine = TorchEngine(self.config, model, [optimizer], framework="torch")
         self._engine.attach()
         self.optimizer = optimizer
@@ -143,7 +158,10 @@ class NanGuard:
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"guard.backward needs the loss tensor. Received: loss={loss!r}")
         self._engine.add_loss(loss)
-        loss.backward(**kwargs)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward(**kwargs)
+        else:
+            loss.backward(**kwargs)
 
     def close(self) -> None:
         """Remove every hook the guard registered. Safe to call twice."""
@@ -160,11 +178,13 @@ class NanGuard:
 
     def state_dict(self) -> dict[str, Any]:
         """The guard's counters and history, to save beside a checkpoint."""
-        return {**self._engine.session.state_dict(), "lr_scale": self._engine.lr_scale}
+        return {**self._engine.session.state_dict(), "lr_scale": self._engine.lr_scale,
+                "amp_skips": self.amp_skips}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._engine.session.load_state_dict(state)
         self._engine.lr_scale = float(state.get("lr_scale", 1.0))
+        self.amp_skips = int(state.get("amp_skips", 0))
 
     # -- hooks -------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -224,7 +244,12 @@ class _Step:
         try:
             if exc is None:
                 if engine.verdict is None and engine.loss is not None:
-                    guard._finish(engine.decide())  # no optimizer.step() in this step
+                    # No optimizer.step() in this step: the loop skipped it, or the scaler.
+                    record = engine.measure()
+                    if guard.scaler is not None and engine.scaler_skipped(record):
+                        guard.amp_skips += 1
+                    else:
+                        guard._finish(engine.decide(record=record))
                 elif engine.verdict is None:
                     warnings.warn(
                         "A guard.step() ended without guard.backward(loss): nanguard saw no "

@@ -577,3 +577,42 @@ def test_corrupted_large_layer_and_nan_gradients_in_it(tmp_path):
     causes = [(e.step, e.cause, e.where) for e in guard.events]
     assert causes[0][:2] == (2, "grad_nonfinite")
     assert (4, "weights_nonfinite", "2.weight") in causes
+
+
+def test_grad_scaler_skips_are_the_scalers_and_real_faults_still_events(tmp_path):
+    # fp16 autocast with a scale far too large: the scaled backward overflows, the scaler
+    # skips those steps and lowers its scale. nanguard counts them and does not act; a NaN
+    # batch later is still a nanguard event.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-10)
+    data = batches(12)
+    data[9][0][0, 0] = float("nan")
+    before = state_copy(model)
+    guard = NanGuard(model, opt, scaler=scaler, dump_dir=str(tmp_path))
+    for x, y in data:
+        opt.zero_grad()
+        with guard.step(x, targets=y):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            guard.backward(loss)  # scaled by the guard
+            scaler.step(opt)
+            scaler.update()
+    guard.close()
+    skipped = [r for r in guard.history if r.cause == "amp_scaler_skip"]
+    assert guard.amp_skips == len(skipped) >= 1
+    assert all(r.action is None and not math.isfinite(r.grad_norm) for r in skipped)
+    assert all(math.isfinite(r.loss) for r in skipped)  # the unscaled loss is recorded
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (9, "input_nonfinite", "skip")
+    applied = [r for r in guard.history if r.cause is None and r.action is None]
+    assert applied and all(math.isfinite(r.grad_norm) for r in applied)
+    assert weights_finite(model)
+    assert not same_bits(before, state_copy(model))  # the good steps trained
+    assert guard.state_dict()["amp_skips"] == guard.amp_skips
+
+
+def test_grad_scaler_must_be_a_scaler(tmp_path):
+    model = mlp()
+    with pytest.raises(TypeError, match="scaler"):
+        NanGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), scaler=object())
