@@ -28,7 +28,7 @@ from keras import ops
 STATS_KEY = "_nanguard"
 # Order of the packed stats tensor; per-variable gradient norms follow.
 HEAD = ("loss", "logits_min", "logits_max", "grad_norm", "lr", "applied", "weights_ok",
-        "labels_ok")
+        "labels_ok", "amp_skip")
 
 
 def first_float(structure: Any) -> Any:
@@ -177,8 +177,18 @@ class StepInstrument:
             per = ops.stack([
                 ops.cast(math.nan, "float32") if s is None else ops.sqrt(s) for s in squares
             ]) if squares else ops.zeros((0,), "float32")
-            good = ops.logical_and(ops.all(ops.isfinite(cap.loss)), ops.isfinite(total))
+            scale = _loss_scale(self.optimizer)
+            if scale is not None:  # the gradients of a scaled loss: report the true norms
+                total, per = total / scale, per / scale
+            loss_ok = ops.all(ops.isfinite(cap.loss))
+            good = ops.logical_and(loss_ok, ops.isfinite(total))
             go = ops.logical_or(good, ops.less(self.block_bad, 0.5))
+            amp_skip = ops.cast(False, "bool")
+            if scale is not None:
+                # A finite loss with overflowing scaled gradients is the LossScaleOptimizer's
+                # own business: let it see them, skip the update and lower its scale.
+                amp_skip = ops.logical_and(loss_ok, ops.logical_not(ops.isfinite(total)))
+                go = ops.logical_or(go, amp_skip)
             if self.clip is not None:
                 factor = ops.minimum(1.0, self.clip / (total + 1e-6))
                 grads = [None if g is None else g * ops.cast(factor, g.dtype) for g in grads]
@@ -190,7 +200,7 @@ class StepInstrument:
             weights_ok = ops.all(ops.isfinite(ops.stack([
                 ops.sum(ops.cast(v, "float32")) for v in tvs
             ])))
-            cap.grad = (total, per, lr, go, weights_ok)
+            cap.grad = (total, per, lr, go, weights_ok, amp_skip)
             return None
 
         return apply
@@ -208,7 +218,7 @@ class StepInstrument:
 
     def _pack(self, cap: _Capture) -> Any:
         assert cap.grad is not None
-        total, per, lr, go, weights_ok = cap.grad
+        total, per, lr, go, weights_ok, amp_skip = cap.grad
         f32 = "float32"
         nan = ops.cast(math.nan, f32)
         loss = ops.sum(ops.cast(cap.loss, f32))
@@ -223,8 +233,16 @@ class StepInstrument:
         labels_ok = (ops.cast(1.0, f32) if cap.labels_ok is None
                      else ops.cast(cap.labels_ok, f32))
         head = [loss, lo, hi, ops.cast(total, f32), lr, ops.cast(go, f32),
-                ops.cast(weights_ok, f32), labels_ok]
+                ops.cast(weights_ok, f32), labels_ok, ops.cast(amp_skip, f32)]
         return ops.concatenate([ops.stack(head), ops.cast(per, f32)])
+
+
+def _loss_scale(optimizer: Any) -> Any:
+    """The dynamic loss scale of a ``LossScaleOptimizer`` (float32), else None."""
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return None
+    scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+    return ops.cast(scale, "float32")
 
 
 def sum_of_squares(g: Any) -> Any:

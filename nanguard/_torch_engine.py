@@ -454,9 +454,7 @@ class TorchEngine:
         loss_bad = self.any_rank_loss_bad if self.distributed else not math.isfinite(record.loss)
         if loss_bad or math.isfinite(record.grad_norm) or self.update_was_bad:
             return False
-        record.cause = "amp_scaler_skip"
-        self.session.history.append(record)
-        self.session.step = record.step + 1
+        self.session.skipped_by_scaler(record)
         self.verdict = None
         return True
 

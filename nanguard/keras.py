@@ -110,6 +110,7 @@ class NanGuard(keras.callbacks.Callback):
         self.session = GuardSession(self.config, framework="keras",
                                     environment=environment(**versions))
         self.dumps: list[str] = []
+        self.amp_skips = 0
         self.fallback = False
         self._instrument: StepInstrument | None = None
         self._inner: Any = None
@@ -152,6 +153,7 @@ class NanGuard(keras.callbacks.Callback):
             )
         self.session.reset()
         self.dumps = []
+        self.amp_skips = 0
         self._snapshot = None
         self._batch_logs = {}
         self._blocking = True
@@ -260,6 +262,10 @@ class NanGuard(keras.callbacks.Callback):
                 layer_grad_norms=v[n:] or None,
             )
             bad = not (finite(record.loss) and finite(record.grad_norm)) or v[_H["labels_ok"]] < 0.5
+            if v[_H["amp_skip"]] > 0.5:  # the LossScaleOptimizer skipped it and lowered its scale
+                self.amp_skips += 1
+                self._publish(self.session.skipped_by_scaler(record))
+                return logs
             update_bad = v[_H["applied"]] > 0.5 and v[_H["weights_ok"]] < 0.5 and not bad
             if update_bad:  # the in-step flag is a sum per variable: confirm element-wise
                 update_bad = not all(np.isfinite(to_numpy(w, 2**62)).all()

@@ -133,6 +133,17 @@ class GuardSession:
             return False
         return detector.growth(self.history) is None
 
+    def skipped_by_scaler(self, record: StepRecord) -> Verdict:
+        """An AMP loss scaler skipped this step itself (its scaled gradients overflowed).
+
+        That is mixed precision working, not a nanguard event: the step is kept in the
+        history with ``cause="amp_scaler_skip"`` and no action, and the ladder is untouched.
+        """
+        record.cause = "amp_scaler_skip"
+        self.history.append(record)
+        self.step = record.step + 1
+        return Verdict(record, policy.Decision(None, False, "skipped by the AMP loss scaler"))
+
     def conclude(
         self,
         record: StepRecord,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -523,3 +524,29 @@ def test_later_fit_with_a_schedule_lowers_the_rate_again(tmp_path):
         assert lrs == pytest.approx([first_lr, first_lr, first_lr / 2, first_lr / 2], rel=1e-3)
         first_lr /= 4
         assert all_finite(model)
+
+
+def test_loss_scale_optimizer_skips_are_its_own(tmp_path):
+    # float16 layers and a loss scale far too large: the scaled gradients overflow, the
+    # LossScaleOptimizer skips those steps and halves its scale. nanguard counts them and
+    # does not act; a NaN batch is still an event. The recorded norms are the unscaled ones.
+    model = keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(16, activation="relu", dtype="mixed_float16"),
+        keras.layers.Dense(3, dtype="float32", name="head"),
+    ])
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05), initial_scale=2.0**24)
+    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    x[20, 0] = np.nan  # batch 1 of every epoch
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=5, verbose=0, shuffle=False, callbacks=[guard])
+    skipped = [r for r in guard.history if r.cause == "amp_scaler_skip"]
+    assert guard.amp_skips == len(skipped) >= 1
+    assert all(r.action is None and math.isfinite(r.loss) for r in skipped)
+    assert {(e.cause, e.action) for e in guard.events} == {("input_nonfinite", "skip")}
+    assert [e.step for e in guard.events] == [1, 5, 9, 13, 17]
+    applied = [r for r in guard.history if r.cause is None]
+    assert applied and all(0 < r.grad_norm < 100 for r in applied)  # unscaled
+    assert float(opt.dynamic_scale.numpy()) < 2.0**24
+    assert all_finite(model)
