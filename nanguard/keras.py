@@ -110,7 +110,6 @@ class NanGuard(keras.callbacks.Callback):
         self.session = GuardSession(self.config, framework="keras",
                                     environment=environment(**versions))
         self.dumps: list[str] = []
-        self.amp_skips = 0
         self.fallback = False
         self._instrument: StepInstrument | None = None
         self._inner: Any = None
@@ -138,6 +137,11 @@ class NanGuard(keras.callbacks.Callback):
         return self.session.step
 
     @property
+    def amp_skips(self) -> int:
+        """Steps the ``LossScaleOptimizer`` skipped itself in the current (or last) fit."""
+        return self.session.amp_skips
+
+    @property
     def snapshot_step(self) -> int | None:
         """The step whose starting state the last snapshot holds."""
         return None if self._snapshot is None else self._snapshot.step
@@ -153,7 +157,6 @@ class NanGuard(keras.callbacks.Callback):
             )
         self.session.reset()
         self.dumps = []
-        self.amp_skips = 0
         self._snapshot = None
         self._batch_logs = {}
         self._blocking = True
@@ -263,7 +266,6 @@ class NanGuard(keras.callbacks.Callback):
             )
             bad = not (finite(record.loss) and finite(record.grad_norm)) or v[_H["labels_ok"]] < 0.5
             if v[_H["amp_skip"]] > 0.5:  # the LossScaleOptimizer skipped it and lowered its scale
-                self.amp_skips += 1
                 self._publish(self.session.skipped_by_scaler(record))
                 return logs
             update_bad = v[_H["applied"]] > 0.5 and v[_H["weights_ok"]] < 0.5 and not bad

@@ -139,7 +139,6 @@ class NanGuard(_CallbackBase):
         self._scaler: Any = None
         self._warned_no_output = False
         self._stepped = False
-        self.amp_skips = 0
         self.dumps: list[str] = []
 
     # -- what users read ---------------------------------------------------------------
@@ -157,6 +156,11 @@ class NanGuard(_CallbackBase):
     def step_count(self) -> int:
         """Index of the next optimizer step."""
         return 0 if self._engine is None else self._engine.session.step
+
+    @property
+    def amp_skips(self) -> int:
+        """Optimizer steps the AMP GradScaler skipped itself in the current (or last) fit."""
+        return 0 if self._engine is None else self._engine.session.amp_skips
 
     @property
     def snapshot_step(self) -> int | None:
@@ -190,7 +194,6 @@ class NanGuard(_CallbackBase):
         self._handles = [opt.register_step_post_hook(self._after_step) for opt in engine.optimizers]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        self.amp_skips = 0
         self.dumps = []
         self._warned_no_output = False
         if self._pending_state is not None:
@@ -265,16 +268,10 @@ class NanGuard(_CallbackBase):
                 stacklevel=2,
             )
         record = engine.measure()
-        if self._scaler is not None and self._scaler_skips(engine, record):
+        if self._scaler is not None and engine.scaler_skipped(record):
             return
         verdict = engine.decide(record=record)
         self._finish(pl_module, verdict)
-
-    def _scaler_skips(self, engine: TorchEngine, record: StepRecord) -> bool:
-        if not engine.scaler_skipped(record):
-            return False
-        self.amp_skips += 1
-        return True
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._engine is not None and self._engine.in_step:
@@ -331,7 +328,6 @@ class NanGuard(_CallbackBase):
         return {
             "session": self._engine.session.state_dict(),
             "lr_scale": self._engine.lr_scale,
-            "amp_skips": self.amp_skips,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -346,7 +342,6 @@ class NanGuard(_CallbackBase):
         assert self._engine is not None
         self._engine.session.load_state_dict(state.get("session", {}))
         self._engine.lr_scale = float(state.get("lr_scale", 1.0))
-        self.amp_skips = int(state.get("amp_skips", 0))
 
 
 def _split_batch(batch: Any) -> tuple[Any, Any]:

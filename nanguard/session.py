@@ -113,6 +113,7 @@ class GuardSession:
         self.ladder = policy.LadderState()
         self.events: list[Event] = []
         self.dumps_written = 0
+        self.amp_skips = 0
         self.step = 0
 
     def snapshot_due(self, last_snapshot_step: int | None) -> bool:
@@ -141,6 +142,7 @@ class GuardSession:
         """
         record.cause = "amp_scaler_skip"
         self.history.append(record)
+        self.amp_skips += 1
         self.step = record.step + 1
         return Verdict(record, policy.Decision(None, False, "skipped by the AMP loss scaler"))
 
@@ -271,6 +273,7 @@ class GuardSession:
             "step": self.step,
             "ladder": self.ladder._asdict(),
             "dumps_written": self.dumps_written,
+            "amp_skips": self.amp_skips,
             "history": [r.to_dict() for r in self.history],
         }
 
@@ -278,6 +281,7 @@ class GuardSession:
         self.step = int(state.get("step", 0))
         self.ladder = policy.LadderState(**state.get("ladder", {}))
         self.dumps_written = int(state.get("dumps_written", 0))
+        self.amp_skips = int(state.get("amp_skips", 0))
         self.history.clear()
         self.history.extend(StepRecord.from_dict(r) for r in state.get("history", []))
 

@@ -103,7 +103,6 @@ class NanGuard:
             )
         enabled = scaler is not None and getattr(scaler, "is_enabled", lambda: True)()
         self.scaler = scaler if enabled else None
-        self.amp_skips = 0
         self._engine = TorchEngine(self.config, model, [optimizer], framework="torch")
         self._engine.attach()
         self.optimizer = optimizer
@@ -128,6 +127,11 @@ class NanGuard:
     def step_count(self) -> int:
         """Index of the next step."""
         return self._engine.session.step
+
+    @property
+    def amp_skips(self) -> int:
+        """Steps the ``scaler`` skipped itself (overflowing scaled gradients)."""
+        return self._engine.session.amp_skips
 
     @property
     def snapshot_step(self) -> int | None:
@@ -178,13 +182,11 @@ class NanGuard:
 
     def state_dict(self) -> dict[str, Any]:
         """The guard's counters and history, to save beside a checkpoint."""
-        return {**self._engine.session.state_dict(), "lr_scale": self._engine.lr_scale,
-                "amp_skips": self.amp_skips}
+        return {**self._engine.session.state_dict(), "lr_scale": self._engine.lr_scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._engine.session.load_state_dict(state)
         self._engine.lr_scale = float(state.get("lr_scale", 1.0))
-        self.amp_skips = int(state.get("amp_skips", 0))
 
     # -- hooks -------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -246,9 +248,7 @@ class _Step:
                 if engine.verdict is None and engine.loss is not None:
                     # No optimizer.step() in this step: the loop skipped it, or the scaler.
                     record = engine.measure()
-                    if guard.scaler is not None and engine.scaler_skipped(record):
-                        guard.amp_skips += 1
-                    else:
+                    if guard.scaler is None or not engine.scaler_skipped(record):
                         guard._finish(engine.decide(record=record))
                 elif engine.verdict is None:
                     warnings.warn(
