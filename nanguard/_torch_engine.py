@@ -300,26 +300,42 @@ class TorchEngine:
     # -- per step -----------------------------------------------------------------------
     def reset_step(self) -> None:
         self.in_step = False
+        self.open = False  # a step begun and not yet concluded (spans micro-batches)
+        self.micro_batches = 0
         self.inputs: Any = None
         self.targets: Any = None
+        self.batch_targets: Any = None  # the latest micro-batch's targets
         self.output: torch.Tensor | None = None
         self.lmin: torch.Tensor | None = None
         self.lmax: torch.Tensor | None = None
         self.loss: torch.Tensor | None = None
         self.labels_bad: torch.Tensor | None = None
-        self.label_faults: list[str] = []
-        self.original_labels: dict[str, tuple[torch.Tensor, int]] = {}
+        # id of a targets tensor whose bad class ids were zeroed -> (original, n_classes)
+        self.original_labels: dict[int, tuple[torch.Tensor, int]] = {}
         self.verdict: Verdict | None = None
 
     def begin_step(self, inputs: Any = None, targets: Any = None) -> None:
         self.reset_step()
-        self.in_step = True
+        self.in_step = self.open = True
+        self.micro_batches = 1
         self.inputs = inputs
-        self.targets = targets
+        self.targets = self.batch_targets = targets
         self.refresh_distributed()
         last = None if self.snapshot is None else self.snapshot.step
         if self.session.snapshot_due(last):
             self.take_snapshot(self.session.step)
+
+    def continue_step(self, inputs: Any = None, targets: Any = None) -> None:
+        """Another micro-batch of the open step (gradient accumulation): its loss adds to
+        the step's, its logits widen the step's min/max, and the step's batch becomes the
+        list of its micro-batches (``inputs.0``, ``inputs.1``, ... in dumps)."""
+        if self.micro_batches == 1:
+            self.inputs, self.targets = [self.inputs], [self.targets]
+        self.inputs.append(inputs)
+        self.targets.append(targets)
+        self.batch_targets = targets
+        self.micro_batches += 1
+        self.in_step = True
 
     def _on_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if self.calls is not None and module is self.model:
@@ -331,7 +347,7 @@ class TorchEngine:
             return
         out = out.detach()
         self.output = out
-        if self.targets is not None:
+        if self.batch_targets is not None:
             self._defuse_labels(out)
         lo, hi = torch.aminmax(out) if out.numel() else (out.new_tensor(0), out.new_tensor(0))
         self.lmin = lo if self.lmin is None else torch.minimum(self.lmin, lo)
@@ -345,11 +361,11 @@ class TorchEngine:
         in place, the step is marked bad (its loss becomes NaN in :meth:`measure`) and the
         original ids are kept for the slow path and the dump. Ranks agree on skipping it.
         """
-        for name, t in named_tensors(self.targets, "targets"):
+        for _, t in named_tensors(self.batch_targets, "targets"):
             if t.is_floating_point() or t.dtype == torch.bool or not t.numel():
                 continue
             n_classes = _n_classes(t, out)
-            if n_classes is None or t.device != out.device or name in self.original_labels:
+            if n_classes is None or t.device != out.device or id(t) in self.original_labels:
                 continue
             if t.device.type == "cpu":
                 # No device to synchronise with on the CPU: look first, act only if bad.
@@ -357,16 +373,17 @@ class TorchEngine:
                 if int(lo) >= 0 and int(hi) < n_classes:
                     continue
             bad = ((t < 0) & (t != IGNORE_INDEX)) | (t >= n_classes)
-            self.label_faults.append(name)
-            self.original_labels[name] = (t.clone(), n_classes)
+            self.original_labels[id(t)] = (t.clone(), n_classes)
             t.masked_fill_(bad, 0)
             flag = bad.any()
             self.labels_bad = flag if self.labels_bad is None else self.labels_bad | flag
 
     def describe_label_faults(self) -> str | None:
-        for name in self.label_faults:
-            original, n_classes = self.original_labels[name]
-            found = _describe_labels(name, original, n_classes)
+        if not self.original_labels:
+            return None
+        for name, t in named_tensors(self.targets, "targets"):
+            saved = self.original_labels.get(id(t))
+            found = _describe_labels(name, *saved) if saved is not None else None
             if found:
                 return found
         return None
@@ -487,9 +504,14 @@ class TorchEngine:
         with torch.no_grad():
             self.pending_update_ok = maybe_finite([p.detach() for p in self.params])
 
-    def end_step(self) -> None:
+    def end_step(self, *, keep_open: bool = False) -> None:
+        """Leave the step's context; ``keep_open``: the step goes on in the next one
+        (gradient accumulation), its loss, logits range and batch kept."""
         self.in_step = False
-        self.inputs = self.targets = self.output = None
+        if keep_open:
+            return
+        self.open = False
+        self.inputs = self.targets = self.batch_targets = self.output = None
         if self.calls is not None:
             self.calls.clear()
 
@@ -705,7 +727,7 @@ class TorchProbe:
         for name, t in named_tensors(e.inputs, "inputs"):
             out[name] = to_numpy(t)
         for name, t in named_tensors(e.targets, "targets"):
-            out[name] = to_numpy(e.original_labels.get(name, (t, 0))[0])  # as the loader gave
+            out[name] = to_numpy(e.original_labels.get(id(t), (t, 0))[0])  # as the loader gave
         if e.output is not None:
             out["output"] = to_numpy(e.output)
         out.update(self.replayed)

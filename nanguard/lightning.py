@@ -229,10 +229,9 @@ class NanGuard(_CallbackBase):
         inputs, targets = _split_batch(batch)
         if not engine.in_step:
             self._stepped = False
-            engine.begin_step([inputs], [targets])
+            engine.begin_step(inputs, targets)
         else:  # another micro-batch of the same optimizer step
-            engine.inputs.append(inputs)
-            engine.targets.append(targets)
+            engine.continue_step(inputs, targets)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from types import TracebackType
 from typing import Any
@@ -143,6 +144,10 @@ class NanGuard:
     def step(self, inputs: Any = None, targets: Any = None) -> _Step:
         """Mark one training step; the batch is checked on a bad step and kept for dumps.
 
+        A context that ends without ``optimizer.step()`` leaves the step open and the next
+        ``guard.step()`` continues it (gradient accumulation: one nanguard step is one
+        optimizer step).
+
         Args:
             inputs: The batch's inputs (a tensor or a nested structure of tensors).
             targets: The batch's targets, checked for NaN/Inf and class ids outside
@@ -233,7 +238,10 @@ class _Step:
         engine = self.guard._engine
         if engine.in_step:
             raise RuntimeError("guard.step() contexts cannot be nested.")
-        engine.begin_step(self.inputs, self.targets)
+        if engine.open:  # the last guard.step() did not reach optimizer.step()
+            engine.continue_step(self.inputs, self.targets)
+        else:
+            engine.begin_step(self.inputs, self.targets)
         return self
 
     def __exit__(
@@ -243,13 +251,11 @@ class _Step:
         tb: TracebackType | None,
     ) -> bool:
         guard, engine = self.guard, self.guard._engine
+        keep_open = False
         try:
             if exc is None:
                 if engine.verdict is None and engine.loss is not None:
-                    # No optimizer.step() in this step: the loop skipped it, or the scaler.
-                    record = engine.measure()
-                    if guard.scaler is None or not engine.scaler_skipped(record):
-                        guard._finish(engine.decide(record=record))
+                    keep_open = self._without_optimizer_step()
                 elif engine.verdict is None:
                     warnings.warn(
                         "A guard.step() ended without guard.backward(loss): nanguard saw no "
@@ -273,4 +279,24 @@ class _Step:
                 return True
             return False
         finally:
-            engine.end_step()
+            engine.end_step(keep_open=keep_open)
+
+    def _without_optimizer_step(self) -> bool:
+        """The step's context ends with no ``optimizer.step()`` in it; whether the step
+        stays open for the next ``guard.step()``.
+
+        Without a scaler that is gradient accumulation: the optimizer steps in a later
+        context, and one nanguard step is one optimizer step. With a scaler it may also be
+        the scaler's own skip (overflowing gradients, finite loss), or a bad micro-batch
+        the scaler refused: those are concluded here.
+        """
+        guard, engine = self.guard, self.guard._engine
+        if guard.scaler is None:
+            return True
+        record = engine.measure()
+        if engine.scaler_skipped(record):
+            return False
+        if engine.update_was_bad or not math.isfinite(record.loss):
+            guard._finish(engine.decide(record=record))
+            return False
+        return True

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -616,3 +618,97 @@ def test_grad_scaler_must_be_a_scaler(tmp_path):
     model = mlp()
     with pytest.raises(TypeError, match="scaler"):
         NanGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), scaler=object())
+
+
+def accumulate(guard, model, opt, data, k):
+    """The usual accumulation loop: a guard.step() per micro-batch, the optimizer every k."""
+    for i, (x, y) in enumerate(data):
+        with guard.step(x, targets=y):
+            guard.backward(F.cross_entropy(model(x), y) / k)
+            if (i + 1) % k == 0:
+                opt.step()
+                opt.zero_grad()
+
+
+def twin_run(model, data, k, skip_steps=()):
+    """The same accumulation without a guard: (loss, logits min, max, grad norm) per step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats, loss, lo, hi = [], 0.0, math.inf, -math.inf
+    for i, (x, y) in enumerate(data):
+        out = model(x)
+        part = F.cross_entropy(out, y) / k
+        part.backward()
+        loss, lo, hi = loss + part.item(), min(lo, out.min().item()), max(hi, out.max().item())
+        if (i + 1) % k == 0:
+            grads = [p.grad for p in model.parameters()]
+            stats.append((loss, lo, hi, torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads])).item()))
+            if i // k not in skip_steps:
+                opt.step()
+            opt.zero_grad()
+            loss, lo, hi = 0.0, math.inf, -math.inf
+    return stats
+
+
+def test_gradient_accumulation_one_step_per_optimizer_step(tmp_path):
+    k, model = 4, mlp()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(12)
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        accumulate(guard, model, opt, data, k)
+    expected = twin_run(twin, data, k)
+    assert [r.step for r in guard.history] == [0, 1, 2]
+    assert guard.step_count == 3
+    for r, (loss, lo, hi, norm) in zip(guard.history, expected, strict=True):
+        assert r.action is None
+        assert r.loss == pytest.approx(loss, rel=1e-5)  # the micro-batches' mean loss
+        assert (r.logits_min, r.logits_max) == pytest.approx((lo, hi), rel=1e-6)
+        assert r.grad_norm == pytest.approx(norm, rel=1e-5)  # of the accumulated gradients
+    assert same_bits(state_copy(model), state_copy(twin))  # good steps are left alone
+
+
+def test_gradient_accumulation_bad_micro_batch_skips_its_whole_step(tmp_path):
+    k, model = 4, mlp()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(16)
+    data[5][0][3, 2] = float("nan")  # step 1, its second micro-batch
+    data[10][1][7] = 9  # step 2, its third micro-batch: a class id outside [0, 4)
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        accumulate(guard, model, opt, data, k)
+    assert [r.step for r in guard.history] == [0, 1, 2, 3]
+    assert [r.action for r in guard.history] == [None, "skip", "skip", None]
+    first, second = guard.events
+    assert (first.step, first.cause) == (1, "input_nonfinite")
+    assert (second.step, second.cause) == (2, "target_invalid")
+    assert "targets.2" in second.message and "9" in second.message
+    dump = nanguard.load(guard.dumps[0])
+    assert sorted(n for n in dump.tensors if n.startswith("inputs")) == [
+        f"inputs.{i}" for i in range(k)]
+    assert int(np.isnan(dump.tensors["inputs.1"]).sum()) == 1
+    labels = nanguard.load(guard.dumps[1]).tensors["targets.2"]
+    assert labels[7] == 9  # the dump keeps the label as the loader gave it
+    data[10][1][7] = 0  # what the guard zeroed in place, for the twin's identical batch
+    twin_run(twin, data, k, skip_steps=(1, 2))
+    assert weights_finite(model)
+    assert same_bits(state_copy(model), state_copy(twin))
+
+
+def test_gradient_accumulation_with_a_grad_scaler(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    data = batches(8)
+    with NanGuard(model, opt, scaler=scaler, dump_dir=str(tmp_path)) as guard:
+        for i, (x, y) in enumerate(data):
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y) / 2)
+                if i % 2 == 1:
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad()
+    assert [r.step for r in guard.history] == [0, 1, 2, 3]
+    assert guard.amp_skips == 0 and not guard.events
+    assert all(math.isfinite(r.grad_norm) and r.grad_norm < 1e3 for r in guard.history)
+
