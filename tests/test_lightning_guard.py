@@ -116,9 +116,13 @@ class SnapshotWatcher(pl.Callback):
 def test_nan_batch_is_skipped_and_dumped(tmp_path):
     guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
     model = Classifier()
-    trainer(tmp_path, guard).fit(model, make_data(8, nan_batches=(3,)))
+    t = trainer(tmp_path, guard)
+    t.fit(model, make_data(8, nan_batches=(3,)))
     actions = [r.action for r in guard.history]
     assert actions == [None, None, None, "skip", None, None, None, None]
+    # The counters reach callback_metrics through pl_module.log at the epoch's end.
+    assert float(t.callback_metrics["nanguard/bad_steps"]) == 1.0
+    assert float(t.callback_metrics["nanguard/rollbacks"]) == 0.0
     assert [r.step for r in guard.history] == list(range(8))
     assert_finite(model)
     (event,) = guard.events
