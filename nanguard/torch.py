@@ -208,6 +208,12 @@ class NanGuard:
         if engine.verdict is not None:
             return
         if engine.loss is None:
+            if len(args) > 1 or kwargs.get("closure") is not None:  # args[0] is the optimizer
+                raise RuntimeError(
+                    f"nanguard.torch cannot guard optimizer.step(closure) "
+                    f"({type(optimizer).__name__} computes the gradients inside step(), after "
+                    "the guard's check would run). Use an optimizer stepped without a closure."
+                )
             raise RuntimeError(
                 "optimizer.step() was called before guard.backward(loss) in this step: use "
                 "guard.backward(loss) instead of loss.backward() so the loss is checked."

@@ -431,6 +431,19 @@ def test_bad_set_up_fails_loudly(tmp_path):
         opt.step()
     guard.close()
 
+    lbfgs = torch.optim.LBFGS(model.parameters())
+    guard = NanGuard(model, lbfgs, dump_dir=str(tmp_path))
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        guard.backward(loss)
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"step\(closure\).*LBFGS"), guard.step(x, targets=y):
+        lbfgs.step(closure)
+    guard.close()
+
 
 def test_close_removes_every_hook(tmp_path):
     model = mlp()
