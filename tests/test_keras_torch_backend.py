@@ -108,6 +108,29 @@ SCRIPT = textwrap.dedent(
     m.fit(bad, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[g])
     out["refit"] = [g._inner is inner, [(e.step, e.cause, e.action) for e in g.events],
                     all(np.isfinite(w).all() for w in m.get_weights())]
+
+    # 6. a LossScaleOptimizer whose scale is far too large: its own overflow skips are
+    # counted, not acted on; a NaN batch is still an event; norms are the unscaled ones
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((8,)),
+                          keras.layers.Dense(16, activation="relu", dtype="mixed_float16"),
+                          keras.layers.Dense(3, dtype="float32")])
+    lso = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05),
+                                              initial_scale=2.0**24)
+    m.compile(lso, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = rng.normal(size=(64, 8)).astype("float32"); x[20, 0] = np.nan
+    g = NanGuard(dump_dir=dump_dir)
+    m.fit(x, rng.integers(0, 3, 64), batch_size=16, epochs=5, shuffle=False, verbose=0,
+          callbacks=[g])
+    skipped = [r for r in g.history if r.cause == "amp_scaler_skip"]
+    out["lso"] = {
+        "amp_skips": g.amp_skips, "skipped": len(skipped),
+        "skipped_ok": all(r.action is None and np.isfinite(r.loss) for r in skipped),
+        "events": [(e.step, e.cause, e.action) for e in g.events],
+        "applied_norms": [r.grad_norm for r in g.history if r.cause is None],
+        "scale": float(ops.convert_to_numpy(lso.dynamic_scale)),
+        "finite": all(np.isfinite(w).all() for w in m.get_weights()),
+    }
     print("RESULT " + json.dumps(out))
     """
 )
@@ -135,3 +158,10 @@ def test_torch_backend_end_to_end(tmp_path):
     assert out["abort"] == [3, "input_nonfinite", [0, 1, 2, 3]]
     assert out["softmax"] == [[1, "activation_nonfinite", "naive_softmax"]]
     assert out["refit"] == [True, [[1, "input_nonfinite", "skip"]], True]
+    lso = out["lso"]
+    assert lso["amp_skips"] == lso["skipped"] >= 1
+    assert lso["skipped_ok"]
+    assert lso["events"] == [[s, "input_nonfinite", "skip"] for s in (1, 5, 9, 13, 17)]
+    assert lso["applied_norms"] and all(0 < n < 100 for n in lso["applied_norms"])
+    assert lso["scale"] < 2.0**24
+    assert lso["finite"]
