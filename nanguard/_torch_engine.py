@@ -24,6 +24,13 @@ MAX_DUMP_BYTES = 64 * 2**20  # per tensor; larger batches are cut along the firs
 IGNORE_INDEX = -100  # torch's cross-entropy default: such labels are padding, not invalid
 
 
+def eager_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a ``torch.compile`` wrapper runs: its names are the user's own (``head``,
+    not ``_orig_mod.head``), and hooks on it work without recompiling."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
 def first_float_tensor(obj: Any) -> torch.Tensor | None:
     """The tensor that counts as the logits in a module's output."""
     if isinstance(obj, torch.Tensor):
@@ -212,7 +219,9 @@ class TorchEngine:
             raise TypeError(f"nanguard needs a torch.nn.Module. Received: model={model!r}")
         self.config = config
         self.model = model
-        self.names: dict[torch.Tensor, str] = {p: n for n, p in model.named_parameters()}
+        self.names: dict[torch.Tensor, str] = {
+            p: n for n, p in eager_module(model).named_parameters()
+        }
         if not self.names:
             raise ValueError(
                 f"The model has no parameters, so there is nothing to guard. Received: "
@@ -266,7 +275,9 @@ class TorchEngine:
         self.refresh_distributed()
         module = self.model
         if self.config.logits_module is not None:
-            modules = dict(self.model.named_modules())
+            # A torch.compile'd model's own names first ("head"), then the wrapper's.
+            modules = {**dict(self.model.named_modules()),
+                       **dict(eager_module(self.model).named_modules())}
             if self.config.logits_module not in modules:
                 raise ValueError(
                     f"`logits_module` names no submodule of the model. Received: "
@@ -563,7 +574,8 @@ class TorchEngine:
                             setattr(child, attr, [_scaled(v, factor) for v in values])
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        out = {f"model.{k}": to_numpy(v, 2**62) for k, v in self.model.state_dict().items()}
+        state = eager_module(self.model).state_dict()
+        out = {f"model.{k}": to_numpy(v, 2**62) for k, v in state.items()}
         for i, opt in enumerate(self.optimizers):
             prefix = "optimizer." if len(self.optimizers) == 1 else f"optimizer{i}."
             for p in _opt_params(opt):

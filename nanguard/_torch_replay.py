@@ -606,12 +606,16 @@ def _capture(
 
 
 def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    """The module to replay and the prefix of its names (DDP replays its inner module,
-    so that no collective runs on one rank alone)."""
+    """The module to replay and the prefix of its names. DDP replays its inner module, so
+    that no collective runs on one rank alone; a ``torch.compile`` wrapper replays the eager
+    module it wraps, whose per-module hooks fire as written."""
     from torch.nn.parallel import DistributedDataParallel
 
+    from nanguard._torch_engine import eager_module
+
+    model = eager_module(model)
     if isinstance(model, DistributedDataParallel):
-        return model.module, "module."
+        return eager_module(model.module), "module."
     return model, ""
 
 

@@ -725,3 +725,27 @@ def test_gradient_accumulation_with_a_grad_scaler(tmp_path):
     assert guard.amp_skips == 0 and not guard.events
     assert all(math.isfinite(r.grad_norm) and r.grad_norm < 1e3 for r in guard.history)
 
+
+
+class NaiveSoftmax(torch.nn.Module):
+    def forward(self, z):
+        e = torch.exp(z)
+        return e / e.sum(-1, keepdim=True)
+
+
+def test_torch_compiled_model_is_guarded_under_its_own_names(tmp_path):
+    # backend="eager": dynamo's wrapper and graph capture without a C compiler.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 32), NaiveSoftmax(), torch.nn.Linear(32, 4))
+    model = torch.compile(net, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    data = batches(6)
+    data[2][0][0, 0] = float("nan")
+    data[4] = (data[4][0] * 1e4, data[4][1])  # the hidden naive softmax overflows
+    with NanGuard(model, opt, dump_dir=str(tmp_path), dump_state="always") as guard:
+        run(guard, model, opt, data)
+    causes = [(e.step, e.cause, e.where) for e in guard.events]
+    assert causes == [(2, "input_nonfinite", "inputs"), (4, "activation_nonfinite", "1")]
+    assert weights_finite(net)
+    state = nanguard.load(guard.dumps[1]).state
+    assert "model.0.weight" in state and not any("_orig_mod" in k for k in state)
