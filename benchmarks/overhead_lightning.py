@@ -19,6 +19,7 @@ Prints a table and writes JSON to benchmarks/results/overhead_lightning.json.
 Target: guard overhead <= 3% of the plain step time on both models.
 
 Run: python benchmarks/overhead_lightning.py [--rounds 6] [--steps 100] [--models mlp]
+     [--accelerator gpu]
 """
 
 from __future__ import annotations
@@ -70,10 +71,14 @@ class Timer(pl.Callback):
         self.starts.append(time.perf_counter())
 
     def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # the last step waits for all the block's GPU work
         self.starts.append(time.perf_counter())
 
 
-def run_block(module: Module, batch, mode: str, steps: int, root: str) -> list[float]:
+def run_block(
+    module: Module, batch, mode: str, steps: int, root: str, accelerator: str = "cpu"
+) -> list[float]:
     timer = Timer()
     callbacks: list[pl.Callback] = [timer]
     if mode == "guard":
@@ -82,7 +87,7 @@ def run_block(module: Module, batch, mode: str, steps: int, root: str) -> list[f
         max_steps=steps,
         callbacks=callbacks,
         detect_anomaly=mode == "anomaly",
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         logger=False,
         enable_checkpointing=False,
@@ -96,18 +101,20 @@ def run_block(module: Module, batch, mode: str, steps: int, root: str) -> list[f
     return [b - a for a, b in zip(s, s[1:], strict=False)]
 
 
-def bench(name: str, factory, rounds: int, steps: int, modes: list[str], root: str) -> dict:
+def bench(
+    name: str, factory, rounds: int, steps: int, modes: list[str], root: str, accelerator: str
+) -> dict:
     torch.manual_seed(0)
     net, batch = factory()
     module = Module(net)
     n_params = sum(p.numel() for p in module.parameters())
-    run_block(module, batch, "plain", 10, root)  # warm-up
+    run_block(module, batch, "plain", 10, root, accelerator)  # warm-up
     samples: dict[str, list[float]] = {m: [] for m in modes}
     blocks: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(rounds):
         order = modes if r % 2 == 0 else modes[::-1]
         for mode in order:
-            times = run_block(module, batch, mode, steps, root)
+            times = run_block(module, batch, mode, steps, root, accelerator)
             samples[mode] += times
             blocks[mode].append(sum(times) / len(times))
     return summarize(name, n_params, samples, blocks)
@@ -119,6 +126,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=100, help="steps per block")
     parser.add_argument("--no-anomaly", action="store_true")
     parser.add_argument("--models", default="mlp,transformer", help="comma-separated")
+    parser.add_argument("--accelerator", default="gpu" if torch.cuda.is_available() else "cpu",
+                        help="cpu or gpu (default: gpu when available)")
     parser.add_argument(
         "--out", default=os.path.join("benchmarks", "results", "overhead_lightning.json")
     )
@@ -128,13 +137,14 @@ def main() -> int:
     warnings.simplefilter("ignore")
     modes = ["plain", "guard"] + ([] if args.no_anomaly else ["anomaly"])
     with tempfile.TemporaryDirectory() as root:
-        results = [bench(n, f, args.rounds, args.steps, modes, root)
+        results = [bench(n, f, args.rounds, args.steps, modes, root, args.accelerator)
                    for n, f in (("mlp", mlp), ("transformer", transformer))
                    if n in args.models.split(",")]
     meta = {"lightning": lightning.__version__, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "machine": platform.platform(),
+            "accelerator": args.accelerator,
             "target_guard_overhead_pct": 3.0}
-    report(f"lightning {lightning.__version__}, torch {torch.__version__}, "
+    report(f"lightning {lightning.__version__}, torch {torch.__version__} on {args.accelerator}, "
            f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps per "
            "mode, interleaved", results, meta, args.out)
     return 0

@@ -13,7 +13,10 @@ the plain block's of the same round (see benchmarks/_common.py). Prints a table 
 JSON to benchmarks/results/overhead_torch.json.
 Target: guard overhead <= 3% of the plain step time on both models.
 
+On CUDA each block ends with a synchronize, so the block times hold all of its GPU work.
+
 Run: python benchmarks/overhead_torch.py [--rounds 60] [--steps 5] [--models mlp]
+     [--device cuda]
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ F = torch.nn.functional
 class Runner:
     """One mode: its own model copy, optimizer and (for ``guard``) a long-lived guard."""
 
-    def __init__(self, mode: str, model, batch, dump_dir: str) -> None:
+    def __init__(self, mode: str, model, batch, dump_dir: str, device: str) -> None:
         self.mode = mode
-        self.model = copy.deepcopy(model)
+        self.device = torch.device(device)
+        self.model = copy.deepcopy(model).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
-        self.x, self.y = batch
+        self.x, self.y = (t.to(self.device) for t in batch)
         self.guard = NanGuard(self.model, self.opt, dump_dir=dump_dir) if mode == "guard" else None
 
     def block(self, steps: int) -> list[float]:
@@ -66,17 +70,19 @@ class Runner:
             else:
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
+            if self.device.type == "cuda" and len(times) == steps - 1:
+                torch.cuda.synchronize()  # the block's last step waits for all its work
             t1 = time.perf_counter()
             times.append(t1 - t0)
             t0 = t1
         return times
 
 
-def bench(name: str, factory, rounds: int, steps: int, modes: list[str]) -> dict:
+def bench(name: str, factory, rounds: int, steps: int, modes: list[str], device: str) -> dict:
     torch.manual_seed(0)
     model, batch = factory()
     n_params = sum(p.numel() for p in model.parameters())
-    runners = {m: Runner(m, model, batch, f"/tmp/ng_bench_{name}") for m in modes}
+    runners = {m: Runner(m, model, batch, f"/tmp/ng_bench_{name}", device) for m in modes}
     for runner in runners.values():
         runner.block(3)  # warm-up (Adam state, allocator); the guard's first snapshot too
     samples: dict[str, list[float]] = {m: [] for m in modes}
@@ -98,6 +104,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5, help="steps per block")
     parser.add_argument("--no-anomaly", action="store_true")
     parser.add_argument("--models", default="mlp,transformer", help="comma-separated")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
     parser.add_argument(
         "--out", default=os.path.join("benchmarks", "results", "overhead_torch.json")
     )
@@ -106,11 +114,12 @@ def main() -> int:
     warnings.simplefilter("ignore")
     modes = ["plain", "guard"] + ([] if args.no_anomaly else ["anomaly"])
     chosen = args.models.split(",")
-    results = [bench(n, f, args.rounds, args.steps, modes)
+    results = [bench(n, f, args.rounds, args.steps, modes, args.device)
                for n, f in (("mlp", mlp), ("transformer", transformer)) if n in chosen]
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
             "machine": platform.platform(), "target_guard_overhead_pct": 3.0}
-    report(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    report(f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} threads, "
            f"{args.rounds} rounds x {args.steps}-step blocks per mode, interleaved",
            results, meta, args.out)
     return 0
