@@ -472,6 +472,13 @@ class TorchEngine:
         self.verdict = verdict
         return verdict
 
+    def loss_bad(self, record: StepRecord) -> bool:
+        """Whether the step's loss is non-finite: on any rank, under DDP (as agreed in
+        :meth:`measure`), so that every rank branches the same way."""
+        if self.distributed:
+            return bool(self.any_rank_loss_bad)
+        return not math.isfinite(record.loss)
+
     def scaler_skipped(self, record: StepRecord) -> bool:
         """Finite loss, non-finite gradients under a GradScaler: the scaler's own skip.
 
@@ -479,8 +486,7 @@ class TorchEngine:
         ``optimizer.step()`` and lowers its scale; that is AMP working, not a nanguard event.
         Such a step is kept in the history with ``cause="amp_scaler_skip"`` and no action.
         """
-        loss_bad = self.any_rank_loss_bad if self.distributed else not math.isfinite(record.loss)
-        if loss_bad or math.isfinite(record.grad_norm) or self.update_was_bad:
+        if self.loss_bad(record) or math.isfinite(record.grad_norm) or self.update_was_bad:
             return False
         self.session.skipped_by_scaler(record)
         self.verdict = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from types import TracebackType
 from typing import Any
@@ -302,7 +301,7 @@ class _Step:
         record = engine.measure()
         if engine.scaler_skipped(record):
             return False
-        if engine.update_was_bad or not math.isfinite(record.loss):
+        if engine.update_was_bad or engine.loss_bad(record):
             guard._finish(engine.decide(record=record))
             return False
         return True

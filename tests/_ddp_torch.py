@@ -1,11 +1,14 @@
-"""Two-rank CPU DDP run of the plain-PyTorch guard, a NaN on rank 1 only.
+"""Two-rank CPU DDP runs of the plain-PyTorch guard, a NaN on rank 1 only.
 
 ``python tests/_ddp_torch.py OUTDIR`` spawns two ranks with ``torch.multiprocessing``
-(gloo backend); each writes ``rank{r}.json`` and ``rank{r}.pt`` into OUTDIR.
+(gloo backend); each writes ``rank{r}.json`` and ``rank{r}.pt`` into OUTDIR. After the main
+run, two gradient-accumulation runs (``model.no_sync()`` micro-batches, without and with a
+GradScaler) put their results under ``"accumulation"`` in the same JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -52,10 +55,49 @@ def worker(rank: int, outdir: str) -> None:
                 ],
                 "dumps": guard.dumps,
                 "lr": [r.lr for r in guard.history],
+                "accumulation": {
+                    kind: accumulate(rank, outdir, kind == "scaler") for kind in ("plain", "scaler")
+                },
             },
             fh,
         )
     dist.destroy_process_group()
+
+
+def accumulate(rank: int, outdir: str, use_scaler: bool) -> dict:
+    """k=2 micro-batches per optimizer step, the first under ``no_sync``; rank 1's batch 4
+    (the first micro-batch of step 2) holds a NaN."""
+    from nanguard.torch import NanGuard
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu") if use_scaler else None
+    guard = NanGuard(model, opt, scaler=scaler, dump_dir=f"{outdir}/dumps_accum")
+    g = torch.Generator().manual_seed(200 + rank)
+    for i in range(12):
+        x = torch.randn(4, 8, generator=g)
+        y = torch.randint(0, 4, (4,), generator=g)
+        if rank == 1 and i == 4:
+            x[1, 3] = math.nan
+        last = i % 2 == 1
+        with guard.step(x, targets=y), contextlib.nullcontext() if last else model.no_sync():
+            guard.backward(torch.nn.functional.cross_entropy(model(x), y) / 2)
+            if last:
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad()
+    guard.close()
+    return {
+        "steps": [r.step for r in guard.history],
+        "actions": [r.action for r in guard.history],
+        "events": [[e.step, e.cause] for e in guard.events],
+        "weights": [p.detach().flatten().tolist() for p in net.parameters()],
+    }
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ ranks), so this test process is never forked, and a hang is caught by the timeou
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -82,7 +83,20 @@ def check_agreement(results: list[dict], outdir: Path) -> None:
 
 
 def test_plain_torch_guard_ranks_agree(tmp_path):
-    check_agreement(run_ranks("_ddp_torch.py", tmp_path), tmp_path)
+    results = run_ranks("_ddp_torch.py", tmp_path)
+    check_agreement(results, tmp_path)
+    # Gradient accumulation (no_sync micro-batches), a NaN in rank 1's micro-batch 4 only.
+    # Without a scaler step 2 (micro-batches 4-5) is judged at optimizer.step(): 6 steps.
+    # With one, the bad micro-batch is concluded when its context ends (the scaler path
+    # measures there), so micro-batch 5 opens step 3: 7 steps. Both ranks branch alike.
+    for kind, expected_steps in (("plain", 6), ("scaler", 7)):
+        r0, r1 = (r["accumulation"][kind] for r in results)
+        assert r0["steps"] == r1["steps"] == list(range(expected_steps)), kind
+        assert r0["actions"] == r1["actions"], kind
+        assert r0["actions"][2] == "skip" and r0["actions"].count("skip") == 1, kind
+        assert r0["events"] == r1["events"] == [[2, "input_nonfinite"]], kind
+        assert r0["weights"] == r1["weights"], kind  # bit-identical replicas
+        assert all(math.isfinite(w) for p in r0["weights"] for w in p), kind
 
 
 @pytest.mark.lightning
