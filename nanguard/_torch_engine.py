@@ -508,7 +508,13 @@ class TorchEngine:
         assert max_norm is not None
         if total > max_norm:
             grads = [p.grad for p in self.params if p.grad is not None]
-            torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+            factor = max_norm / (total + 1e-6)
+            dense = [g for g in grads if g.layout == torch.strided]
+            if dense:
+                torch._foreach_mul_(dense, factor)
+            for g in grads:
+                if g.layout != torch.strided:
+                    g.mul_(factor)
 
     def drop_grads(self) -> None:
         for p in self.params:
@@ -632,6 +638,7 @@ def _reduce(
     ``benchmarks/overhead_torch.py`` is memory-bound, and these passes are most of the
     guard's cost there.
     """
+    tensors = [t if t.layout == torch.strided else _sparse_values(t) for t in tensors]
     out: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
@@ -652,6 +659,12 @@ def _reduce(
     if any(n.dtype != torch.float32 or n.device != dev for n in found):
         found = [n.float().to(dev) for n in found]
     return torch.stack(found)
+
+
+def _sparse_values(t: torch.Tensor) -> torch.Tensor:
+    """The stored values of a sparse gradient (``Embedding(sparse=True)``), duplicates
+    summed first so that their norm is the gradient's."""
+    return t.coalesce().values() if t.is_sparse else t.values()
 
 
 def grad_norms(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -136,7 +136,11 @@ def test_corrupted_weights_roll_back_bit_for_bit(tmp_path):
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     snaps = {}
 
+    seen = {}
+
     def corrupt(i):
+        if i == 3:
+            seen["after 3 steps"] = state_copy(model)
         if i == 4:
             snaps["model"] = state_copy(model)
             snaps["adam"] = {n: {k: v.clone() for k, v in opt.state[p].items()}
@@ -568,7 +572,11 @@ def test_corrupted_large_layer_and_nan_gradients_in_it(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     data = batches(6)
 
+    seen = {}
+
     def corrupt(i):
+        if i == 3:
+            seen["after 3 steps"] = state_copy(model)
         if i == 4:
             with torch.no_grad():
                 model[2].weight[200, 300] = float("nan")
@@ -749,3 +757,54 @@ def test_torch_compiled_model_is_guarded_under_its_own_names(tmp_path):
     assert weights_finite(net)
     state = nanguard.load(guard.dumps[1]).state
     assert "model.0.weight" in state and not any("_orig_mod" in k for k in state)
+
+
+class SparseBag(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(1000, 8, sparse=True)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def test_sparse_embedding_gradients(tmp_path):
+    torch.manual_seed(0)
+    model = SparseBag()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 1000, (8, 5), generator=g), torch.randint(0, 4, (8,), generator=g))
+            for _ in range(6)]
+    data[1] = (data[1][0].clone(), data[1][1])
+    data[1][0][:, 0] = 7  # row 7 looked up eight times: duplicate indices in the sparse grad
+    norms, max_norm = [], 0.1
+    for x, y in data[:3]:  # the reference: the dense gradients' global norm, then clipped
+        twin.zero_grad()
+        F.cross_entropy(twin(x), y).backward()
+        norms.append(torch.linalg.vector_norm(torch.stack(
+            [p.grad.to_dense().norm() for p in twin.parameters()])).item())
+        for p in twin.parameters():
+            p.grad.mul_(min(1.0, max_norm / (norms[-1] + 1e-6)))
+        torch.optim.SGD(twin.parameters(), lr=0.5).step()
+
+    seen = {}
+
+    def corrupt(i):
+        if i == 3:
+            seen["after 3 steps"] = state_copy(model)
+        if i == 4:
+            with torch.no_grad():
+                model.emb.weight[data[4][0][0, 0]] = float("nan")
+
+    with NanGuard(model, opt, dump_dir=str(tmp_path), clip_grad_norm=max_norm) as guard:
+        run(guard, model, opt, data, before_step=corrupt)
+    assert min(norms) > max_norm  # every step clipped, the sparse gradient too
+    assert [r.grad_norm for r in guard.history[:3]] == pytest.approx(norms, rel=1e-5)
+    for k, v in state_copy(twin).items():  # the sparse gradient was clipped like the rest
+        assert torch.allclose(seen["after 3 steps"][k], v, rtol=1e-5, atol=1e-7), k
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (4, "weights_nonfinite", "rollback")
+    assert "emb.weight" in event.where
+    assert weights_finite(model)
