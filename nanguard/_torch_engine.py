@@ -651,8 +651,12 @@ def _reduce(
             out[i] = big_cpu(t)
         else:
             groups.setdefault((t.device, t.dtype), []).append(i)
-    for idx in groups.values():
-        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2.0), strict=True):
+    for (_, dtype), idx in groups.items():
+        # 16-bit tensors get a float32 norm: a float16 one is Inf past 65504, with every
+        # entry finite.
+        acc = torch.float32 if dtype.itemsize < 4 else None
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2.0, dtype=acc)
+        for i, n in zip(idx, norms, strict=True):
             out[i] = n
     found = [n for n in out if n is not None]
     dev = found[0].device
