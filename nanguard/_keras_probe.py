@@ -73,10 +73,10 @@ def check_targets(
 def localize(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.ndarray] | None:
     """Replay a batch layer by layer; the first layer whose output is non-finite.
 
-    Works for ``Sequential`` and functional models (their ``layers`` run in order, with
-    ``training=False`` so the replay changes no state). Returns ``(layer name, is the
-    output layer, its input, its output)``, or None when every output is finite or the
-    model cannot be replayed (a subclassed model).
+    ``Sequential`` and functional models run their ``layers`` in order; a subclassed model
+    runs once with every layer's calls recorded (:func:`_localize_by_calls`). Always with
+    ``training=False``, so the replay changes no state. Returns ``(layer name, is the output
+    layer, its input, its output)``, or None when every output is finite.
     """
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     if not layers:
@@ -93,8 +93,8 @@ def localize(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.ndarray] | N
     try:
         outputs = [layer.output for layer in layers]
         replay = keras.Model(model.inputs, outputs)
-    except Exception:  # noqa: BLE001 - subclassed or shared layers: no replay possible
-        return None
+    except Exception:  # noqa: BLE001 - subclassed or shared layers: no graph to cut
+        return _localize_by_calls(model, x)
     results = replay(x, training=False)
     for layer, out in zip(layers, results, strict=False):
         arrays = [to_numpy(t, 2**62) for t in keras.tree.flatten(out)]
@@ -108,6 +108,52 @@ def localize(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.ndarray] | N
         last = layer is layers[-1] or any(out is o for o in keras.tree.flatten(model.outputs))
         return layer.name, bool(last), inp_arr, _cut(arrays[0])
     return None
+
+
+def _localize_by_calls(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.ndarray] | None:
+    """A subclassed model has no graph to cut: run it once with every layer's ``call``
+    wrapped (instance attributes, removed afterwards, as fairseq's NaN detector hooks
+    modules) and name the first layer to return a non-finite output from finite inputs.
+    Calls are seen as they finish, so a custom block is named only when none of its own
+    layers is to blame."""
+    flatten = getattr(model, "_flatten_layers", None)
+    layers = (list(flatten(include_self=False, recursive=True)) if callable(flatten)
+              else list(model.layers))
+    found: list[tuple[Any, list[np.ndarray], list[np.ndarray], list[Any]]] = []
+
+    def floats(obj: Any) -> list[Any]:
+        return [t for t in keras.tree.flatten(obj)
+                if t is not None and hasattr(t, "dtype")
+                and "float" in keras.backend.standardize_dtype(t.dtype)]
+
+    def wrap(layer: Any, orig: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = orig(*args, **kwargs)
+            if not found:
+                outs = [to_numpy(t, 2**62) for t in floats(out)]
+                if not all(np.isfinite(a).all() for a in outs):
+                    ins = [to_numpy(t, 2**62) for t in floats((args, kwargs))]
+                    if all(np.isfinite(a).all() for a in ins):
+                        found.append((layer, ins, outs, floats(out)))
+            return out
+        return call
+
+    patched = []
+    try:
+        for layer in layers:
+            vars(layer)["call"] = wrap(layer, layer.call)
+            patched.append(layer)
+        result = model(x, training=False)
+    except Exception:  # noqa: BLE001 - the replay must never break training
+        return None
+    finally:
+        for layer in patched:
+            vars(layer).pop("call", None)
+    if not found:
+        return None
+    layer, ins, outs, tensors = found[0]
+    last = any(t is o for t in tensors for o in floats(result))
+    return layer.name, last, _cut(ins[0]) if ins else np.zeros(0, np.float32), _cut(outs[0])
 
 
 def _cut(a: Any) -> np.ndarray:

@@ -216,6 +216,45 @@ def test_naive_softmax_layer_is_localized_by_replay(tmp_path, capsys):
     assert all_finite(model)
 
 
+class SoftmaxBlock(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(16, name="hidden")
+        self.act = keras.layers.Activation(naive_softmax, name="naive_softmax")
+
+    def call(self, x):
+        return self.act(self.dense(x))
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.block = SoftmaxBlock(name="block")
+        self.head = keras.layers.Dense(3, name="head")
+
+    def call(self, x, training=False):
+        return self.head(self.block(x))
+
+
+def test_subclassed_model_names_the_layer_inside_a_custom_block(tmp_path):
+    # No graph to cut: the replay records every layer's calls instead, and names the
+    # innermost layer that turned finite inputs into non-finite outputs.
+    x, y = data()
+    x[32:48] *= 1e4  # batch 2
+    model = Subclassed()
+    model.compile(keras.optimizers.SGD(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (2, "activation_nonfinite", "naive_softmax")
+    dump = nanguard.load(guard.dumps[0])
+    assert np.isfinite(dump.tensors["activation.naive_softmax.input"]).all()
+    assert np.isnan(dump.tensors["activation.naive_softmax.output"]).any()
+    assert all("call" not in vars(layer) for layer in model._flatten_layers())  # unwrapped
+    assert all_finite(model)
+
+
 def test_naive_softmax_output_layer_is_a_logits_cause(tmp_path):
     x, y = data()
     x[:16] *= 1e4

@@ -131,6 +131,27 @@ SCRIPT = textwrap.dedent(
         "scale": float(ops.convert_to_numpy(lso.dynamic_scale)),
         "finite": all(np.isfinite(w).all() for w in m.get_weights()),
     }
+
+    # 7. a subclassed model: the replay records each layer's calls and names the layer
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = keras.layers.Dense(16)
+            self.act = keras.layers.Activation(naive_softmax, name="naive_softmax")
+            self.head = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.head(self.act(self.hidden(x)))
+
+    keras.utils.set_random_seed(0)
+    m = Net()
+    m.compile(keras.optimizers.SGD(0.01),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = rng.normal(size=(32, 8)).astype("float32"); x[16:] *= 1e4
+    g = NanGuard(dump_dir=dump_dir)
+    m.fit(x, rng.integers(0, 3, 32), batch_size=16, epochs=1, shuffle=False, verbose=0,
+          callbacks=[g])
+    out["subclassed"] = [(e.step, e.cause, e.where) for e in g.events]
     print("RESULT " + json.dumps(out))
     """
 )
@@ -165,3 +186,4 @@ def test_torch_backend_end_to_end(tmp_path):
     assert lso["applied_norms"] and all(0 < n < 100 for n in lso["applied_norms"])
     assert lso["scale"] < 2.0**24
     assert lso["finite"]
+    assert out["subclassed"] == [[1, "activation_nonfinite", "naive_softmax"]]
