@@ -39,6 +39,9 @@ def first_float_tensor(obj: Any) -> torch.Tensor | None:
     if isinstance(logits, torch.Tensor) and logits.is_floating_point():
         return logits
     if isinstance(obj, Mapping):
+        logits = obj.get("logits")  # {"loss": ..., "logits": ...}: the loss is not the output
+        if isinstance(logits, torch.Tensor) and logits.is_floating_point():
+            return logits
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
         for item in obj:

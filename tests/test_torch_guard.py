@@ -408,6 +408,12 @@ def test_outputs_of_other_kinds_and_logits_module(tmp_path):
         assert math.isfinite(rec.logits_min) and rec.logits_min < rec.logits_max
     with pytest.raises(ValueError, match="logits_module"):
         NanGuard(model, opt, logits_module="nope")
+    # A dict output's "logits" is the output even when the loss comes first.
+    from nanguard._torch_engine import first_float_tensor
+
+    logits = torch.randn(2, 3)
+    assert first_float_tensor({"loss": torch.tensor(1.0), "logits": logits}) is logits
+    assert first_float_tensor({"hidden": logits, "ids": torch.ones(2)}) is logits
 
 
 def test_bad_set_up_fails_loudly(tmp_path):
