@@ -36,7 +36,8 @@ def _quiet():
     logging.getLogger("nanguard").setLevel(logging.NOTSET)
 
 
-def classifier(n_in=8, n_classes=3, lr=0.05, run_eagerly=False, optimizer=None):
+def classifier(n_in=8, n_classes=3, lr=0.05, run_eagerly=False, optimizer=None,
+               jit_compile="auto"):
     model = keras.Sequential([
         keras.Input((n_in,)),
         keras.layers.Dense(16, activation="relu", name="hidden"),
@@ -44,7 +45,7 @@ def classifier(n_in=8, n_classes=3, lr=0.05, run_eagerly=False, optimizer=None):
     ])
     model.compile(optimizer or keras.optimizers.SGD(lr),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  run_eagerly=run_eagerly)
+                  run_eagerly=run_eagerly, jit_compile=jit_compile)
     return model
 
 
@@ -124,11 +125,13 @@ def test_uncompiled_model_is_a_clear_error():
         guard.on_train_begin()
 
 
-@pytest.mark.parametrize("run_eagerly", [False, True])
-def test_nan_batch_is_skipped_inside_the_step(tmp_path, run_eagerly):
+# "xla": Keras turns jit_compile on by default for TensorFlow when a GPU is present.
+@pytest.mark.parametrize("mode", ["graph", "eager", "xla"])
+def test_nan_batch_is_skipped_inside_the_step(tmp_path, mode):
     x, y = data()
     x[21, 3] = np.nan  # batch 1 of 16-sample batches
-    model = classifier(run_eagerly=run_eagerly)
+    model = classifier(run_eagerly=mode == "eager", jit_compile=mode == "xla")
+    assert model.jit_compile == (mode == "xla")
     guard, rec = NanGuard(dump_dir=str(tmp_path)), Recorder()
     hist = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
                      callbacks=[guard, rec])
