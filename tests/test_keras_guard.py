@@ -196,27 +196,11 @@ def naive_softmax(z):
     return e / ops.sum(e, axis=-1, keepdims=True)
 
 
-def test_naive_softmax_layer_is_localized_by_replay(tmp_path, capsys):
-    x, y = data()
-    x[32:48] *= 1e4  # batch 2
+def functional_softmax_model():
     inputs = keras.Input((8,))
     h = keras.layers.Dense(16, name="hidden")(inputs)
     h = keras.layers.Activation(naive_softmax, name="naive_softmax")(h)
-    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(h))  # functional
-    model.compile(keras.optimizers.SGD(0.01),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    guard = NanGuard(dump_dir=str(tmp_path))
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
-    (event,) = guard.events
-    assert (event.step, event.cause, event.where) == (2, "activation_nonfinite", "naive_softmax")
-    dump = nanguard.load(guard.dumps[0])
-    assert np.isfinite(dump.tensors["activation.naive_softmax.input"]).all()
-    assert np.isnan(dump.tensors["activation.naive_softmax.output"]).any()
-    report = inspect_json(guard.dumps[0], capsys)
-    assert (report["step"], report["cause"], report["where"]) == (
-        2, "activation_nonfinite", "naive_softmax")
-    assert report["tensors"]["activation.naive_softmax.output"]["nan"] > 0
-    assert all_finite(model)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
 
 
 class SoftmaxBlock(keras.layers.Layer):
@@ -239,12 +223,14 @@ class Subclassed(keras.Model):
         return self.head(self.block(x))
 
 
-def test_subclassed_model_names_the_layer_inside_a_custom_block(tmp_path):
-    # No graph to cut: the replay records every layer's calls instead, and names the
-    # innermost layer that turned finite inputs into non-finite outputs.
+# A functional model is cut at every layer's output. A subclassed one has no graph to cut:
+# the replay records every layer's calls instead and names the innermost layer to blame
+# (the activation inside the custom block, not the block).
+@pytest.mark.parametrize("build", [functional_softmax_model, Subclassed])
+def test_naive_softmax_layer_is_localized_by_replay(tmp_path, capsys, build):
     x, y = data()
     x[32:48] *= 1e4  # batch 2
-    model = Subclassed()
+    model = build()
     model.compile(keras.optimizers.SGD(0.01),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     guard = NanGuard(dump_dir=str(tmp_path))
@@ -254,6 +240,10 @@ def test_subclassed_model_names_the_layer_inside_a_custom_block(tmp_path):
     dump = nanguard.load(guard.dumps[0])
     assert np.isfinite(dump.tensors["activation.naive_softmax.input"]).all()
     assert np.isnan(dump.tensors["activation.naive_softmax.output"]).any()
+    report = inspect_json(guard.dumps[0], capsys)
+    assert (report["step"], report["cause"], report["where"]) == (
+        2, "activation_nonfinite", "naive_softmax")
+    assert report["tensors"]["activation.naive_softmax.output"]["nan"] > 0
     assert all("call" not in vars(layer) for layer in model._flatten_layers())  # unwrapped
     assert all_finite(model)
 

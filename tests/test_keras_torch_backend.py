@@ -87,17 +87,20 @@ SCRIPT = textwrap.dedent(
     def naive_softmax(z):
         e = ops.exp(z)
         return e / ops.sum(e, axis=-1, keepdims=True)
-    keras.utils.set_random_seed(0)
-    m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
-                          keras.layers.Activation(naive_softmax, name="naive_softmax"),
-                          keras.layers.Dense(3)])
-    m.compile(keras.optimizers.SGD(0.01),
-              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x = rng.normal(size=(32, 8)).astype("float32"); x[16:] *= 1e4
-    g = NanGuard(dump_dir=dump_dir)
-    m.fit(x, rng.integers(0, 3, 32), batch_size=16, epochs=1, shuffle=False, verbose=0,
-          callbacks=[g])
-    out["softmax"] = [(e.step, e.cause, e.where) for e in g.events]
+    def softmax_events(build):
+        keras.utils.set_random_seed(0)
+        m = build()
+        m.compile(keras.optimizers.SGD(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x = rng.normal(size=(32, 8)).astype("float32"); x[16:] *= 1e4
+        g = NanGuard(dump_dir=dump_dir)
+        m.fit(x, rng.integers(0, 3, 32), batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[g])
+        return [(e.step, e.cause, e.where) for e in g.events]
+
+    out["softmax"] = softmax_events(lambda: keras.Sequential([
+        keras.Input((8,)), keras.layers.Dense(16),
+        keras.layers.Activation(naive_softmax, name="naive_softmax"), keras.layers.Dense(3)]))
 
     # 5. a second fit with the same guard reuses the instrumented step and still guards
     m, x, y = model_and_data(keras.optimizers.SGD(0.05))
@@ -143,15 +146,7 @@ SCRIPT = textwrap.dedent(
         def call(self, x):
             return self.head(self.act(self.hidden(x)))
 
-    keras.utils.set_random_seed(0)
-    m = Net()
-    m.compile(keras.optimizers.SGD(0.01),
-              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    x = rng.normal(size=(32, 8)).astype("float32"); x[16:] *= 1e4
-    g = NanGuard(dump_dir=dump_dir)
-    m.fit(x, rng.integers(0, 3, 32), batch_size=16, epochs=1, shuffle=False, verbose=0,
-          callbacks=[g])
-    out["subclassed"] = [(e.step, e.cause, e.where) for e in g.events]
+    out["subclassed"] = softmax_events(Net)
     print("RESULT " + json.dumps(out))
     """
 )
