@@ -220,7 +220,10 @@ class NanGuard(keras.callbacks.Callback):
             self._lr.keep_lowered()  # after every on_epoch_begin (a LearningRateScheduler)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        stats = self._batch_logs.pop(batch, None)
+        # Keyed by the execution's first batch: with steps_per_execution = k Keras calls
+        # begin with batch b and end with b + k - 1 (or the epoch's last batch).
+        spe = max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
+        stats = self._batch_logs.pop(batch - batch % spe, None)
         if stats and logs is not None:
             logs.update(stats)
 

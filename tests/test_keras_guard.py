@@ -582,3 +582,22 @@ def test_loss_scale_optimizer_skips_are_its_own(tmp_path):
     assert applied and all(0 < r.grad_norm < 100 for r in applied)  # unscaled
     assert float(opt.dynamic_scale.numpy()) < 2.0**24
     assert all_finite(model)
+
+
+def test_steps_per_execution_still_keeps_bad_updates_out_and_warns(tmp_path):
+    # A documented limit: with steps_per_execution > 1 the guard sees only the last step of
+    # each execution, but every bad update is still skipped inside the compiled step.
+    x, y = data(n=128)  # 8 batches of 16: two executions of 4
+    x[21, 3] = np.nan  # batch 1, not the last step of its execution
+    model = classifier()
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=4)
+    guard, rec = NanGuard(dump_dir=str(tmp_path)), Recorder()
+    with pytest.warns(RuntimeWarning, match="steps_per_execution"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[guard, rec])
+    assert all_finite(model)  # the NaN batch's update never reached the weights
+    assert [r.step for r in guard.history] == [0, 1]  # one record per execution
+    assert len(rec.logs) == 2 and all("nanguard_grad_norm" in logs for logs in rec.logs)
+    assert not guard._batch_logs  # every execution's stats were handed to Keras's logs
