@@ -31,6 +31,18 @@ def eager_module(model: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else model
 
 
+def clean_name(name: str) -> str:
+    """A module or parameter name as the user wrote the model: without the ``_orig_mod``
+    level that a ``torch.compile``d submodule adds (``net.1``, not ``net._orig_mod.1``)."""
+    return name.replace("._orig_mod.", ".").removeprefix("_orig_mod.").removesuffix("._orig_mod")
+
+
+def named_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Submodules by name: the user's names (:func:`clean_name`) and the raw ones."""
+    raw = dict(model.named_modules())
+    return {**raw, **{clean_name(n): m for n, m in raw.items()}}
+
+
 def first_float_tensor(obj: Any) -> torch.Tensor | None:
     """The tensor that counts as the logits in a module's output."""
     if isinstance(obj, torch.Tensor):
@@ -223,7 +235,7 @@ class TorchEngine:
         self.config = config
         self.model = model
         self.names: dict[torch.Tensor, str] = {
-            p: n for n, p in eager_module(model).named_parameters()
+            p: clean_name(n) for n, p in eager_module(model).named_parameters()
         }
         if not self.names:
             raise ValueError(
@@ -278,9 +290,8 @@ class TorchEngine:
         self.refresh_distributed()
         module = self.model
         if self.config.logits_module is not None:
-            # A torch.compile'd model's own names first ("head"), then the wrapper's.
-            modules = {**dict(self.model.named_modules()),
-                       **dict(eager_module(self.model).named_modules())}
+            # The user's names ("head", "net.1") and torch.compile's ("_orig_mod.head").
+            modules = {**named_modules(self.model), **named_modules(eager_module(self.model))}
             if self.config.logits_module not in modules:
                 raise ValueError(
                     f"`logits_module` names no submodule of the model. Received: "

@@ -28,8 +28,13 @@ import numpy as np
 import torch
 
 from nanguard import detector
+from nanguard._torch_engine import clean_name, eager_module, named_modules
 
 MAX_CALLS = 8  # model calls recorded per step (gradient accumulation inside one step)
+# The gradients of the model output kept for a backward replay, per step, all calls together.
+# Keeping one holds it from the backward to the end of the step (through later micro-batches
+# with gradient accumulation): a language model's logits gradient can be gigabytes.
+OUTPUT_GRAD_BUDGET = 64 * 2**20
 LOCALIZED_BYTES = 4 * 2**20  # per tensor kept in the dump for the localized module
 GRAD_BYTES = 16 * 2**20  # the recorded output gradient kept in the dump
 LOSS = "<loss>"  # `where` when the loss's own backward produced the non-finite gradient
@@ -109,6 +114,7 @@ class RecordedCall:
         grad_enabled: Whether autograd recorded the call.
         output_grads: Gradient of the loss with respect to each floating output tensor
             (index into :func:`float_tensors` of the output), filled during backward.
+        grads_over_budget: Output gradients not kept: past ``OUTPUT_GRAD_BUDGET``.
 
     Example:
         >>> call = RecordedCall((torch.ones(2),), {}, torch.get_rng_state(), None, [], True)
@@ -123,6 +129,7 @@ class RecordedCall:
     autocast: list[tuple[str, torch.dtype]]
     grad_enabled: bool
     output_grads: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+    grads_over_budget: bool = False
 
 
 def _autocast_state() -> list[tuple[str, torch.dtype]]:
@@ -154,6 +161,7 @@ class CallRecorder:
         self.engine = engine
         self.calls: list[RecordedCall] = []
         self.dropped = 0
+        self.grad_bytes = 0  # output gradients promised to be kept this step
         self.paused = False
         self._step: int | None = None
         self._pending: RecordedCall | None = None
@@ -182,6 +190,7 @@ class CallRecorder:
     def clear(self) -> None:
         self.calls = []
         self.dropped = 0
+        self.grad_bytes = 0
         self._pending = None
         self._step = None
 
@@ -196,7 +205,7 @@ class CallRecorder:
             return
         step = e.session.step
         if step != self._step:
-            self.calls, self.dropped, self._step = [], 0, step
+            self.calls, self.dropped, self.grad_bytes, self._step = [], 0, 0, step
         if len(self.calls) >= MAX_CALLS:
             self.dropped += 1
             return
@@ -215,6 +224,11 @@ class CallRecorder:
             return
         for i, t in enumerate(float_tensors(output)):
             if t.requires_grad:
+                size = t.numel() * t.element_size()
+                if self.grad_bytes + size > OUTPUT_GRAD_BUDGET:
+                    call.grads_over_budget = True
+                    continue
+                self.grad_bytes += size
                 t.register_hook(functools.partial(_keep_grad, call, i))
 
 
@@ -309,6 +323,7 @@ class Localizer:
         self.model = model
         self.names: dict[torch.nn.Module, str] = {}
         for name, module in model.named_modules():
+            name = clean_name(name)
             self.names.setdefault(module, prefix + name if name else prefix.rstrip("."))
         root = self.names[model]
         self.names[model] = root or f"<{type(model).__name__}>"
@@ -530,6 +545,9 @@ def replay_call(
             return result
         if not call.grad_enabled or not call.output_grads:
             result.notes.append(
+                "backward not replayed: the gradient of the model output was larger than "
+                f"{OUTPUT_GRAD_BUDGET // 2**20} MiB, so it was not kept"
+                if call.grads_over_budget else
                 "backward not replayed: no gradient of the model output was recorded "
                 "(the step's forward ran without autograd or its output was not used)"
             )
@@ -588,7 +606,7 @@ def _capture(
     if name is None:
         yield
         return
-    module = dict(model.named_modules()).get(name)
+    module = named_modules(model).get(name)
     if module is None:
         yield
         return
@@ -610,8 +628,6 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     that no collective runs on one rank alone; a ``torch.compile`` wrapper replays the eager
     module it wraps, whose per-module hooks fire as written."""
     from torch.nn.parallel import DistributedDataParallel
-
-    from nanguard._torch_engine import eager_module
 
     model = eager_module(model)
     if isinstance(model, DistributedDataParallel):

@@ -267,7 +267,7 @@ def test_unrelated_exceptions_propagate(tmp_path):
     assert guard.events == []
 
 
-def test_sqrt_at_zero_backward_is_grad_nonfinite(tmp_path):
+def sqrt_at_zero_run(tmp_path):
     class SafeLooking(torch.nn.Module):
         def forward(self, x):
             return torch.sqrt(x * 0.0) + x  # forward is fine, backward of sqrt at 0 is inf
@@ -280,6 +280,26 @@ def test_sqrt_at_zero_backward_is_grad_nonfinite(tmp_path):
     guard.close()
     assert guard.events[0].cause == "grad_nonfinite"
     assert math.isfinite(guard.history[0].loss) and not math.isfinite(guard.history[0].grad_norm)
+    return guard
+
+
+def test_sqrt_at_zero_backward_is_grad_nonfinite(tmp_path):
+    guard = sqrt_at_zero_run(tmp_path)
+    assert guard.events[0].where == "1"  # the backward replay names the module
+    assert "replay.output_grad.0" in nanguard.load(guard.dumps[0]).tensors
+
+
+def test_output_gradient_past_the_budget_is_not_kept(tmp_path, monkeypatch):
+    # A language model's logits gradient can be gigabytes: past the budget it is not held
+    # to the end of the step, and the backward is not replayed (said in the dump).
+    import nanguard._torch_replay as replay
+
+    monkeypatch.setattr(replay, "OUTPUT_GRAD_BUDGET", 16 * 4 * 4 - 1)  # under one 16x4 output
+    guard = sqrt_at_zero_run(tmp_path)
+    assert guard.events[0].where == "0"  # from the gradient norms only: the first bad parameter
+    dump = nanguard.load(guard.dumps[0])
+    assert "replay.output_grad.0" not in dump.tensors
+    assert any("MiB" in note for note in dump.event.details["replay"]["notes"])
 
 
 def test_growing_gradients_then_overflow_is_grad_explosion(tmp_path):
@@ -772,6 +792,29 @@ def test_torch_compiled_model_is_guarded_under_its_own_names(tmp_path):
     assert weights_finite(net)
     state = nanguard.load(guard.dumps[1]).state
     assert "model.0.weight" in state and not any("_orig_mod" in k for k in state)
+
+
+class CompiledBody(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.compile(torch.nn.Sequential(
+            torch.nn.Linear(8, 32), NaiveSoftmax(), torch.nn.Linear(32, 4)), backend="eager")
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_compiled_submodule_is_named_as_written(tmp_path):
+    torch.manual_seed(0)
+    model = CompiledBody()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    data = batches(4)
+    data[2] = (data[2][0] * 1e4, data[2][1])
+    with NanGuard(model, opt, dump_dir=str(tmp_path), logits_module="body.2") as guard:
+        run(guard, model, opt, data)
+    assert [(e.step, e.cause, e.where) for e in guard.events] == [
+        (2, "activation_nonfinite", "body.1")]
+    assert all("_orig_mod" not in n for n in nanguard.load(guard.dumps[0]).meta["param_names"])
 
 
 class SparseBag(torch.nn.Module):
