@@ -545,8 +545,8 @@ def replay_call(
             return result
         if not call.grad_enabled or not call.output_grads:
             result.notes.append(
-                "backward not replayed: the gradient of the model output was larger than "
-                f"{OUTPUT_GRAD_BUDGET // 2**20} MiB, so it was not kept"
+                "backward not replayed: the gradient of the model output was not kept (past "
+                f"the {OUTPUT_GRAD_BUDGET // 2**20} MiB of output gradients kept per step)"
                 if call.grads_over_budget else
                 "backward not replayed: no gradient of the model output was recorded "
                 "(the step's forward ran without autograd or its output was not used)"
