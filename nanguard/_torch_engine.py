@@ -527,7 +527,7 @@ class TorchEngine:
             if dense:
                 torch._foreach_mul_(dense, factor)
             for g in grads:
-                if g.layout != torch.strided:
+                if g.layout != torch.strided:  # sparse: no fused kernel
                     g.mul_(factor)
 
     def drop_grads(self) -> None:
@@ -650,9 +650,22 @@ def _reduce(
     over a generic reduction that reads memory at about half speed, so large CPU tensors get
     ``big_cpu`` instead (a BLAS dot product or a sum): the MLP of
     ``benchmarks/overhead_torch.py`` is memory-bound, and these passes are most of the
-    guard's cost there.
+    guard's cost there. A sparse gradient (``Embedding(sparse=True)``) makes the kernels
+    raise; then the sparse tensors are replaced by their values and the reduction runs again,
+    so dense models pay nothing for the check.
     """
-    tensors = [t if t.layout == torch.strided else _sparse_values(t) for t in tensors]
+    try:
+        return _reduce_strided(tensors, big_cpu)
+    except (RuntimeError, NotImplementedError):
+        if all(t.layout == torch.strided for t in tensors):
+            raise
+    dense = [t if t.layout == torch.strided else _sparse_values(t) for t in tensors]
+    return _reduce_strided(dense, big_cpu)
+
+
+def _reduce_strided(
+    tensors: list[torch.Tensor], big_cpu: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     out: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
