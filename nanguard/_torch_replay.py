@@ -692,6 +692,8 @@ def localize_step(engine: Any, record: Any, evidence: Any, *, run: bool) -> dict
                              "non-finite output (a non-deterministic operation?)"]
         evidence.details["replay"] = info
         return arrays
+    if index:  # `nanguard replay` should rerun the call that went wrong
+        arrays = _call_arrays(engine, calls[index:])
     info.update(found=f.module, phase=f.phase, hidden=f.hidden, call=index, note=f.note,
                 **f.summary)
     evidence.details["replay"] = info
@@ -731,7 +733,9 @@ def _call_arrays(engine: Any, calls: Sequence[RecordedCall]) -> dict[str, np.nda
     tensors_only = all(isinstance(a, torch.Tensor) for a in call.args) and all(
         isinstance(v, torch.Tensor) for v in call.kwargs.values()
     )
-    if tensors_only and not all(id(t) in step_inputs for t in given):
+    # With several micro-batches `inputs.N` are the micro-batches, not the call's arguments.
+    accumulated = getattr(engine, "micro_batches", 1) > 1
+    if tensors_only and (accumulated or not all(id(t) in step_inputs for t in given)):
         for i, a in enumerate(call.args):
             out[f"replay.args.{i}"] = _as_numpy(_copy(a, 64 * 2**20))
         for k, v in call.kwargs.items():
@@ -773,7 +777,8 @@ def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> Rep
     backward replay the step's own.
 
     Raises:
-        ReplayInputError: No model state, parameters that do not match, or no inputs.
+        ReplayInputError: No model state, parameters that do not match, no inputs, or a
+            model that raises on the dumped call.
     """
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in dump.state.items() if k.startswith(prefix)}
@@ -818,13 +823,19 @@ def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> Rep
     )
     model.train(train)
     config = dump.meta.get("config", {})
-    return replay_call(
-        model,
-        call,
-        allow_neg_inf=tuple(config.get("allow_neg_inf") or ()),
-        logits_module=config.get("logits_module"),
-        backward=bool(grads),
-    )
+    try:
+        return replay_call(
+            model,
+            call,
+            allow_neg_inf=tuple(config.get("allow_neg_inf") or ()),
+            logits_module=config.get("logits_module"),
+            backward=bool(grads),
+        )
+    except Exception as err:  # noqa: BLE001 - the user's model on the dumped call
+        raise ReplayInputError(
+            f"calling the model on the dumped batch raised {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
 
 
 def _dumped_call(tensors: Mapping[str, np.ndarray]) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -55,6 +55,15 @@ FACTORY = textwrap.dedent(
 
     def not_a_model():
         return 42
+
+
+    class NeedsTwo(torch.nn.Sequential):
+        def forward(self, x, y):
+            return super().forward(x)
+
+
+    def build_needs_two():
+        return NeedsTwo(torch.nn.Linear(4, 8), Exp(), torch.nn.Linear(8, 2))
     """
 )
 
@@ -152,6 +161,28 @@ def test_replay_of_a_backward_fault_uses_the_recorded_output_gradient(factory, t
     assert "first bad module: 1 (backward)" in capsys.readouterr().out
 
 
+def test_replay_of_an_accumulated_step_reruns_the_micro_batch_that_went_wrong(
+        factory, tmp_path, capsys):
+    model = build_from(factory)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path / "acc"), dump_state="always") as guard:
+        for i in range(8):  # 4 micro-batches per step; the third of step 1 overflows
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+            with guard.step(x * (300.0 if i == 6 else 1.0), targets=y):
+                guard.backward(F.cross_entropy(model(x * (300.0 if i == 6 else 1.0)), y) / 4)
+                if i % 4 == 3:
+                    opt.step()
+                    opt.zero_grad()
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (1, "activation_nonfinite", "1")
+    assert event.details["replay"]["call"] == 2
+    dump = nanguard.load(guard.dumps[0])
+    assert abs(dump.tensors["replay.args.0"]).max() > 100  # the third micro-batch's input
+    assert main(["replay", guard.dumps[0], "--model", f"{factory}:build"]) == 0
+    assert "first bad module: 1 (forward)" in capsys.readouterr().out
+
+
 def _one_line_error(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -178,6 +209,9 @@ def test_replay_bad_inputs_exit_2_with_one_line(overflow_dump, factory, tmp_path
     assert "not a torch.nn.Module" in _one_line_error(capsys)
     assert main(["replay", str(tmp_path / "nope.nanguard.zip"), "--model", "a:b"]) == 2
     assert "no such dump" in _one_line_error(capsys)
+    # A model whose call does not fit the dumped batch: one line, not a traceback.
+    assert main(["replay", overflow_dump, "--model", f"{factory}:build_needs_two"]) == 2
+    assert "calling the model on the dumped batch raised TypeError" in _one_line_error(capsys)
 
 
 def test_layer_growth_names_the_gradient_that_grew_first(tmp_path, capsys):
