@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import warnings
 from typing import Any
@@ -117,6 +118,7 @@ class NanGuard(keras.callbacks.Callback):
         self._snapshot: Snapshot | None = None
         self._batch = 0
         self._batch_logs: dict[int, dict[str, float]] = {}
+        self._epoch_grad_max = -math.inf  # the epoch's largest finite gradient norm
         self._blocking = True
         self._cache: tuple[tuple[Any, ...], StepInstrument, Any, LearningRate] | None = None
 
@@ -159,6 +161,7 @@ class NanGuard(keras.callbacks.Callback):
         self.dumps = []
         self._snapshot = None
         self._batch_logs = {}
+        self._epoch_grad_max = -math.inf
         self._blocking = True
         self.session.extra_meta["param_names"] = [v.path for v in model.trainable_variables]
         if self._reuse_step(model):
@@ -226,6 +229,26 @@ class NanGuard(keras.callbacks.Callback):
         stats = self._batch_logs.pop(batch - batch % spe, None)
         if stats and logs is not None:
             logs.update(stats)
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch_grad_max = -math.inf
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        """Epoch-level numbers for the callbacks that read epoch logs (``CSVLogger``,
+        ``History``, TensorBoard's epoch scalars)."""
+        if logs is None:
+            return
+        ladder = self.session.ladder
+        logs["nanguard_bad_steps"] = float(ladder.total_bad)
+        logs["nanguard_rollbacks"] = float(ladder.rollbacks)
+        logs["nanguard_grad_norm_max"] = (
+            self._epoch_grad_max if self._epoch_grad_max > -math.inf else math.nan
+        )
+        history = self.session.history
+        logs["nanguard_lr"] = (self._lr.read() if self._lr is not None
+                               else history[-1].lr if history else math.nan)
+        if self.session.amp_skips:
+            logs["nanguard_amp_skips"] = float(self.session.amp_skips)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._teardown()
@@ -319,6 +342,8 @@ class NanGuard(keras.callbacks.Callback):
         if verdict.dump_path:
             self.dumps.append(verdict.dump_path)
         rec = verdict.record
+        if finite(rec.grad_norm) and rec.grad_norm > self._epoch_grad_max:
+            self._epoch_grad_max = rec.grad_norm
         if rec.step % self.config.log_every:
             return
         self._batch_logs[self._batch] = {

@@ -601,3 +601,25 @@ def test_steps_per_execution_still_keeps_bad_updates_out_and_warns(tmp_path):
     assert [r.step for r in guard.history] == [0, 1]  # one record per execution
     assert len(rec.logs) == 2 and all("nanguard_grad_norm" in logs for logs in rec.logs)
     assert not guard._batch_logs  # every execution's stats were handed to Keras's logs
+
+
+def test_epoch_logs_reach_csv_logger_and_history(tmp_path):
+    import csv
+
+    x, y = data()
+    x[21, 3] = np.nan  # batch 1 of every epoch
+    model = classifier()
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    csv_path = tmp_path / "log.csv"
+    hist = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                     callbacks=[guard, keras.callbacks.CSVLogger(str(csv_path))])
+    with open(csv_path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["nanguard_bad_steps"]) for r in rows] == [1.0, 2.0]  # so far in the fit
+    assert [float(r["nanguard_rollbacks"]) for r in rows] == [0.0, 0.0]
+    for epoch, row in enumerate(rows):
+        norms = [h.grad_norm for h in guard.history[4 * epoch: 4 * epoch + 4]]
+        expected = max(n for n in norms if math.isfinite(n))
+        assert float(row["nanguard_grad_norm_max"]) == pytest.approx(expected)
+        assert float(row["nanguard_lr"]) == pytest.approx(0.05)
+    assert hist.history["nanguard_bad_steps"] == [1.0, 2.0]
