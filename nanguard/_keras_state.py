@@ -152,7 +152,7 @@ class LearningRate:
         self.expected = float(np.float32(new))
 
     def read(self) -> float:
-        return float(ops.convert_to_numpy(self.opt.learning_rate))
+        return float(to_numpy(self.opt.learning_rate))
 
     def keep_lowered(self) -> None:
         """Re-apply the lowering when another callback (a scheduler) set a new rate."""
