@@ -12,7 +12,12 @@ import keras
 import numpy as np
 
 from nanguard import detector
-from nanguard._keras_state import first_nonfinite, state_variables, to_numpy
+from nanguard._keras_state import (
+    first_nonfinite,
+    nonfinite_variables,
+    state_variables,
+    to_numpy,
+)
 from nanguard._keras_step import sparse_classes
 from nanguard.events import StepRecord
 
@@ -234,6 +239,9 @@ class KerasProbe:
         targets = [(n, a) for n, a in arrays.items() if n.startswith("targets")]
         ev.target_invalid = check_targets(targets, output, self.sparse_floats)
         ev.weights_nonfinite = first_nonfinite(self.model)
+        buffers = nonfinite_variables(list(self.model.non_trainable_variables))
+        if buffers:  # restored from the snapshot when the step is skipped
+            ev.details["nonfinite_buffers"] = [v.path for v in buffers[:20]]
         logits_bad = not (detector.finite(record.logits_min) and detector.finite(record.logits_max))
         if clean_loss_bad_grads(record):
             ev.grad_where = grad_norm_owner(self.model, record)

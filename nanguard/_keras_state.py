@@ -52,9 +52,27 @@ def state_variables(model: Any) -> Iterator[tuple[str, Any]]:
             yield f"{prefix}.{v.path}", v
 
 
+def nonfinite_variables(variables: list[Any]) -> list[Any]:
+    """Those of ``variables`` (floating ones) that hold NaN/Inf."""
+    found = []
+    for v in variables:
+        a = to_numpy(v, 2**62)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            found.append(v)
+    return found
+
+
 def first_nonfinite(model: Any) -> str | None:
-    """The first model or optimizer variable holding NaN/Inf, described."""
+    """The first trainable or optimizer variable holding NaN/Inf, described.
+
+    Non-trainable model variables (BatchNormalization's moving statistics) are left out:
+    the bad step's own forward writes them, so they say nothing about the state before it;
+    :meth:`Snapshot.restore_nonfinite` repairs them when the step is skipped.
+    """
+    buffers = {id(v) for v in model.non_trainable_variables}
     for name, v in state_variables(model):
+        if id(v) in buffers:
+            continue
         a = to_numpy(v, 2**62)
         if a.dtype.kind != "f":
             continue
@@ -80,6 +98,17 @@ class Snapshot:
     def restore(self) -> None:
         for v, a in self.saved:
             v.assign(a)
+
+    def restore_nonfinite(self, variables: list[Any]) -> list[str]:
+        """Put back those of ``variables`` now holding NaN/Inf (a skipped step's forward
+        left BatchNormalization's moving statistics NaN); their paths."""
+        wanted = {id(v) for v in nonfinite_variables(variables)}
+        fixed = []
+        for v, a in self.saved:
+            if id(v) in wanted:
+                v.assign(a)
+                fixed.append(v.path)
+        return fixed
 
 
 @keras.saving.register_keras_serializable(package="nanguard")

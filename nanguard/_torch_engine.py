@@ -160,6 +160,16 @@ class Snapshot:
                     saved[i] = {k: _copy(v, "cpu") for k, v in opt.state[p].items()}
             self.optim.append(saved)
 
+    def restore_buffers(self, model: torch.nn.Module, names: list[str]) -> None:
+        """Copy back only these buffers (``state_dict`` keys), as they were in the snapshot."""
+        if not names:
+            return
+        with torch.no_grad():
+            live = model.state_dict(keep_vars=True)
+            for name in names:
+                if name in self.model:
+                    live[name].data.copy_(self.model[name])
+
     def restore(self, model: torch.nn.Module, optimizers: list[Any]) -> None:
         with torch.no_grad():
             live = model.state_dict(keep_vars=True)
@@ -512,6 +522,10 @@ class TorchEngine:
             self.drop_grads()
         if decision.restores and self.snapshot is not None:
             self.snapshot.restore(self.model, self.optimizers)
+        elif decision.blocks_update and self.snapshot is not None:
+            # The bad step's forward already ran: a NaN batch leaves BatchNorm's running
+            # statistics NaN (training goes on on batch statistics, evaluation would not).
+            self.snapshot.restore_buffers(self.model, self.nonfinite_buffers())
         if decision.lower_lr:
             self.lower_lr(self.config.lr_factor)
         if decision.action is None and self.config.clip_grad_norm is not None:
@@ -561,6 +575,11 @@ class TorchEngine:
                     v for v in st.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
                 ]
         return bool(maybe_finite(tensors)) or all_finite(tensors)
+
+    def nonfinite_buffers(self) -> list[str]:
+        """Floating buffers holding NaN/Inf (slow path only), by ``state_dict`` key."""
+        return [name for name, buf in self.model.named_buffers()
+                if buf.is_floating_point() and not bool(torch.isfinite(buf).all())]
 
     def take_snapshot(self, step: int) -> bool:
         if not self.weights_finite():
@@ -740,6 +759,9 @@ class TorchProbe:
     def evidence(self, record: StepRecord) -> detector.Evidence:
         e = self.engine
         ev = detector.Evidence()
+        buffers = e.nonfinite_buffers()
+        if buffers:  # restored from the snapshot when the step is skipped (carry_out)
+            ev.details["nonfinite_buffers"] = [clean_name(b) for b in buffers[:20]]
         if e.output is not None:
             ev.logits_dtype = str(e.output.dtype).replace("torch.", "")
         ev.where = e.logits_name

@@ -327,6 +327,10 @@ class NanGuard(keras.callbacks.Callback):
         restore = decision.restores or (self.fallback and decision.blocks_update)
         if restore and self._snapshot is not None:
             self._snapshot.restore()
+        elif decision.blocks_update and self._snapshot is not None:
+            # The update was kept out, but the step's forward already wrote the moving
+            # statistics: a NaN batch leaves them NaN (evaluation would be NaN ever after).
+            self._snapshot.restore_nonfinite(list(self.model.non_trainable_variables))
         if self.fallback and decision.action is not None:
             self.model.reset_metrics()  # Keras's running loss would stay NaN all epoch
         if decision.lower_lr and self._lr is not None:

@@ -623,3 +623,25 @@ def test_epoch_logs_reach_csv_logger_and_history(tmp_path):
         assert float(row["nanguard_grad_norm_max"]) == pytest.approx(expected)
         assert float(row["nanguard_lr"]) == pytest.approx(0.05)
     assert hist.history["nanguard_bad_steps"] == [1.0, 2.0]
+
+
+def test_nan_batch_leaves_batchnorm_moving_statistics_finite(tmp_path):
+    # The forward of the skipped step already wrote the moving statistics: without a repair
+    # they stay NaN and every later predict() is NaN. A skip, not a rollback: the learning
+    # rate is not lowered.
+    x, y = data(n=96)
+    x[50, 0] = np.nan  # batch 3
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+                              keras.layers.BatchNormalization(name="bn"), keras.layers.ReLU(),
+                              keras.layers.Dense(3)], name="net")
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert [(e.step, e.cause, e.action) for e in guard.events] == [(3, "input_nonfinite", "skip")]
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.05)
+    details = nanguard.load(guard.dumps[0]).event.details
+    assert sorted(details["nonfinite_buffers"]) == [
+        "net/bn/moving_mean", "net/bn/moving_variance"]
+    assert all(np.isfinite(v.numpy()).all() for v in model.non_trainable_variables)
+    assert np.isfinite(model.predict(np.nan_to_num(x), verbose=0)).all()

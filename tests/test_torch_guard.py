@@ -866,3 +866,31 @@ def test_sparse_embedding_gradients(tmp_path):
     assert (event.step, event.cause, event.action) == (4, "weights_nonfinite", "rollback")
     assert "emb.weight" in event.where
     assert weights_finite(model)
+
+
+def test_nan_batch_leaves_batchnorm_statistics_finite(tmp_path):
+    # The skipped step's forward already updated BatchNorm's running statistics with the
+    # NaN: training would go on (batch statistics) but evaluation would be NaN ever after.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
+                                torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(6)
+    data[3][0][0, 0] = float("nan")
+    stats = {}
+
+    def keep(i):
+        stats[i] = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+
+    with NanGuard(model, opt, dump_dir=str(tmp_path), snapshot_every=2) as guard:
+        run(guard, model, opt, data, before_step=keep)
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (3, "input_nonfinite", "skip")
+    assert opt.param_groups[0]["lr"] == 0.1  # a skip: no rollback, no lower learning rate
+    assert nanguard.load(guard.dumps[0]).event.details["nonfinite_buffers"] == [
+        "1.running_mean", "1.running_var"]
+    # After step 3: the statistics of the last snapshot (taken as step 2 began), bit for bit.
+    assert stats[4].keys() == stats[2].keys()
+    assert all(torch.equal(stats[4][k], stats[2][k]) for k in stats[2])
+    model.eval()
+    assert torch.isfinite(model(data[0][0])).all()
