@@ -238,17 +238,15 @@ class NanGuard(keras.callbacks.Callback):
         ``History``, TensorBoard's epoch scalars)."""
         if logs is None:
             return
-        ladder = self.session.ladder
-        logs["nanguard_bad_steps"] = float(ladder.total_bad)
-        logs["nanguard_rollbacks"] = float(ladder.rollbacks)
+        for name, value in self.session.counters().items():
+            if name != "amp_skips" or value:
+                logs[f"nanguard_{name}"] = value
         logs["nanguard_grad_norm_max"] = (
             self._epoch_grad_max if self._epoch_grad_max > -math.inf else math.nan
         )
         history = self.session.history
         logs["nanguard_lr"] = (self._lr.read() if self._lr is not None
                                else history[-1].lr if history else math.nan)
-        if self.session.amp_skips:
-            logs["nanguard_amp_skips"] = float(self.session.amp_skips)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         self._teardown()

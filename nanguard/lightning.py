@@ -327,14 +327,9 @@ class NanGuard(_CallbackBase):
 
     def _counters(self) -> dict[str, float]:
         assert self._engine is not None
-        ladder = self._engine.session.ladder
-        counters = {
-            "nanguard/bad_steps": float(ladder.total_bad),
-            "nanguard/rollbacks": float(ladder.rollbacks),
-        }
-        if self._scaler is not None:
-            counters["nanguard/amp_skips"] = float(self.amp_skips)
-        return counters
+        return {f"nanguard/{name}": value
+                for name, value in self._engine.session.counters().items()
+                if name != "amp_skips" or self._scaler is not None}
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -267,6 +267,15 @@ class GuardSession:
             **self.extra_meta,
         }
 
+    def counters(self) -> dict[str, float]:
+        """The run's counters as the adapters log them (``bad_steps``, ``rollbacks``,
+        ``amp_skips``)."""
+        return {
+            "bad_steps": float(self.ladder.total_bad),
+            "rollbacks": float(self.ladder.rollbacks),
+            "amp_skips": float(self.amp_skips),
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """Counters to save with a checkpoint."""
         return {
