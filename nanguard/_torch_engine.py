@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -38,9 +39,10 @@ def clean_name(name: str) -> str:
 
 
 def named_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Submodules by name: the user's names (:func:`clean_name`) and the raw ones."""
+    """Submodules by name: the user's names (:func:`clean_name`) and the raw ones; a raw
+    name wins, so ``"body"`` is the compiled wrapper (its hooks run outside the graph)."""
     raw = dict(model.named_modules())
-    return {**raw, **{clean_name(n): m for n, m in raw.items()}}
+    return {**{clean_name(n): m for n, m in raw.items()}, **raw}
 
 
 def first_float_tensor(obj: Any) -> torch.Tensor | None:
@@ -274,6 +276,7 @@ class TorchEngine:
         self.distributed = False
         self.any_rank_bad: bool | None = None
         self.any_rank_loss_bad: bool | None = None
+        self.warned_no_output = False
 
     # -- set-up -------------------------------------------------------------------------
     def set_optimizers(self, optimizers: Iterable[Any]) -> None:
@@ -481,6 +484,14 @@ class TorchEngine:
             lr=self.current_lr(),
             layer_grad_norms=layer,
         )
+
+    def warn_if_no_output(self, message: str) -> None:
+        """Once per engine: a step ended without the logits source's output being seen, so
+        its range is not recorded (and causes that depend on it cannot be told apart)."""
+        if self.output is not None or self.warned_no_output:
+            return
+        self.warned_no_output = True
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def decide(self, *, bad: bool | None = None, record: StepRecord | None = None) -> Verdict:
         """Measure (unless ``record`` was measured already), let the core decide, and carry

@@ -9,7 +9,6 @@ against its own ``Callback``.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +136,6 @@ class NanGuard(_CallbackBase):
         self._handles: list[Any] = []
         self._pending_state: dict[str, Any] | None = None
         self._scaler: Any = None
-        self._warned_no_output = False
         self._stepped = False
         self.dumps: list[str] = []
 
@@ -195,7 +193,6 @@ class NanGuard(_CallbackBase):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.dumps = []
-        self._warned_no_output = False
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
@@ -257,15 +254,11 @@ class NanGuard(_CallbackBase):
             # training_step returned None: Lightning's own skip, not an event.
             engine.session.step += 1
             return
-        if engine.output is None and not self._warned_no_output:
-            self._warned_no_output = True
-            warnings.warn(
-                "nanguard saw no output of the LightningModule in this training step (does "
-                "training_step call a submodule instead of self(x)?). Set "
-                "logits_module='<submodule name>' so the logits' range is recorded.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        engine.warn_if_no_output(
+            "nanguard saw no output of the LightningModule in this training step (does "
+            "training_step call a submodule instead of self(x)?). Set "
+            "logits_module='<submodule name>' so the logits' range is recorded."
+        )
         record = engine.measure()
         if self._scaler is not None and engine.scaler_skipped(record):
             return

@@ -217,6 +217,12 @@ class NanGuard:
                 "optimizer.step() was called before guard.backward(loss) in this step: use "
                 "guard.backward(loss) instead of loss.backward() so the loss is checked."
             )
+        engine.warn_if_no_output(
+            "nanguard saw no output of the model in this guard.step() (is the model called "
+            "before `with guard.step(...)`, or the loss computed from a submodule's output?). "
+            "Call the model inside the step, or set logits_module='<submodule name>', so the "
+            "logits' range is recorded."
+        )
         self._finish(engine.decide())
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:

@@ -810,7 +810,8 @@ def test_compiled_submodule_is_named_as_written(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     data = batches(4)
     data[2] = (data[2][0] * 1e4, data[2][1])
-    with NanGuard(model, opt, dump_dir=str(tmp_path), logits_module="body.2") as guard:
+    NanGuard(model, opt, logits_module="body.2").close()  # the name as written is found
+    with NanGuard(model, opt, dump_dir=str(tmp_path), logits_module="body") as guard:
         run(guard, model, opt, data)
     assert [(e.step, e.cause, e.where) for e in guard.events] == [
         (2, "activation_nonfinite", "body.1")]
@@ -894,3 +895,26 @@ def test_nan_batch_leaves_batchnorm_statistics_finite(tmp_path):
     assert all(torch.equal(stats[4][k], stats[2][k]) for k in stats[2])
     model.eval()
     assert torch.isfinite(model(data[0][0])).all()
+
+
+def test_model_called_outside_the_step_warns_once(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(4)
+    data[2][0][0, 0] = float("nan")
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+
+    def train():
+        for x, y in data:
+            opt.zero_grad()
+            out = model(x)  # before the step: the forward hook cannot see it
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(out, y))
+                opt.step()
+
+    with pytest.warns(RuntimeWarning, match="saw no output of the model") as caught:
+        train()
+    guard.close()
+    assert sum("saw no output" in str(w.message) for w in caught) == 1
+    assert [(e.step, e.cause) for e in guard.events] == [(2, "input_nonfinite")]
+    assert [r.action for r in guard.history] == [None, None, "skip", None]
