@@ -406,3 +406,23 @@ def test_shared_options_have_the_contract_names_and_defaults():
     from tests._options import assert_shared_options
 
     assert_shared_options(NanGuard)
+
+
+class WithBatchNorm(Classifier):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(N_IN, 16), torch.nn.BatchNorm1d(16),
+                                       torch.nn.ReLU(), torch.nn.Linear(16, N_CLASSES))
+
+
+def test_nan_batch_leaves_batchnorm_statistics_finite(tmp_path):
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = WithBatchNorm()
+    trainer(tmp_path, guard).fit(model, make_data(6, nan_batches=(3,)))
+    assert [(e.step, e.cause, e.action) for e in guard.events] == [(3, "input_nonfinite", "skip")]
+    bn = model.net[1]
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+    assert nanguard.load(guard.dumps[0]).event.details["nonfinite_buffers"] == [
+        "net.1.running_mean", "net.1.running_var"]
+    model.eval()
+    assert torch.isfinite(model(torch.randn(4, N_IN))).all()
