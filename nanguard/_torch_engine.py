@@ -398,10 +398,15 @@ class TorchEngine:
         on CUDA, before any hook could act. So, without a transfer: the bad ids are set to 0
         in place, the step is marked bad (its loss becomes NaN in :meth:`measure`) and the
         original ids are kept for the slow path and the dump. Ranks agree on skipping it.
+        Only when the batch holds one class-id tensor: with several (multi-task targets, or a
+        Lightning batch of several loaders' pairs) which output scores which is unknown, and
+        a valid id of another task must not be changed.
         """
-        for _, t in named_tensors(self.batch_targets, "targets"):
-            if t.is_floating_point() or t.dtype == torch.bool or not t.numel():
-                continue
+        labels = [t for _, t in named_tensors(self.batch_targets, "targets")
+                  if not (t.is_floating_point() or t.dtype == torch.bool or not t.numel())]
+        if len(labels) != 1:
+            return
+        for t in labels:
             n_classes = _n_classes(t, out)
             if n_classes is None or t.device != out.device or id(t) in self.original_labels:
                 continue

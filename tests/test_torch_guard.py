@@ -918,3 +918,37 @@ def test_model_called_outside_the_step_warns_once(tmp_path):
     assert sum("saw no output" in str(w.message) for w in caught) == 1
     assert [(e.step, e.cause) for e in guard.events] == [(2, "input_nonfinite")]
     assert [r.action for r in guard.history] == [None, None, "skip", None]
+
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(8, 16)
+        self.a, self.b = torch.nn.Linear(16, 4), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.a(h), self.b(h)  # the first output (4 classes) counts as the logits
+
+
+def test_multi_task_labels_are_never_changed(tmp_path):
+    # Task b has 10 classes: its valid ids 4..9 are out of range for the first output. With
+    # more than one class-id tensor the guard cannot tell which output scores which, so it
+    # changes none of them and sees no fault.
+    torch.manual_seed(0)
+    model = TwoHeads()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    ya, yb = torch.randint(0, 4, (16,), generator=g), torch.randint(0, 10, (16,), generator=g)
+    assert int(yb.max()) >= 4
+    kept = yb.clone()
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for _ in range(3):
+            x = torch.randn(16, 8, generator=g)
+            opt.zero_grad()
+            with guard.step(x, targets=(ya, yb)):
+                out_a, out_b = model(x)
+                guard.backward(F.cross_entropy(out_a, ya) + F.cross_entropy(out_b, yb))
+                opt.step()
+    assert torch.equal(yb, kept)
+    assert not guard.events and [r.action for r in guard.history] == [None, None, None]
