@@ -18,7 +18,7 @@ from nanguard._keras_state import (
     state_variables,
     to_numpy,
 )
-from nanguard._keras_step import sparse_classes
+from nanguard._keras_step import ignore_class, sparse_classes
 from nanguard.events import StepRecord
 
 ACTIVATION_DUMP_BYTES = 16 * 2**20
@@ -51,9 +51,11 @@ def describe_nonfinite(name: str, a: np.ndarray) -> str | None:
 
 
 def check_targets(
-    targets: list[tuple[str, np.ndarray]], output: np.ndarray | None, sparse_floats: bool
+    targets: list[tuple[str, np.ndarray]], output: np.ndarray | None, sparse_floats: bool,
+    ignore: int | None = None,
 ) -> str | None:
-    """NaN/Inf in floating targets, or class ids outside ``[0, n_classes)``."""
+    """NaN/Inf in floating targets, or class ids outside ``[0, n_classes)`` (other than
+    the loss's ``ignore_class``)."""
     for name, t in targets:
         if t.dtype.kind == "f":
             found = describe_nonfinite(name, t)
@@ -67,6 +69,8 @@ def check_targets(
         if n is None:
             continue
         bad = (t < 0) | (t >= n)
+        if ignore is not None:
+            bad &= t != ignore
         if bad.any():
             index = int(np.flatnonzero(bad.reshape(-1))[0])
             first = t.reshape(-1)[index].item()
@@ -237,7 +241,8 @@ class KerasProbe:
                 if ev.input_nonfinite:
                     break
         targets = [(n, a) for n, a in arrays.items() if n.startswith("targets")]
-        ev.target_invalid = check_targets(targets, output, self.sparse_floats)
+        ev.target_invalid = check_targets(targets, output, self.sparse_floats,
+                                          ignore_class(self.model))
         ev.weights_nonfinite = first_nonfinite(self.model)
         buffers = nonfinite_variables(list(self.model.non_trainable_variables))
         if buffers:  # restored from the snapshot when the step is skipped

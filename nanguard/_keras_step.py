@@ -39,6 +39,12 @@ def first_float(structure: Any) -> Any:
     return None
 
 
+def ignore_class(model: Any) -> int | None:
+    """The class id the compiled loss ignores (``SparseCategoricalCrossentropy(ignore_class=)``)."""
+    value = getattr(getattr(model, "loss", None), "ignore_class", None)
+    return None if value is None else int(value)
+
+
 def sparse_classes(y_shape: tuple[Any, ...], pred_shape: tuple[Any, ...]) -> int | None:
     """``n_classes`` when targets of this shape are class ids for outputs of that shape."""
     if not pred_shape or pred_shape[-1] is None or pred_shape[-1] < 2:
@@ -78,6 +84,7 @@ class StepInstrument:
         self.optimizer = model.optimizer
         self.clip = clip_grad_norm
         self.sparse_float_labels = sparse_float_labels
+        self.ignore_class = ignore_class(model)
         self.cap: _Capture | None = None
         # 1.0: keep a bad step's update from the weights; 0.0 when the ladder would only log.
         self.block_bad = keras.Variable(1.0, dtype="float32", trainable=False,
@@ -160,6 +167,8 @@ class StepInstrument:
         if n is None:
             return y, None
         inside = ops.logical_and(ops.greater_equal(y, 0), ops.less(y, n))
+        if self.ignore_class is not None:  # the loss skips these: not invalid
+            inside = ops.logical_or(inside, ops.equal(y, ops.cast(self.ignore_class, y.dtype)))
         return ops.where(inside, y, ops.zeros_like(y)), ops.all(inside)
 
     def _apply(self, orig: Callable[..., Any]) -> Callable[..., Any]:

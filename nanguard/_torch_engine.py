@@ -103,8 +103,11 @@ def _describe_nonfinite(name: str, t: torch.Tensor) -> str | None:
     return None
 
 
-def check_targets(targets: Any, output: torch.Tensor | None) -> str | None:
-    """NaN/Inf in floating targets, or class ids outside ``[0, n_classes)``."""
+def check_targets(
+    targets: Any, output: torch.Tensor | None, ignore_index: int = IGNORE_INDEX
+) -> str | None:
+    """NaN/Inf in floating targets, or class ids outside ``[0, n_classes)`` (other than
+    ``ignore_index``)."""
     for name, t in named_tensors(targets, "targets"):
         if t.is_floating_point():
             found = _describe_nonfinite(name, t)
@@ -114,21 +117,39 @@ def check_targets(targets: Any, output: torch.Tensor | None) -> str | None:
         if t.dtype == torch.bool or output is None or t.numel() == 0:
             continue
         n_classes = _n_classes(t, output)
-        found = None if n_classes is None else _describe_labels(name, t, n_classes)
+        found = (None if n_classes is None
+                 else _describe_labels(name, t, n_classes, ignore_index))
         if found:
             return found
     return None
 
 
-def _describe_labels(name: str, t: torch.Tensor, n_classes: int) -> str | None:
-    valid = t[t != IGNORE_INDEX]
-    bad = (valid < 0) | (valid >= n_classes)
+def check_ignore_index(value: Any) -> int:
+    """The ``ignore_index`` option, validated (both torch adapters, at construction)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"`ignore_index` must be an int (the class id your loss ignores). Received: "
+            f"ignore_index={value!r}"
+        )
+    return value
+
+
+def _bad_labels(t: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Tensor:
+    return ((t < 0) | (t >= n_classes)) & (t != ignore_index)
+
+
+def _describe_labels(
+    name: str, t: torch.Tensor, n_classes: int, ignore_index: int = IGNORE_INDEX
+) -> str | None:
+    bad = _bad_labels(t, n_classes, ignore_index)
     if not bool(bad.any()):
         return None
-    index = int(torch.nonzero(((t < 0) & (t != IGNORE_INDEX)) | (t >= n_classes))[0][0])
+    first = int(t[bad].reshape(-1)[0])
+    index = int(torch.nonzero(bad)[0][0])
     return (
         f"{name}: {int(bad.sum())} class id(s) outside [0, {n_classes}), the first is "
-        f"{valid[bad][0].item()} (batch row {index})"
+        f"{first} (batch row {index}); if {first} marks positions your loss ignores, pass "
+        f"ignore_index={first} to NanGuard"
     )
 
 
@@ -229,6 +250,8 @@ class TorchEngine:
         framework: Adapter name for dumps.
         rank: Distributed rank.
         world_size: Number of ranks.
+        extra_versions: Framework versions for the dumps' environment.
+        ignore_index: The class id the loss ignores (torch's default -100): never invalid.
     """
 
     def __init__(
@@ -241,11 +264,13 @@ class TorchEngine:
         rank: int = 0,
         world_size: int = 1,
         extra_versions: Mapping[str, str] | None = None,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"nanguard needs a torch.nn.Module. Received: model={model!r}")
         self.config = config
         self.model = model
+        self.ignore_index = check_ignore_index(ignore_index)
         self.names: dict[torch.Tensor, str] = {
             p: clean_name(n) for n, p in eager_module(model).named_parameters()
         }
@@ -415,7 +440,9 @@ class TorchEngine:
                 lo, hi = torch.aminmax(t)
                 if int(lo) >= 0 and int(hi) < n_classes:
                     continue
-            bad = ((t < 0) & (t != IGNORE_INDEX)) | (t >= n_classes)
+            bad = _bad_labels(t, n_classes, self.ignore_index)
+            if t.device.type == "cpu" and not bool(bad.any()):
+                continue  # only ignored ids out of range (a segmentation mask's 255)
             self.original_labels[id(t)] = (t.clone(), n_classes)
             t.masked_fill_(bad, 0)
             flag = bad.any()
@@ -426,7 +453,8 @@ class TorchEngine:
             return None
         for name, t in named_tensors(self.targets, "targets"):
             saved = self.original_labels.get(id(t))
-            found = _describe_labels(name, *saved) if saved is not None else None
+            found = (None if saved is None
+                     else _describe_labels(name, *saved, ignore_index=self.ignore_index))
             if found:
                 return found
         return None
@@ -781,7 +809,8 @@ class TorchProbe:
         if e.output is not None:
             ev.logits_dtype = str(e.output.dtype).replace("torch.", "")
         ev.where = e.logits_name
-        ev.target_invalid = e.describe_label_faults() or check_targets(e.targets, e.output)
+        ev.target_invalid = e.describe_label_faults() or check_targets(
+            e.targets, e.output, e.ignore_index)
         if e.update_was_bad:
             ev.update_nonfinite = True
             ev.weights_nonfinite = self._first_nonfinite_state()

@@ -20,7 +20,7 @@ except ImportError as err:  # pragma: no cover - exercised without torch install
         "pip install 'nanguard[lightning]'"
     ) from err
 
-from nanguard._torch_engine import TorchEngine
+from nanguard._torch_engine import TorchEngine, check_ignore_index
 from nanguard.config import ACTIONS, GuardConfig
 from nanguard.events import Event, StepRecord
 from nanguard.session import Verdict
@@ -105,6 +105,8 @@ class NanGuard(_CallbackBase):
         logits_module: Name (as in ``pl_module.named_modules()``) of the submodule whose
             output counts as the logits; default: the LightningModule's own output.
         allow_neg_inf: Module names whose ``-inf`` outputs are intended (attention masks).
+        ignore_index: The class id your loss ignores (``cross_entropy(..., ignore_index=)``;
+            255 for many segmentation datasets): such targets are never invalid.
 
     Example:
         >>> import lightning.pytorch as pl  # doctest: +SKIP
@@ -129,9 +131,11 @@ class NanGuard(_CallbackBase):
         dump_state: str = "abort",
         logits_module: str | None = None,
         allow_neg_inf: tuple[str, ...] = (),
+        ignore_index: int = -100,
     ) -> None:
         super().__init__()
         self.config = GuardConfig.from_options(locals())
+        self.ignore_index = check_ignore_index(ignore_index)
         self._engine: TorchEngine | None = None
         self._handles: list[Any] = []
         self._pending_state: dict[str, Any] | None = None
@@ -186,6 +190,7 @@ class NanGuard(_CallbackBase):
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             extra_versions=_VERSIONS,
+            ignore_index=self.ignore_index,
         )
         engine.attach()
         self._engine = engine

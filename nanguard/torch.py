@@ -57,6 +57,8 @@ class NanGuard:
         logits_module: Name (as in ``model.named_modules()``) of the submodule whose
             output counts as the logits; default: the model's output.
         allow_neg_inf: Module names whose ``-inf`` outputs are intended (attention masks).
+        ignore_index: The class id your loss ignores (``cross_entropy(..., ignore_index=)``;
+            255 for many segmentation datasets): such targets are never invalid.
 
     Example:
         >>> guard = NanGuard(model, optimizer, snapshot_every=50)  # doctest: +SKIP
@@ -91,6 +93,7 @@ class NanGuard:
         dump_state: str = "abort",
         logits_module: str | None = None,
         allow_neg_inf: tuple[str, ...] = (),
+        ignore_index: int = -100,
     ) -> None:
         self.config = GuardConfig.from_options(locals())
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -103,7 +106,8 @@ class NanGuard:
             )
         enabled = scaler is not None and getattr(scaler, "is_enabled", lambda: True)()
         self.scaler = scaler if enabled else None
-        self._engine = TorchEngine(self.config, model, [optimizer], framework="torch")
+        self._engine = TorchEngine(self.config, model, [optimizer], framework="torch",
+                                   ignore_index=ignore_index)
         self._engine.attach()
         self.optimizer = optimizer
         self._handles = [
@@ -280,7 +284,8 @@ class _Step:
                 return False
             # On the CPU an out-of-range label raises inside the loss before any hook can
             # act: that is a bad step with a known cause, not a crash.
-            labels = engine.describe_label_faults() or check_targets(engine.targets, engine.output)
+            labels = engine.describe_label_faults() or check_targets(
+                engine.targets, engine.output, engine.ignore_index)
             if engine.verdict is None and labels:
                 verdict = engine.decide(bad=True)
                 try:

@@ -645,3 +645,18 @@ def test_nan_batch_leaves_batchnorm_moving_statistics_finite(tmp_path):
         "net/bn/moving_mean", "net/bn/moving_variance"]
     assert all(np.isfinite(v.numpy()).all() for v in model.non_trainable_variables)
     assert np.isfinite(model.predict(np.nan_to_num(x), verbose=0)).all()
+
+
+def test_labels_the_loss_ignores_are_not_invalid(tmp_path):
+    x, y = data()
+    y[::5] = -1  # ignored by the loss in every batch
+    y[40] = 7  # batch 2: a real fault
+    model = classifier()
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause) == (2, "target_invalid")
+    assert "the first is 7" in event.message
+    assert all_finite(model)

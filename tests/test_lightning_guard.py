@@ -365,6 +365,8 @@ def test_logits_module_and_invalid_options(tmp_path):
         NanGuard(lr_factor=1.5)
     with pytest.raises(ValueError, match="actions"):
         NanGuard(actions=("skip", "explode"))
+    with pytest.raises(ValueError, match="ignore_index=1.5"):
+        NanGuard(ignore_index=1.5)
     with pytest.raises(ValueError, match="logits_module"):
         trainer(tmp_path, NanGuard(logits_module="nope")).fit(Classifier(), make_data(1))
     guard = NanGuard(logits_module="net.0", dump_dir=str(tmp_path / "dumps"))

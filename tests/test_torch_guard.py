@@ -952,3 +952,31 @@ def test_multi_task_labels_are_never_changed(tmp_path):
                 opt.step()
     assert torch.equal(yb, kept)
     assert not guard.events and [r.action for r in guard.history] == [None, None, None]
+
+
+def test_ignore_index_of_a_segmentation_loss(tmp_path):
+    # Void pixels labelled 255 that the loss ignores (ignore_index=255) are not invalid once
+    # the guard is told; without it the event names the option to pass.
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 5, 1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 6, 6, generator=g)
+    y = torch.randint(0, 5, (4, 6, 6), generator=g)
+    y[:, 0, :] = 255
+    for ignore_index in (255, None):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        options = {} if ignore_index is None else {"ignore_index": ignore_index}
+        labels = y.clone()
+        with NanGuard(model, opt, dump_dir=str(tmp_path), **options) as guard:
+            opt.zero_grad()
+            with guard.step(x, targets=labels):
+                guard.backward(F.cross_entropy(model(x), labels, ignore_index=255))
+                opt.step()
+        if ignore_index is not None:
+            assert not guard.events and torch.equal(labels, y)
+        else:
+            (event,) = guard.events
+            assert event.cause == "target_invalid"
+            assert "pass ignore_index=255 to NanGuard" in event.message
+    with pytest.raises(ValueError, match="ignore_index"):
+        NanGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), ignore_index="255")
