@@ -18,7 +18,7 @@ from nanguard._keras_state import (
     state_variables,
     to_numpy,
 )
-from nanguard._keras_step import ignore_class, sparse_classes
+from nanguard._keras_step import float_tensors, ignore_class, sparse_classes
 from nanguard.events import StepRecord
 
 ACTIVATION_DUMP_BYTES = 16 * 2**20
@@ -130,20 +130,15 @@ def _localize_by_calls(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.nd
               else list(model.layers))
     found: list[tuple[Any, list[np.ndarray], list[np.ndarray], list[Any]]] = []
 
-    def floats(obj: Any) -> list[Any]:
-        return [t for t in keras.tree.flatten(obj)
-                if t is not None and hasattr(t, "dtype")
-                and "float" in keras.backend.standardize_dtype(t.dtype)]
-
     def wrap(layer: Any, orig: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
             out = orig(*args, **kwargs)
             if not found:
-                outs = [to_numpy(t, 2**62) for t in floats(out)]
+                outs = [to_numpy(t, 2**62) for t in float_tensors(out)]
                 if not all(np.isfinite(a).all() for a in outs):
-                    ins = [to_numpy(t, 2**62) for t in floats((args, kwargs))]
+                    ins = [to_numpy(t, 2**62) for t in float_tensors((args, kwargs))]
                     if all(np.isfinite(a).all() for a in ins):
-                        found.append((layer, ins, outs, floats(out)))
+                        found.append((layer, ins, outs, float_tensors(out)))
             return out
         return call
 
@@ -161,7 +156,7 @@ def _localize_by_calls(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.nd
     if not found:
         return None
     layer, ins, outs, tensors = found[0]
-    last = any(t is o for t in tensors for o in floats(result))
+    last = any(t is o for t in tensors for o in float_tensors(result))
     return layer.name, last, _cut(ins[0]) if ins else np.zeros(0, np.float32), _cut(outs[0])
 
 

@@ -31,12 +31,17 @@ HEAD = ("loss", "logits_min", "logits_max", "grad_norm", "lr", "applied", "weigh
         "labels_ok", "amp_skip")
 
 
+def float_tensors(structure: Any) -> list[Any]:
+    """The floating tensors of a nested structure, in order (other leaves are skipped)."""
+    return [t for t in keras.tree.flatten(structure)
+            if t is not None and hasattr(t, "dtype")
+            and "float" in keras.backend.standardize_dtype(t.dtype)]
+
+
 def first_float(structure: Any) -> Any:
     """The first floating tensor of a (nested) model output: the logits source."""
-    for t in keras.tree.flatten(structure):
-        if t is not None and "float" in keras.backend.standardize_dtype(t.dtype):
-            return t
-    return None
+    found = float_tensors(structure)
+    return found[0] if found else None
 
 
 def ignore_class(model: Any) -> int | None:

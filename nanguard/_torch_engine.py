@@ -363,8 +363,7 @@ class TorchEngine:
     # -- per step -----------------------------------------------------------------------
     def reset_step(self) -> None:
         self.in_step = False
-        self.open = False  # a step begun and not yet concluded (spans micro-batches)
-        self.micro_batches = 0
+        self.micro_batches = 0  # of the open step: begun, not yet concluded
         self.inputs: Any = None
         self.targets: Any = None
         self.batch_targets: Any = None  # the latest micro-batch's targets
@@ -379,7 +378,7 @@ class TorchEngine:
 
     def begin_step(self, inputs: Any = None, targets: Any = None) -> None:
         self.reset_step()
-        self.in_step = self.open = True
+        self.in_step = True
         self.micro_batches = 1
         self.inputs = inputs
         self.targets = self.batch_targets = targets
@@ -387,6 +386,11 @@ class TorchEngine:
         last = None if self.snapshot is None else self.snapshot.step
         if self.session.snapshot_due(last):
             self.take_snapshot(self.session.step)
+
+    @property
+    def open(self) -> bool:
+        """A step begun and not yet concluded (it spans micro-batches)."""
+        return self.micro_batches > 0
 
     def continue_step(self, inputs: Any = None, targets: Any = None) -> None:
         """Another micro-batch of the open step (gradient accumulation): its loss adds to
@@ -431,22 +435,23 @@ class TorchEngine:
                   if not (t.is_floating_point() or t.dtype == torch.bool or not t.numel())]
         if len(labels) != 1:
             return
-        for t in labels:
-            n_classes = _n_classes(t, out)
-            if n_classes is None or t.device != out.device or id(t) in self.original_labels:
-                continue
-            if t.device.type == "cpu":
-                # No device to synchronise with on the CPU: look first, act only if bad.
-                lo, hi = torch.aminmax(t)
-                if int(lo) >= 0 and int(hi) < n_classes:
-                    continue
-            bad = _bad_labels(t, n_classes, self.ignore_index)
-            if t.device.type == "cpu" and not bool(bad.any()):
-                continue  # only ignored ids out of range (a segmentation mask's 255)
-            self.original_labels[id(t)] = (t.clone(), n_classes)
-            t.masked_fill_(bad, 0)
-            flag = bad.any()
-            self.labels_bad = flag if self.labels_bad is None else self.labels_bad | flag
+        (t,) = labels
+        n_classes = _n_classes(t, out)
+        if n_classes is None or t.device != out.device or id(t) in self.original_labels:
+            return
+        on_cpu = t.device.type == "cpu"
+        if on_cpu:
+            # No device to synchronise with on the CPU: look first, act only if bad.
+            lo, hi = torch.aminmax(t)
+            if int(lo) >= 0 and int(hi) < n_classes:
+                return
+        bad = _bad_labels(t, n_classes, self.ignore_index)
+        if on_cpu and not bool(bad.any()):
+            return  # only ignored ids out of range (a segmentation mask's 255)
+        self.original_labels[id(t)] = (t.clone(), n_classes)
+        t.masked_fill_(bad, 0)
+        flag = bad.any()
+        self.labels_bad = flag if self.labels_bad is None else self.labels_bad | flag
 
     def describe_label_faults(self) -> str | None:
         if not self.original_labels:
@@ -605,7 +610,7 @@ class TorchEngine:
         self.in_step = False
         if keep_open:
             return
-        self.open = False
+        self.micro_batches = 0
         self.inputs = self.targets = self.batch_targets = self.output = None
         if self.calls is not None:
             self.calls.clear()
