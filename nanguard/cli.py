@@ -35,6 +35,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0, received {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanguard", description="Read the forensic dumps nanguard writes."
@@ -43,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print what went wrong, where, and what to try")
     p.add_argument("path", help="a dump file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.add_argument("--rows", type=int, default=HISTORY_ROWS, help="history rows to show")
+    p.add_argument("--rows", type=_count, default=HISTORY_ROWS,
+                   help="history rows to show (0: none)")
     p.set_defaults(run=_inspect)
     p = sub.add_parser("ls", help="list the dumps in a directory, one line each")
     p.add_argument("dir", nargs="?", default="nanguard_dumps", help="default: nanguard_dumps")
@@ -219,10 +230,11 @@ def render_report(dump: Dump, rows: int = HISTORY_ROWS) -> str:
         f"  what    {ev.message}",
         f"  run     {meta.get('framework', '?')}, "
         + ", ".join(f"{k} {v}" for k, v in meta.get("environment", {}).items() if k != "platform"),
-        "",
-        f"last {min(rows, len(dump.history))} steps (! marks a non-finite value):",
-        _history_table(dump.history[-rows:]),
     ]
+    if rows:
+        shown = dump.history[-rows:]
+        lines += ["", f"last {len(shown)} steps (! marks a non-finite value):",
+                  _history_table(shown)]
     if dump.tensors:
         lines += ["", "tensors:", _tensor_table(dump)]
     if dump.state:

@@ -24,6 +24,28 @@ def test_inspect_human_report(tmp_path, capsys):
     assert "inputs" in out and "float32" in out
 
 
+@pytest.mark.parametrize(("rows", "shown"), [(0, 0), (1, 1), (999, None)])
+def test_inspect_rows_shows_that_many_steps(tmp_path, capsys, rows, shown):
+    path = make_dump(tmp_path)
+    n = len(nanguard.load(path).history)
+    shown = n if shown is None else shown
+    assert main(["inspect", "--rows", str(rows), path]) == 0
+    out = capsys.readouterr().out
+    assert ("steps (! marks" in out) == (shown > 0)
+    if shown:
+        assert f"last {shown} steps" in out
+        table = out.split("steps (! marks a non-finite value):\n")[1].split("\n\n")[0]
+        assert len(table.strip().splitlines()) == shown + 1  # the header and the rows
+
+
+@pytest.mark.parametrize("rows", ["-3", "two"])
+def test_inspect_rejects_a_bad_row_count(tmp_path, capsys, rows):
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect", "--rows", rows, make_dump(tmp_path)])
+    assert exc.value.code == 2
+    assert f"expected a count >= 0, received '{rows}'" in capsys.readouterr().err
+
+
 def test_inspect_json_matches_dump(tmp_path, capsys):
     path = make_dump(tmp_path)
     assert main(["inspect", "--json", path]) == 0
