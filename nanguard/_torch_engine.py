@@ -829,6 +829,8 @@ class TorchProbe:
             if found:
                 ev.input_nonfinite = found
                 break
+        else:
+            ev.input_nonfinite = self._nonfinite_model_args(record.step)
         from nanguard._torch_replay import localize_step
 
         earlier = ev.input_nonfinite or ev.target_invalid or ev.weights_nonfinite
@@ -837,6 +839,24 @@ class TorchProbe:
         if e.distributed:
             ev = agree_across_ranks(e, record, ev)
         return ev
+
+    def _nonfinite_model_args(self, step: int) -> str | None:
+        """NaN/Inf in what the model was called with while the batch given to the guard is
+        finite: code inside the step (a per-batch normalisation by a zero std) made them."""
+        calls = self.engine.calls.calls_for(step) if self.engine.calls is not None else []
+        origin = ("no batch was given to the guard" if self.engine.inputs is None else
+                  "the batch given to the guard is finite, so the code in the step before "
+                  "the model call made them")
+        for k, call in enumerate(calls):
+            prefix = "replay" if k == 0 else f"replay.call{k}"
+            named = [(f"{prefix}.args.{i}", a) for i, a in enumerate(call.args)]
+            named += [(f"{prefix}.kwargs.{key}", v) for key, v in call.kwargs.items()]
+            for path, arg in named:
+                for name, t in named_tensors(arg, path):
+                    found = _describe_nonfinite(name, t)
+                    if found:
+                        return f"{found}, in the model's arguments; {origin}"
+        return None
 
     def _first_nonfinite_state(self) -> str | None:
         e = self.engine

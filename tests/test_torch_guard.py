@@ -97,6 +97,31 @@ def test_nan_batch_is_skipped_and_dumped(tmp_path):
     assert dump.meta["environment"]["torch"] == torch.__version__
 
 
+@pytest.mark.parametrize("give_batch", [True, False])
+def test_nan_made_inside_the_step_before_the_model_is_input_nonfinite(tmp_path, give_batch):
+    # Per-batch standardisation in the loop: a constant column has std 0, and 0/0 is NaN in
+    # what the model is called with, while the batch the guard was given is finite.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(6)
+    data[4][0][:, 3] = 1.0
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for x, y in data:
+            opt.zero_grad()
+            with guard.step(x if give_batch else None, targets=y if give_batch else None):
+                xn = (x - x.mean(0)) / x.std(0)
+                guard.backward(F.cross_entropy(model(xn), y))
+                opt.step()
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (4, "input_nonfinite", "replay.args.0")
+    assert "16 NaN" in event.message and "in the model's arguments" in event.message
+    origin = "the batch given to the guard is finite" if give_batch else "no batch was given"
+    assert origin in event.message
+    dump = nanguard.load(guard.dumps[0])
+    assert np.isnan(dump.tensors["replay.args.0"][:, 3]).all()  # the tensor it names
+    assert weights_finite(model)
+
+
 def test_naive_softmax_overflow_is_logit_overflow(tmp_path):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
