@@ -539,7 +539,8 @@ class TorchEngine:
         if bad is None and self.any_rank_bad is not None:
             bad = self.any_rank_bad or None
         verdict = self.session.conclude(
-            record, TorchProbe(self), bad=bad, update_nonfinite=self.update_was_bad
+            record, TorchProbe(self), bad=bad, update_nonfinite=self.update_was_bad,
+            has_snapshot=self.snapshot is not None,
         )
         self.carry_out(verdict)
         self.verdict = verdict

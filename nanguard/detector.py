@@ -134,8 +134,8 @@ def classify(
         return "weights_nonfinite", _name(evidence.weights_nonfinite), (
             f"Step {s}: the weights or optimizer state were already non-finite before the step "
             f"({evidence.weights_nonfinite}). Something outside the training step wrote them "
-            "(a checkpoint load, a manual edit) or an earlier update slipped through; the "
-            "guard restores the last finite snapshot."
+            "(a checkpoint load, a manual edit) or an earlier update slipped through: "
+            "skipping cannot help, only a finite snapshot can."
         )
     if evidence.activation:
         return "activation_nonfinite", evidence.activation, (

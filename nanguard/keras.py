@@ -307,7 +307,8 @@ class NanGuard(keras.callbacks.Callback):
         probe = KerasProbe(self.model, batch, sparse_floats=self._sparse_floats(),
                            replay=not self.fallback)
         verdict = self.session.conclude(record, probe, bad=bad, update_nonfinite=update_bad,
-                                        update_step=step)
+                                        update_step=step,
+                                        has_snapshot=self._snapshot is not None)
         self._carry_out(verdict)
         self._publish(verdict)
         if verdict.action == "abort":

@@ -48,7 +48,13 @@ class Decision(NamedTuple):
 
 
 def decide(
-    state: LadderState, config: GuardConfig, *, step: int, bad: bool, corrupt: bool = False
+    state: LadderState,
+    config: GuardConfig,
+    *,
+    step: int,
+    bad: bool,
+    corrupt: bool = False,
+    has_snapshot: bool = True,
 ) -> tuple[Decision, LadderState]:
     """Climb the ladder for one step.
 
@@ -59,6 +65,9 @@ def decide(
         bad: Whether the step is bad (on any rank).
         corrupt: Whether the weights or optimizer state are already non-finite, so that
             skipping cannot help and a rollback is due at once.
+        has_snapshot: Whether a finite snapshot exists to roll back to. Without one (the
+            weights were never finite when a snapshot was due) the rollback rung is passed
+            over.
 
     Returns:
         The decision and the new counters.
@@ -76,7 +85,10 @@ def decide(
         )
     why = "weights or optimizer state non-finite" if corrupt else f"{config.max_skips} skips"
     lower = "lower_lr" in actions
-    if state.rollbacks < config.max_rollbacks and ("rollback" in actions or lower):
+    rung = has_snapshot if "rollback" in actions else lower
+    if "rollback" in actions and not has_snapshot:
+        why += "; no finite snapshot to roll back to"
+    if state.rollbacks < config.max_rollbacks and rung:
         action = "rollback" if "rollback" in actions else "lower_lr"
         reason = f"{why}: {action} {state.rollbacks + 1} of {config.max_rollbacks}"
         return Decision(action, lower, reason), state._replace(

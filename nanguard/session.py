@@ -155,6 +155,7 @@ class GuardSession:
         update_nonfinite: bool = False,
         corrupt: bool = False,
         update_step: int | None = None,
+        has_snapshot: bool = True,
     ) -> Verdict:
         """Decide one step, record it, and write a dump for an event.
 
@@ -167,6 +168,7 @@ class GuardSession:
             update_step: The step whose update left the weights non-finite. Default None:
                 the step before ``record.step`` (adapters that see it one step late). An
                 adapter that checks the weights inside the same step passes ``record.step``.
+            has_snapshot: Whether the adapter holds a finite snapshot to roll back to.
 
         Returns:
             The :class:`Verdict`; call ``verdict.raise_if_abort()`` after carrying it out.
@@ -191,13 +193,40 @@ class GuardSession:
             # Caught one step late (the check rides on the next step's transfer): the
             # event is the step whose update overflowed, described by its own numbers.
             culprit, past = past[-1], past[:-1]
+        self.history.append(record)
+        return self._event(record, culprit, past, evidence, corrupt=corrupt, probe=probe,
+                           has_snapshot=has_snapshot)
+
+    def conclude_late_update(self, probe: Probe | None, *, has_snapshot: bool = True) -> Verdict:
+        """The last recorded step's update left the weights non-finite, found after that
+        step ended: before an evaluation, a checkpoint or the end of training, which must not
+        see those weights. Its history entry takes the action (a rollback, usually)."""
+        record = self.history[-1]
+        evidence = probe.evidence(record) if probe is not None else detector.Evidence()
+        evidence.update_nonfinite = True
+        return self._event(record, record, list(self.history)[:-1], evidence, corrupt=True,
+                           probe=probe, has_snapshot=has_snapshot)
+
+    def _event(
+        self,
+        record: StepRecord,
+        culprit: StepRecord,
+        past: list[StepRecord],
+        evidence: detector.Evidence,
+        *,
+        corrupt: bool,
+        probe: Probe | None,
+        has_snapshot: bool,
+    ) -> Verdict:
+        """Classify a bad step, climb the ladder, and write the event's dump; ``record`` is
+        the history entry that takes the action, ``culprit`` the step the event is about."""
         cause, where, message = detector.classify(culprit, evidence, past)
         decision, self.ladder = policy.decide(
-            self.ladder, self.config, step=record.step, bad=True, corrupt=corrupt
+            self.ladder, self.config, step=record.step, bad=True, corrupt=corrupt,
+            has_snapshot=has_snapshot,
         )
         record.action = decision.action
         record.cause = cause
-        self.history.append(record)
         event = Event(
             step=culprit.step,
             cause=cause,
@@ -304,5 +333,8 @@ def _did(decision: policy.Decision, config: GuardConfig) -> str:
         lr = f" and multiplied the learning rate by {config.lr_factor}" if decision.lower_lr else ""
         return f" nanguard {done}{lr}."
     if action == "abort":
+        if "no finite snapshot" in decision.reason:
+            return (" nanguard aborted the run: there is no finite snapshot to roll back to "
+                    "(none was taken: the weights were non-finite whenever one was due).")
         return " nanguard aborted the run."
     return " nanguard let the step through (no rung of the ladder left)."

@@ -81,6 +81,18 @@ def test_corrupt_state_rolls_back_at_once():
     assert decisions[0].action == "rollback"
 
 
+def test_without_a_snapshot_the_rollback_rung_is_passed_over():
+    def first(config, **kw):
+        return decide(LadderState(), config, step=0, bad=True, corrupt=True, **kw)[0]
+
+    no_snap = first(GuardConfig(), has_snapshot=False)
+    assert no_snap.action == "abort" and "no finite snapshot" in no_snap.reason
+    assert first(GuardConfig(actions=("skip", "rollback")), has_snapshot=False).action == "skip"
+    # lower_lr without rollback restores nothing, so it needs no snapshot
+    assert first(GuardConfig(actions=("lower_lr", "abort")), has_snapshot=False).action == (
+        "lower_lr")
+
+
 def test_missing_rungs_are_passed_over():
     only_abort = GuardConfig(actions=("abort",))
     assert _climb(only_abort, [True])[0][0].action == "abort"

@@ -122,6 +122,23 @@ def test_nan_made_inside_the_step_before_the_model_is_input_nonfinite(tmp_path, 
     assert weights_finite(model)
 
 
+def test_weights_non_finite_from_the_start_abort_at_once(tmp_path):
+    # Fine-tuning from a checkpoint holding a NaN: there is no finite snapshot to roll back
+    # to, so the guard aborts at the first step instead of pretending to roll back.
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    with pytest.raises(nanguard.NonFiniteTrainingError) as err:
+        run(guard, model, opt, batches(3))
+    event = err.value.event
+    assert (event.step, event.cause, event.where) == (0, "weights_nonfinite", "0.weight")
+    assert "no finite snapshot to roll back to" in event.message
+    assert opt.param_groups[0]["lr"] == 0.1 and guard.snapshot_step is None
+    guard.close()
+
+
 def test_naive_softmax_overflow_is_logit_overflow(tmp_path):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
