@@ -297,6 +297,8 @@ class TorchEngine:
         self.reset_step()
         self.pending_update_ok: torch.Tensor | None = None
         self.update_was_bad = False
+        self.measured_lrs: list[float] = []  # every group's LR, read with the last measure
+        self.update_lrs: list[float] = []  # ... for the step whose update was last applied
         self.lr_scale = 1.0
         self.distributed = False
         self.any_rank_bad: bool | None = None
@@ -513,13 +515,14 @@ class TorchEngine:
         self.any_rank_bad = bool(values[5]) if self.distributed else None
         self.any_rank_loss_bad = bool(values[6]) if self.distributed else None
         layer = _layer_norms(self.params, grads, values[n_head:])
+        self.measured_lrs = lrs = self.group_lrs()
         return StepRecord(
             step=self.session.step,
             loss=values[0],
             logits_min=values[1],
             logits_max=values[2],
             grad_norm=values[3],
-            lr=self.current_lr(),
+            lr=lrs[0] if lrs else math.nan,
             layer_grad_norms=layer,
         )
 
@@ -604,6 +607,32 @@ class TorchEngine:
             return
         with torch.no_grad():
             self.pending_update_ok = maybe_finite([p.detach() for p in self.params])
+        self.update_lrs = self.measured_lrs
+
+    def check_last_update(self) -> Verdict | None:
+        """Read the last update's check now instead of at the next step (one transfer):
+        before an evaluation, a checkpoint or the end of training, which must not see
+        weights that update made non-finite. On a bad update: the event, and the rollback."""
+        flag, self.pending_update_ok = self.pending_update_ok, None
+        bad = flag is not None and not bool(flag)
+        if self.distributed:  # every rank calls this at the same point; agree
+            import torch.distributed as dist
+
+            agreed = torch.tensor([float(bad)], device=self.params[0].device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            bad = bool(agreed.item())
+        elif bad:  # the fast flag can be a false alarm (a sum past float range)
+            bad = not all_finite([p.detach() for p in self.params])
+        if not bad or not self.session.history:
+            return None
+        self.update_was_bad = True
+        try:
+            verdict = self.session.conclude_late_update(
+                TorchProbe(self), has_snapshot=self.snapshot is not None)
+        finally:
+            self.update_was_bad = False
+        self.carry_out(verdict)
+        return verdict
 
     def end_step(self, *, keep_open: bool = False) -> None:
         """Leave the step's context; ``keep_open``: the step goes on in the next one
@@ -638,20 +667,17 @@ class TorchEngine:
         return True
 
     def lr_of(self, name: str | None) -> float | None:
-        """Learning rate of the group holding the parameter called ``name``."""
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                if any(self.names.get(p) == name for p in group["params"]):
-                    lr = group.get("lr")
-                    return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        """Learning rate of the group holding the parameter called ``name``, as it was for
+        the last applied update (a scheduler may have moved it since)."""
+        groups = [g for opt in self.optimizers for g in opt.param_groups]
+        for group, lr in zip(groups, self.update_lrs or self.group_lrs(), strict=False):
+            if any(self.names.get(p) == name for p in group["params"]):
+                return lr
         return None
 
-    def current_lr(self) -> float:
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                lr = group.get("lr")
-                return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
-        return math.nan
+    def group_lrs(self) -> list[float]:
+        """Every parameter group's learning rate, in the optimizers' order."""
+        return [_float(g.get("lr", math.nan)) for opt in self.optimizers for g in opt.param_groups]
 
     def lower_lr(self, factor: float) -> None:
         """Multiply every group's learning rate, and the schedulers' bases, by ``factor``."""
@@ -679,6 +705,10 @@ class TorchEngine:
                         name = self.names.get(p) or str(id(p))
                         out[f"{prefix}{name}.{key}"] = to_numpy(value, 2**62)
         return out
+
+
+def _float(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
 def _scaled(value: Any, factor: float) -> Any:

@@ -142,6 +142,8 @@ class NanGuard(_CallbackBase):
         self._pending_state: dict[str, Any] | None = None
         self._scaler: Any = None
         self._stepped = False
+        self._paused = False  # the step's hooks are paused for a validation run
+        self._restored = False  # this fit's state came from a checkpoint
         self.dumps: list[str] = []
 
     # -- what users read ---------------------------------------------------------------
@@ -199,12 +201,54 @@ class NanGuard(_CallbackBase):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.dumps = []
+        self._restored = self._pending_state is not None
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._engine is not None and not self._restored:
+            # A checkpoint written without the guard (restored after on_fit_start), or a
+            # second fit of this Trainer: count on from where Lightning's step is.
+            self._engine.session.step = trainer.global_step
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_last_update()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        engine = self._engine
+        if engine is not None and engine.open:
+            # on_train_batch_start returned -1 last epoch: that step never reached the
+            # optimizer and must not swallow this epoch's first batch.
+            engine.end_step()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        self._check_last_update()
+        # Validation inside a gradient-accumulation window: its forwards are not the step's.
+        self._paused = engine.in_step
+        engine.in_step = False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._engine is not None and self._paused:
+            self._engine.in_step = True
+        self._paused = False
+
+    def _check_last_update(self) -> None:
+        """The last update's finiteness, read before validation, a checkpoint or the end of
+        training use the weights (it is otherwise read with the next step's numbers)."""
+        if self._engine is None or not self._handles:
+            return
+        verdict = self._engine.check_last_update()
+        if verdict is not None:
+            if verdict.dump_path:
+                self.dumps.append(verdict.dump_path)
+            verdict.raise_if_abort()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -319,6 +363,7 @@ class NanGuard(_CallbackBase):
         monitor them."""
         if self._engine is None:
             return
+        self._check_last_update()  # before ModelCheckpoint (Lightning runs it last) saves
         for name, value in self._counters().items():
             pl_module.log(name, value, on_step=False, on_epoch=True,
                           sync_dist=trainer.world_size > 1)

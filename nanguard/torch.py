@@ -176,7 +176,32 @@ class NanGuard:
             loss.backward(**kwargs)
 
     def close(self) -> None:
-        """Remove every hook the guard registered. Safe to call twice."""
+        """Check the last update, then remove every hook the guard registered. Safe to
+        call twice.
+
+        An update's finiteness is read with the next step's numbers; the last one has no
+        next step, so ``close()`` reads it: weights it made non-finite are rolled back (or
+        the run aborts, by the ladder) before the model is used.
+        """
+        try:
+            if self._handles and not self._engine.in_step:
+                verdict = self._engine.check_last_update()
+                if verdict is not None:
+                    self._finish(verdict)
+        finally:
+            self._remove_hooks()
+
+    def check_last_update(self) -> None:
+        """Read the last update's check now (one device-to-host transfer), e.g. before an
+        evaluation or a checkpoint between epochs: non-finite weights from the last update
+        are rolled back (or the run aborts, by the ladder) here instead of at the next step.
+        """
+        self._check_open()
+        verdict = self._engine.check_last_update()
+        if verdict is not None:
+            self._finish(verdict)
+
+    def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -185,8 +210,11 @@ class NanGuard:
     def __enter__(self) -> NanGuard:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # an error is on its way out: only remove the hooks
+            self._remove_hooks()
 
     def state_dict(self) -> dict[str, Any]:
         """The guard's counters and history, to save beside a checkpoint."""

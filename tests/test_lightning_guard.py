@@ -452,3 +452,101 @@ def test_nan_batch_leaves_batchnorm_statistics_finite(tmp_path):
         "net.1.running_mean", "net.1.running_var"]
     model.eval()
     assert torch.isfinite(model(torch.randn(4, N_IN))).all()
+
+
+class LrSpike(Classifier):
+    """SGD whose scheduler gives one step a learning rate that takes the weights past
+    float32 range while the gradients stay finite."""
+
+    def __init__(self, spike_at: int):
+        super().__init__()
+        self.spike_at = spike_at
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * 100.0
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda k: 3e38 if k == self.spike_at else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("spike_at", [5, 11])  # the last step of epoch 0, of the fit
+def test_the_last_update_of_an_epoch_is_checked_before_checkpoints_see_it(tmp_path, spike_at):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1)
+    model = LrSpike(spike_at)
+    t = trainer(tmp_path, guard, max_epochs=2, extra_callbacks=[ckpt], enable_checkpointing=True,
+                num_sanity_val_steps=0)
+    t.fit(model, make_data(6), make_data(1))
+    assert_finite(model)
+    for path in sorted((tmp_path / "ckpt").glob("*.ckpt")):
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), path.name
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (spike_at, "update_nonfinite", "rollback")
+    assert "it was 3e+37" in event.message or "it was 3e+38" in event.message
+    assert guard.history[spike_at].action == "rollback"
+
+
+class ValInTheWindow(Classifier):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+def test_validation_inside_an_accumulation_window_is_not_part_of_the_step(tmp_path):
+    # accumulate_grad_batches=2 and a validation after batch 3: inside optimizer step 1.
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    plain = NanGuard(dump_dir=str(tmp_path / "dumps2"))
+    val = make_data(1, nan_batches=(0,), scale=1000.0)  # huge and NaN: would show in the range
+    trainer(tmp_path, guard, accumulate_grad_batches=2, val_check_interval=3,
+            num_sanity_val_steps=0).fit(ValInTheWindow(), make_data(8), val)
+    trainer(tmp_path, plain, accumulate_grad_batches=2,
+            num_sanity_val_steps=0).fit(ValInTheWindow(), make_data(8))
+    assert guard.events == [] and len(guard.history) == len(plain.history) == 4
+    for with_val, without in zip(guard.history, plain.history, strict=True):
+        assert (with_val.logits_min, with_val.logits_max) == (without.logits_min,
+                                                              without.logits_max)
+
+
+class StopsEpochEarly(Classifier):
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.current_epoch == 0 and batch_idx == 3:
+            return -1  # Lightning: skip the rest of this epoch
+        return None
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if (self.current_epoch, batch_idx) == (1, 0) else loss
+
+
+def test_an_epoch_cut_short_leaves_no_step_open(tmp_path):
+    # Batch 3 holds a NaN. Epoch 0 stops before training on it; it must not be merged into
+    # epoch 1's first step (3), whose loss is NaN from finite data: loss_nonfinite.
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    trainer(tmp_path, guard, max_epochs=2).fit(StopsEpochEarly(), make_data(6, nan_batches=(3,)))
+    assert [(e.step, e.cause) for e in guard.events] == [
+        (3, "loss_nonfinite"), (6, "input_nonfinite")]  # epoch 1 trains on batch 3 at step 6
+    tensors = nanguard.load(guard.dumps[0]).tensors
+    assert "inputs" in tensors and "inputs.0" not in tensors  # one batch, not two
+    assert [r.step for r in guard.history] == list(range(3 + 6))
+
+
+def test_resuming_a_checkpoint_written_without_the_guard_counts_on_from_its_step(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    unguarded = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"))
+    trainer(tmp_path, unguarded, enable_checkpointing=True).fit(Classifier(), make_data(6))
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    trainer(tmp_path, guard, max_epochs=2).fit(
+        Classifier(), make_data(6, nan_batches=(2,)), ckpt_path=str(path))
+    (event,) = guard.events
+    assert event.step == 6 + 2  # trainer.global_step of the bad batch
+    assert [r.step for r in guard.history] == list(range(6, 12))

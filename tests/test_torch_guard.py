@@ -277,11 +277,44 @@ def test_update_that_overflows_is_caught_and_rolled_back(tmp_path):
     guard.close()
     event = guard.events[0]
     assert (event.step, event.cause) == (4, "update_nonfinite")
+    assert "it was 3e+38" in event.message  # step 4's LR, not the reset one of step 5
     assert event.where is not None and event.where.endswith(("weight", "bias"))
     assert guard.history[4].action is None and guard.history[5].action == "rollback"
     assert math.isfinite(guard.history[4].grad_norm)
     assert weights_finite(model)
     assert guard.history[6].action is None
+
+
+@pytest.mark.parametrize("how", ["close", "check_last_update", "context"])
+def test_the_last_update_is_checked_before_the_model_is_used(tmp_path, how):
+    # The update of the loop's last step has no next step to be read with.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    data = batches(4)
+
+    def boost(i):
+        if i == 3:
+            opt.param_groups[0]["lr"] = 3e38  # the last step's update leaves float32 range
+
+    def big_loss(logits, y):
+        return F.cross_entropy(logits, y) * 100.0
+
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    before_first = state_copy(model)
+    if how == "context":
+        with guard:
+            run(guard, model, opt, data, loss_fn=big_loss, before_step=boost)
+    else:
+        run(guard, model, opt, data, loss_fn=big_loss, before_step=boost)
+        getattr(guard, how)()
+    assert weights_finite(model)
+    assert same_bits(state_copy(model), before_first)  # rolled back to the step-0 snapshot
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (3, "update_nonfinite", "rollback")
+    assert "it was 3e+38" in event.message  # the LR of the step that overflowed
+    assert [r.action for r in guard.history] == [None, None, None, "rollback"]
+    assert nanguard.load(guard.dumps[0]).event.step == 3
+    guard.close()
 
 
 def test_invalid_labels_are_caught_even_when_the_loss_raises(tmp_path):
