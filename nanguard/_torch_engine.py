@@ -104,17 +104,18 @@ def _describe_nonfinite(name: str, t: torch.Tensor) -> str | None:
 
 
 def check_targets(
-    targets: Any, output: torch.Tensor | None, ignore_index: int = IGNORE_INDEX
+    targets: Any, output: torch.Tensor | None, ignore_index: int = IGNORE_INDEX,
+    *, classes: bool = True,
 ) -> str | None:
     """NaN/Inf in floating targets, or class ids outside ``[0, n_classes)`` (other than
-    ``ignore_index``)."""
+    ``ignore_index``); ``classes=False``: the output is known not to score classes."""
     for name, t in named_tensors(targets, "targets"):
         if t.is_floating_point():
             found = _describe_nonfinite(name, t)
             if found:
                 return found
             continue
-        if t.dtype == torch.bool or output is None or t.numel() == 0:
+        if not classes or t.dtype == torch.bool or output is None or t.numel() == 0:
             continue
         n_classes = _n_classes(t, output)
         found = (None if n_classes is None
@@ -154,16 +155,40 @@ def _describe_labels(
 
 
 def _n_classes(t: torch.Tensor, output: torch.Tensor) -> int | None:
-    """Classes the output scores, when its shape says it scores classes for these targets.
+    """Classes the output scores, when its shape says it scores classes for these targets."""
+    dim = _class_dim(t, output)
+    return None if dim is None else int(output.shape[dim])
+
+
+def _class_dim(t: torch.Tensor, output: torch.Tensor) -> int | None:
+    """The output's class dimension for these targets: the last (``(N, C)`` for ``(N,)``,
+    ``(N, T, V)`` for ``(N, T)``) or the second (``(N, C, H, W)`` for ``(N, H, W)``).
 
     A single output column is a regression or a binary logit, not a one-class classifier.
     """
     if output.ndim == t.ndim + 1 and output.shape[-1] > 1:
         if tuple(t.shape) == tuple(output.shape[:-1]):
-            return int(output.shape[-1])
+            return output.ndim - 1
         if tuple(t.shape) == (output.shape[0], *output.shape[2:]):
-            return int(output.shape[1])
+            return 1
     return None
+
+
+def scores_classes(grad: torch.Tensor | None, dim: int, n_classes: int) -> torch.Tensor | None:
+    """Whether a loss read the output as class scores, from the gradient it sent into it.
+
+    A loss computed from ``softmax``/``log_softmax`` of the output (cross-entropy, NLL,
+    label smoothing, focal loss, a naive ``exp(z) / sum(exp(z))``) does not change when a
+    constant is added to a row of scores, so each row of its gradient sums to zero. A loss on
+    an embedding (ArcFace, triplet, contrastive) does not do that, and its integer targets
+    are not indices into the output. A device boolean (no transfer); ``None``: no evidence.
+    Non-finite rows say nothing, so they count as class scores.
+    """
+    if grad is None or grad.ndim <= dim or grad.shape[dim] != n_classes:
+        return None
+    g = grad.detach().float()
+    row, size = g.sum(dim).abs(), g.abs().sum(dim)
+    return ((row <= 0.05 * size) | ~torch.isfinite(row)).all()
 
 
 class Snapshot:
@@ -304,6 +329,13 @@ class TorchEngine:
         self.any_rank_bad: bool | None = None
         self.any_rank_loss_bad: bool | None = None
         self.warned_no_output = False
+        # The gradient the loss sent into the logits at the last step (when the logits are
+        # the model's output): evidence whether the output scores classes (scores_classes).
+        self.last_output_grad: torch.Tensor | None = None
+        self.output_scores_classes = True  # False once a gradient showed it does not
+        # The plain guard's step context turns a loss's out-of-range error into a skip; in
+        # Lightning it would end the fit (and on a GPU it is a device-side assert).
+        self.loss_errors_caught = framework == "torch"
 
     # -- set-up -------------------------------------------------------------------------
     def set_optimizers(self, optimizers: Iterable[Any]) -> None:
@@ -376,6 +408,7 @@ class TorchEngine:
         self.labels_bad: torch.Tensor | None = None
         # id of a targets tensor whose bad class ids were zeroed -> (original, n_classes)
         self.original_labels: dict[int, tuple[torch.Tensor, int]] = {}
+        self.defused: list[tuple[torch.Tensor, torch.Tensor]] = []  # (user's tensor, original)
         self.verdict: Verdict | None = None
 
     def begin_step(self, inputs: Any = None, targets: Any = None) -> None:
@@ -438,9 +471,11 @@ class TorchEngine:
         if len(labels) != 1:
             return
         (t,) = labels
-        n_classes = _n_classes(t, out)
-        if n_classes is None or t.device != out.device or id(t) in self.original_labels:
+        dim = _class_dim(t, out)
+        if (dim is None or not self.output_scores_classes or t.device != out.device
+                or id(t) in self.original_labels):
             return
+        n_classes = int(out.shape[dim])
         on_cpu = t.device.type == "cpu"
         if on_cpu:
             # No device to synchronise with on the CPU: look first, act only if bad.
@@ -448,9 +483,21 @@ class TorchEngine:
             if int(lo) >= 0 and int(hi) < n_classes:
                 return
         bad = _bad_labels(t, n_classes, self.ignore_index)
+        scored = scores_classes(self.last_output_grad, dim, n_classes)
+        if scored is None and on_cpu and self.loss_errors_caught:
+            # No evidence yet (the first step): let the loss decide. A class-id loss raises
+            # on the CPU, and the step context makes that a target_invalid skip.
+            return
+        if scored is not None:
+            if on_cpu and not bool(scored):
+                # An embedding: its width is no class count (see scores_classes).
+                self.output_scores_classes = False
+                return
+            bad &= scored  # on a GPU, without a transfer
         if on_cpu and not bool(bad.any()):
             return  # only ignored ids out of range (a segmentation mask's 255)
         self.original_labels[id(t)] = (t.clone(), n_classes)
+        self.defused.append((t, self.original_labels[id(t)][0]))
         t.masked_fill_(bad, 0)
         flag = bad.any()
         self.labels_bad = flag if self.labels_bad is None else self.labels_bad | flag
@@ -642,7 +689,13 @@ class TorchEngine:
             return
         self.micro_batches = 0
         self.inputs = self.targets = self.batch_targets = self.output = None
+        for t, original in self.defused:  # the loader's tensor (maybe a dataset's view)
+            t.copy_(original)
+        self.defused = []
         if self.calls is not None:
+            calls = self.calls.calls
+            grads = calls[0].output_grads if calls and self.config.logits_module is None else {}
+            self.last_output_grad = grads.get(0, self.last_output_grad)
             self.calls.clear()
 
     # -- state --------------------------------------------------------------------------
@@ -846,7 +899,7 @@ class TorchProbe:
             ev.logits_dtype = str(e.output.dtype).replace("torch.", "")
         ev.where = e.logits_name
         ev.target_invalid = e.describe_label_faults() or check_targets(
-            e.targets, e.output, e.ignore_index)
+            e.targets, e.output, e.ignore_index, classes=e.output_scores_classes)
         if e.update_was_bad:
             ev.update_nonfinite = True
             ev.weights_nonfinite = self._first_nonfinite_state()

@@ -313,7 +313,8 @@ class _Step:
             # On the CPU an out-of-range label raises inside the loss before any hook can
             # act: that is a bad step with a known cause, not a crash.
             labels = engine.describe_label_faults() or check_targets(
-                engine.targets, engine.output, engine.ignore_index)
+                engine.targets, engine.output, engine.ignore_index,
+                classes=engine.output_scores_classes)
             if engine.verdict is None and labels:
                 verdict = engine.decide(bad=True)
                 try:

@@ -1043,15 +1043,74 @@ def test_ignore_index_of_a_segmentation_loss(tmp_path):
         options = {} if ignore_index is None else {"ignore_index": ignore_index}
         labels = y.clone()
         with NanGuard(model, opt, dump_dir=str(tmp_path), **options) as guard:
-            opt.zero_grad()
-            with guard.step(x, targets=labels):
-                guard.backward(F.cross_entropy(model(x), labels, ignore_index=255))
-                opt.step()
+            for _ in range(2):  # the second step: the first one's gradient says "classes"
+                opt.zero_grad()
+                with guard.step(x, targets=labels):
+                    guard.backward(F.cross_entropy(model(x), labels, ignore_index=255))
+                    opt.step()
+                assert torch.equal(labels, y)  # never left changed after the step
         if ignore_index is not None:
-            assert not guard.events and torch.equal(labels, y)
+            assert not guard.events
         else:
             (event,) = guard.events
-            assert event.cause == "target_invalid"
+            assert (event.step, event.cause) == (1, "target_invalid")
             assert "pass ignore_index=255 to NanGuard" in event.message
     with pytest.raises(ValueError, match="ignore_index"):
         NanGuard(model, torch.optim.SGD(model.parameters(), lr=0.1), ignore_index="255")
+
+
+class NormFaceLoss(torch.nn.Module):
+    """A metric-learning loss that owns the class weights: the model outputs embeddings of
+    width 16, the targets are identities in [0, 50)."""
+
+    def __init__(self, dim=16, n_ids=50):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n_ids, dim) * 0.1)
+
+    def forward(self, emb, y):
+        cos = F.normalize(emb) @ F.normalize(self.weight).t()
+        return F.cross_entropy(cos * 10.0, y)
+
+
+def test_an_embedding_model_is_not_a_classifier_with_too_few_classes(tmp_path):
+    torch.manual_seed(0)
+    model = mlp(n_out=16)
+    loss_fn = NormFaceLoss()
+    opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=1e-2)
+    data = [(x, torch.randint(0, 50, (16,))) for x, _ in batches(12)]
+    given = [y.clone() for _, y in data]
+    losses = []
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for x, y in data:
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                loss = loss_fn(model(x), y)
+                guard.backward(loss)
+                opt.step()
+            losses.append(loss.item())
+        assert not guard.events and all(r.action is None for r in guard.history)
+        assert not guard._engine.output_scores_classes  # learnt from the first gradient
+    assert all(torch.equal(y, g) for (_, y), g in zip(data, given, strict=True))
+    assert losses[-1] < losses[0]
+
+
+def test_labels_defused_in_place_are_given_back_after_the_step(tmp_path):
+    # The loader yields views of the dataset's label tensor: zeroing a bad id in place for
+    # the loss must not change the dataset.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = torch.randn(64, 8)
+    ys = torch.randint(0, 4, (64,))
+    ys[40] = 7  # batch 2
+    dataset_labels = ys.clone()
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for i in range(4):
+            opt.zero_grad()
+            x, y = xs[i * 16:(i + 1) * 16], ys[i * 16:(i + 1) * 16]
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y))
+                opt.step()
+    (event,) = guard.events
+    assert (event.step, event.cause) == (2, "target_invalid")
+    assert torch.equal(ys, dataset_labels)
+    assert nanguard.load(guard.dumps[0]).tensors["targets"][8] == 7
