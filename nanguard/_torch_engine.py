@@ -200,12 +200,19 @@ class Snapshot:
     def __init__(self, step: int, model: torch.nn.Module, optimizers: list[Any]) -> None:
         self.step = step
         self.model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        self.optim: list[dict[int, dict[str, Any]]] = []
-        for opt in optimizers:
-            saved: dict[int, dict[str, Any]] = {}
+        in_model = {id(v) for v in model.state_dict(keep_vars=True).values()}
+        # Parameters only an optimizer holds (a learnable loss weight), by their place.
+        self.outside: dict[tuple[int, int], torch.Tensor] = {}
+        # Optimizer state by parameter index: (CPU copy, device it lives on) per key.
+        self.optim: list[dict[int, dict[str, tuple[Any, Any]]]] = []
+        for k, opt in enumerate(optimizers):
+            saved: dict[int, dict[str, tuple[Any, Any]]] = {}
             for i, p in enumerate(_opt_params(opt)):
+                if id(p) not in in_model:
+                    self.outside[(k, i)] = p.detach().to("cpu", copy=True)
                 if p in opt.state and opt.state[p]:
-                    saved[i] = {k: _copy(v, "cpu") for k, v in opt.state[p].items()}
+                    saved[i] = {key: (_copy(v, "cpu"), getattr(v, "device", None))
+                                for key, v in opt.state[p].items()}
             self.optim.append(saved)
 
     def restore_buffers(self, model: torch.nn.Module, names: list[str]) -> None:
@@ -221,29 +228,29 @@ class Snapshot:
     def restore(self, model: torch.nn.Module, optimizers: list[Any]) -> None:
         with torch.no_grad():
             live = model.state_dict(keep_vars=True)
-            for k, v in self.model.items():
-                live[k].data.copy_(v)
-        for opt, saved in zip(optimizers, self.optim, strict=True):
+            for name, v in self.model.items():
+                live[name].data.copy_(v)
+        for k, (opt, saved) in enumerate(zip(optimizers, self.optim, strict=True)):
             for i, p in enumerate(_opt_params(opt)):
+                if (k, i) in self.outside:
+                    with torch.no_grad():
+                        p.copy_(self.outside[(k, i)])
                 if i in saved:
-                    opt.state[p] = {
-                        k: _copy(v, _state_device(k, v, p)) for k, v in saved[i].items()
-                    }
+                    # Each tensor back where it lived (Adam's `step` stays on the CPU unless
+                    # the optimizer is capturable or fused).
+                    opt.state[p] = {key: _copy(v, device) for key, (v, device) in saved[i].items()}
                 else:
                     opt.state.pop(p, None)
-
-
-def _state_device(key: str, value: Any, p: torch.Tensor) -> torch.device | str:
-    # torch keeps Adam's `step` on the CPU unless the optimizer runs capturable/fused.
-    if key == "step" and isinstance(value, torch.Tensor) and value.ndim == 0:
-        return value.device
-    return p.device
 
 
 def _copy(v: Any, device: torch.device | str) -> Any:
     if isinstance(v, torch.Tensor):
         return v.detach().to(device, copy=True)
     return v
+
+
+def _group_sizes(optimizers: list[Any]) -> list[int]:
+    return [len(g["params"]) for opt in optimizers for g in opt.param_groups]
 
 
 def _opt_params(opt: Any) -> list[torch.Tensor]:
@@ -299,6 +306,7 @@ class TorchEngine:
         self.names: dict[torch.Tensor, str] = {
             p: clean_name(n) for n, p in eager_module(model).named_parameters()
         }
+        self.model_params = {id(p): p for p in self.names}
         if not self.names:
             raise ValueError(
                 f"The model has no parameters, so there is nothing to guard. Received: "
@@ -314,7 +322,7 @@ class TorchEngine:
             rank=rank,
             world_size=world_size,
         )
-        self.session.extra_meta["param_names"] = [self.names.get(p, "?") for p in self.params]
+        self.session.extra_meta["param_names"] = [self.names[p] for p in self.params]
         self.snapshot: Snapshot | None = None
         self.logits_name = config.logits_module or "output"
         self._hook: Any = None
@@ -339,21 +347,31 @@ class TorchEngine:
 
     # -- set-up -------------------------------------------------------------------------
     def set_optimizers(self, optimizers: Iterable[Any]) -> None:
+        """The optimizers to guard. The guarded parameters are theirs (a learnable loss
+        weight outside the model included) and every trainable parameter of the model (one
+        another optimizer steps, or one not yet added with ``add_param_group``): a bad step's
+        gradients are dropped, and the update checked, for all of them."""
         opts = list(optimizers)
         params: list[torch.Tensor] = []
         seen: set[int] = set()
-        for opt in opts:
-            for p in _opt_params(opt):
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-        if not opts or not any(p in self.names for p in params):
+        for k, opt in enumerate(opts):
+            for g, group in enumerate(opt.param_groups):
+                for i, p in enumerate(group["params"]):
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+                    if p not in self.names:  # not the model's: named by its place
+                        where = f"optimizer{k}." if len(opts) > 1 else "optimizer."
+                        self.names[p] = f"{where}param_groups.{g}.params.{i}"
+        if not opts or not any(id(p) in self.model_params for p in params):
             raise ValueError(
                 "The optimizer holds none of the model's parameters: pass the optimizer that "
                 f"trains this model. Received: optimizers={[type(o).__name__ for o in opts]}"
             )
+        params += [p for p in self.model_params.values() if p.requires_grad and id(p) not in seen]
         self.optimizers = opts
         self.params = params
+        self.groups_seen = _group_sizes(opts)
 
     def attach(self) -> None:
         """Register the forward hook that records the logits' min and max."""
@@ -412,6 +430,9 @@ class TorchEngine:
         self.verdict: Verdict | None = None
 
     def begin_step(self, inputs: Any = None, targets: Any = None) -> None:
+        if _group_sizes(self.optimizers) != self.groups_seen:  # add_param_group since
+            self.set_optimizers(self.optimizers)
+            self.session.extra_meta["param_names"] = [self.names[p] for p in self.params]
         self.reset_step()
         self.in_step = True
         self.micro_batches = 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -36,7 +37,9 @@ class NanGuard:
 
     Args:
         model: The ``torch.nn.Module`` being trained.
-        optimizer: The optimizer stepping the model's parameters.
+        optimizer: The optimizer stepping the model's parameters, or a list of them (say
+            ``SparseAdam`` for a sparse embedding and ``Adam`` for the rest): the first
+            ``step()`` of a training step decides for all of them.
         scaler: A ``torch.amp.GradScaler`` the loop steps with (``scaler.step(optimizer)``):
             ``guard.backward(loss)`` then scales the loss itself, and the steps the scaler
             skips for overflowing gradients are counted in ``guard.amp_skips`` (history
@@ -77,7 +80,7 @@ class NanGuard:
     def __init__(
         self,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         *,
         scaler: Any = None,
         actions: tuple[str, ...] = ACTIONS,
@@ -96,9 +99,12 @@ class NanGuard:
         ignore_index: int = -100,
     ) -> None:
         self.config = GuardConfig.from_options(locals())
-        if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizers: list[Any] = (
+            list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer])
+        if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
             raise TypeError(
-                f"nanguard needs a torch.optim.Optimizer. Received: optimizer={optimizer!r}"
+                f"nanguard needs a torch.optim.Optimizer, or a list of them. Received: "
+                f"optimizer={optimizer!r}"
             )
         if scaler is not None and not callable(getattr(scaler, "scale", None)):
             raise TypeError(
@@ -106,13 +112,21 @@ class NanGuard:
             )
         enabled = scaler is not None and getattr(scaler, "is_enabled", lambda: True)()
         self.scaler = scaler if enabled else None
-        self._engine = TorchEngine(self.config, model, [optimizer], framework="torch",
+        if self.scaler is not None and len(optimizers) > 1:
+            raise ValueError(
+                "With a GradScaler the guard takes one optimizer: scaler.step(opt) unscales "
+                "only that optimizer's gradients, so at the first step() the others' would "
+                f"still be scaled. Received: {len(optimizers)} optimizers"
+            )
+        self._engine = TorchEngine(self.config, model, optimizers, framework="torch",
                                    ignore_index=ignore_index)
         self._engine.attach()
         self.optimizer = optimizer
         self._handles = [
-            optimizer.register_step_pre_hook(self._before_optimizer_step),
-            optimizer.register_step_post_hook(self._after_optimizer_step),
+            handle
+            for opt in optimizers
+            for handle in (opt.register_step_pre_hook(self._before_optimizer_step),
+                           opt.register_step_post_hook(self._after_optimizer_step))
         ]
         self.dumps: list[str] = []
 

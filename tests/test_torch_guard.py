@@ -1114,3 +1114,102 @@ def test_labels_defused_in_place_are_given_back_after_the_step(tmp_path):
     assert (event.step, event.cause) == (2, "target_invalid")
     assert torch.equal(ys, dataset_labels)
     assert nanguard.load(guard.dumps[0]).tensors["targets"][8] == 7
+
+
+class BagOfWords(torch.nn.Module):
+    def __init__(self, sparse=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 8, sparse=sparse)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+def token_batches(n):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 50, (10, 5), generator=g), torch.randint(0, 3, (10,), generator=g))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("order", ["sparse first", "dense first"])
+def test_several_optimizers_are_guarded_together(tmp_path, order):
+    # torch's recipe for a sparse embedding: SparseAdam for it, Adam for the rest.
+    model = BagOfWords(sparse=True)
+    sparse = torch.optim.SparseAdam(list(model.emb.parameters()), lr=1e-2)
+    dense = torch.optim.Adam(model.fc.parameters(), lr=1e-2)
+    opts = [sparse, dense] if order == "sparse first" else [dense, sparse]
+    data = token_batches(8)
+    seen = {}
+    with NanGuard(model, [sparse, dense], dump_dir=str(tmp_path)) as guard:
+        for i, (ids, y) in enumerate(data):
+            for opt in opts:
+                opt.zero_grad()
+            if i == 5:
+                seen["before"] = state_copy(model)
+            with guard.step(ids, targets=y):
+                out = model(ids)
+                if i == 5:
+                    out = out * math.nan  # one bad step
+                guard.backward(F.cross_entropy(out, y))
+                for opt in opts:
+                    opt.step()
+            if i == 5:
+                seen["after"] = state_copy(model)
+    assert same_bits(seen["before"], seen["after"])  # neither optimizer applied step 5
+    assert [r.action for r in guard.history].count("skip") == 1 and weights_finite(model)
+    with pytest.raises(ValueError, match="one optimizer"):
+        NanGuard(model, [sparse, dense], scaler=torch.amp.GradScaler("cpu"))
+
+
+def test_parameters_added_after_the_guard_are_guarded(tmp_path):
+    # Progressive unfreezing: the embedding joins the optimizer with add_param_group.
+    model = BagOfWords()
+    model.emb.weight.requires_grad_(False)
+    opt = torch.optim.SGD(model.fc.parameters(), lr=0.1)
+    data = token_batches(10)
+    with NanGuard(model, opt, dump_dir=str(tmp_path), max_skips=1) as guard:
+        for i, (ids, y) in enumerate(data):
+            if i == 2:
+                model.emb.weight.requires_grad_(True)
+                opt.add_param_group({"params": [model.emb.weight], "lr": 0.01})
+            opt.zero_grad()
+            with guard.step(ids, targets=y):
+                out = model(ids) * (math.nan if i in (5, 6) else 1.0)
+                guard.backward(F.cross_entropy(out, y))
+                opt.step()
+            assert weights_finite(model), i
+    assert [r.action for r in guard.history][5:7] == ["skip", "rollback"]
+
+
+def test_a_learnable_loss_weight_is_rolled_back_with_the_model(tmp_path):
+    # Uncertainty weighting of two losses: log-variances the optimizer holds, not the model.
+    model = mlp()
+    log_vars = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([*model.parameters(), log_vars], lr=0.05)
+    snap = {}
+
+    def loss_fn(logits, y):
+        a, b = F.cross_entropy(logits, y), logits.pow(2).mean()
+        return (a * torch.exp(-log_vars[0]) + log_vars[0]
+                + b * torch.exp(-log_vars[1]) + log_vars[1])
+
+    def corrupt(i):
+        if i == 0:
+            snap["log_vars"] = log_vars.detach().clone()
+        if i == 4:
+            with torch.no_grad():
+                log_vars[1] = math.inf
+        if i == 5:  # after step 4's rollback to the step-0 snapshot
+            snap["restored"] = log_vars.detach().clone()
+
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(guard, model, opt, batches(6), loss_fn=loss_fn, before_step=corrupt)
+    guard.close()
+    event = guard.events[0]
+    assert (event.step, event.cause, event.action) == (4, "weights_nonfinite", "rollback")
+    assert event.where == "optimizer.param_groups.0.params.4"  # named by its place
+    assert guard.snapshot_step == 0 and len(guard.events) == 1
+    assert torch.equal(snap["restored"], snap["log_vars"])  # bit for bit
+    assert torch.isfinite(log_vars).all()
