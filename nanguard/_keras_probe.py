@@ -18,7 +18,7 @@ from nanguard._keras_state import (
     state_variables,
     to_numpy,
 )
-from nanguard._keras_step import float_tensors, ignore_class, sparse_classes
+from nanguard._keras_step import Head, float_tensors, sparse_classes
 from nanguard.events import StepRecord
 
 ACTIVATION_DUMP_BYTES = 16 * 2**20
@@ -50,31 +50,33 @@ def describe_nonfinite(name: str, a: np.ndarray) -> str | None:
     return None
 
 
-def check_targets(
-    targets: list[tuple[str, np.ndarray]], output: np.ndarray | None, sparse_floats: bool,
-    ignore: int | None = None,
-) -> str | None:
+def check_targets(heads: list[tuple[Head, np.ndarray, np.ndarray | None]]) -> str | None:
     """NaN/Inf in floating targets, or class ids outside ``[0, n_classes)`` (other than
-    the loss's ``ignore_class``)."""
-    for name, t in targets:
+    the loss's ``ignore_class``), for each output's targets against that output.
+
+    Args:
+        heads: ``(head, targets, output)`` per output with a loss, as Keras paired them;
+            ``head`` says whether its loss is a sparse one and which id it ignores.
+    """
+    for head, t, output in heads:
         if t.dtype.kind == "f":
-            found = describe_nonfinite(name, t)
+            found = describe_nonfinite(head.name, t)
             if found:
                 return found
         if output is None or t.size == 0 or t.dtype.kind not in "iuf":
             continue
-        if t.dtype.kind == "f" and not sparse_floats:
+        if t.dtype.kind == "f" and not head.sparse:
             continue
         n = sparse_classes(t.shape, output.shape)
         if n is None:
             continue
         bad = (t < 0) | (t >= n)
-        if ignore is not None:
-            bad &= t != ignore
+        if head.ignore_class is not None:
+            bad &= t != head.ignore_class
         if bad.any():
             index = int(np.flatnonzero(bad.reshape(-1))[0])
             first = t.reshape(-1)[index].item()
-            return (f"{name}: {int(bad.sum())} class id(s) outside [0, {n}), the first is "
+            return (f"{head.name}: {int(bad.sum())} class id(s) outside [0, {n}), the first is "
                     f"{first:g} at index {index}")
     return None
 
@@ -114,8 +116,15 @@ def localize(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.ndarray] | N
             inp_arr = _cut(to_numpy(keras.tree.flatten(inp)[0], 2**62))
         except Exception:  # noqa: BLE001 - the input is optional forensic detail
             inp_arr = np.zeros(0, np.float32)
-        last = layer is layers[-1] or any(out is o for o in keras.tree.flatten(model.outputs))
-        return layer.name, bool(last), inp_arr, _cut(arrays[0])
+        output_ids = {id(t) for t in keras.tree.flatten(model.outputs)}
+        try:
+            produced = keras.tree.flatten(layer.output)
+        except Exception:  # noqa: BLE001 - a layer called more than once has no single output
+            produced = []
+        last = layer is layers[-1] or any(id(t) in output_ids for t in produced)
+        bad = next((a for a in arrays if a.dtype.kind == "f" and not np.isfinite(a).all()),
+                   arrays[0])
+        return layer.name, bool(last), inp_arr, _cut(bad)
     return None
 
 
@@ -160,6 +169,11 @@ def _localize_by_calls(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.nd
     return layer.name, last, _cut(ins[0]) if ins else np.zeros(0, np.float32), _cut(outs[0])
 
 
+def _peak(a: np.ndarray) -> float:
+    finite = a[np.isfinite(a)]
+    return float(np.abs(finite).max()) if finite.size else 0.0
+
+
 def _cut(a: Any) -> np.ndarray:
     if not isinstance(a, np.ndarray):
         a = to_numpy(a, 2**62)
@@ -192,17 +206,20 @@ class KerasProbe:
 
     Args:
         model: The model being trained.
-        batch: ``{"x": ..., "y": ..., "y_pred": ...}`` tensors of the step (may be empty
-            in the loss-only fallback).
-        sparse_floats: Floating targets count as class ids (sparse loss).
+        batch: ``{"x", "y", "sample_weight", "y_pred", "heads"}`` tensors of the step (any
+            may be missing; empty in the loss-only fallback). ``heads`` holds
+            ``{"y", "y_pred"}`` per output with a loss (keyed ``"0"``, ``"1"``, ...), as Keras
+            paired them.
+        heads: What each entry of ``batch["heads"]`` is (its name, sparse loss or not,
+            ignored class).
         replay: Whether to replay the batch layer by layer.
     """
 
-    def __init__(self, model: Any, batch: Mapping[str, Any], *, sparse_floats: bool,
+    def __init__(self, model: Any, batch: Mapping[str, Any], *, heads: list[Head] | None = None,
                  replay: bool = True) -> None:
         self.model = model
         self.batch = batch
-        self.sparse_floats = sparse_floats
+        self.heads = list(heads or [])
         self.replay = replay
         self._tensors: dict[str, np.ndarray] | None = None
         self.localized: tuple[str, bool, np.ndarray, np.ndarray] | None = None
@@ -212,8 +229,8 @@ class KerasProbe:
             out: dict[str, np.ndarray] = {}
             out.update(named_arrays(self.batch.get("x"), "inputs"))
             out.update(named_arrays(self.batch.get("y"), "targets"))
-            if self.batch.get("y_pred") is not None:
-                out["output"] = to_numpy(self.batch["y_pred"])
+            out.update(named_arrays(self.batch.get("sample_weight"), "sample_weight"))
+            out.update(named_arrays(self.batch.get("y_pred"), "output"))
             self._tensors = out
         out = dict(self._tensors)
         if self.localized is not None:
@@ -222,22 +239,32 @@ class KerasProbe:
             out[f"activation.{name}.output"] = res
         return out
 
+    def paired_targets(self) -> list[tuple[Head, np.ndarray, np.ndarray | None]]:
+        """Each output's targets and output as the step's loss saw them."""
+        pairs = self.batch.get("heads") or {}
+        found = []
+        for i, head in enumerate(self.heads):
+            pair = pairs.get(str(i))
+            if pair is not None:
+                output = pair.get("y_pred")
+                found.append((head, to_numpy(pair["y"]),
+                              None if output is None else to_numpy(output)))
+        return found
+
     def evidence(self, record: StepRecord) -> detector.Evidence:
         ev = detector.Evidence()
         arrays = self.tensors()
-        output = arrays.get("output")
-        if output is not None:
-            ev.logits_dtype = str(output.dtype)
+        outputs = [a for n, a in arrays.items() if n.startswith("output") and a.dtype.kind == "f"]
+        if outputs:  # the output whose magnitude is largest sets the exp-overflow limit
+            ev.logits_dtype = str(max(outputs, key=_peak).dtype)
         layers = getattr(self.model, "layers", [])
         ev.where = layers[-1].name if layers else None
         for name, a in arrays.items():
-            if name.startswith("inputs"):
+            if name.startswith(("inputs", "sample_weight")):
                 ev.input_nonfinite = describe_nonfinite(name, a)
                 if ev.input_nonfinite:
                     break
-        targets = [(n, a) for n, a in arrays.items() if n.startswith("targets")]
-        ev.target_invalid = check_targets(targets, output, self.sparse_floats,
-                                          ignore_class(self.model))
+        ev.target_invalid = check_targets(self.paired_targets())
         ev.weights_nonfinite = first_nonfinite(self.model)
         buffers = nonfinite_variables(list(self.model.non_trainable_variables))
         if buffers:  # restored from the snapshot when the step is skipped

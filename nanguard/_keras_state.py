@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,90 +112,101 @@ class Snapshot:
         return fixed
 
 
-@keras.saving.register_keras_serializable(package="nanguard")
-class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """A user's schedule times a factor held in a variable (so the step need not retrace).
+def build_optimizer(model: Any) -> bool:
+    """Create the optimizer's variables now, as Keras does before a distributed ``fit``.
 
-    nanguard puts it in place of a schedule for the length of a guarded ``fit`` and puts
-    the user's schedule back at the end.
-
-    Args:
-        schedule: The user's ``LearningRateSchedule`` (or callable of the step).
-        scale: A scalar ``keras.Variable`` multiplied into every rate.
-
-    Example:
-        >>> sched = keras.optimizers.schedules.ExponentialDecay(0.1, 100, 0.9)
-        >>> scaled = ScaledSchedule(sched, keras.Variable(0.5))  # doctest: +SKIP
+    TensorFlow without a distribution strategy builds the optimizer lazily, inside the first
+    traced step: a snapshot taken before it would hold no slots (Adam's moments) and a
+    rollback to it would not restore them. Returns False when the model itself is not built
+    yet (a subclassed model before its first call): its variables appear in the first step.
     """
-
-    def __init__(self, schedule: Any, scale: Any) -> None:
-        self.schedule = schedule
-        self.scale = scale
-
-    def __call__(self, step: Any) -> Any:
-        lr = self.schedule(step)
-        return lr * ops.cast(self.scale, keras.backend.standardize_dtype(ops.dtype(lr)))
-
-    def get_config(self) -> dict[str, Any]:
-        return {"schedule": keras.saving.serialize_keras_object(self.schedule),
-                "scale": float(ops.convert_to_numpy(self.scale))}
+    optimizer = model.optimizer
+    flatten = getattr(model, "_flatten_layers", None)
+    layers = list(flatten()) if callable(flatten) else [model]
+    if not all(getattr(layer, "built", False) for layer in layers):
+        return False
+    if not optimizer.built:
+        strategy = getattr(model, "distribute_strategy", None)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            optimizer.build(model.trainable_variables)
+    return True
 
 
 class LearningRate:
-    """Lowers an optimizer's learning rate, whether a float or a schedule.
+    """Lowers an optimizer's learning rate, whether a float or a schedule, without touching it.
+
+    The guard's factor is a variable multiplied into the rate the optimizer reads *inside the
+    training step* (its ``_get_current_learning_rate`` is patched on the instance while a
+    guarded ``fit`` runs). Outside the step, ``optimizer.learning_rate`` is your own rate: a
+    callback that scales it (``ReduceLROnPlateau``, ``LearningRateScheduler(lambda e, lr:
+    lr * 0.9)``) or sets it outright (``lambda e: 0.1 * 0.9**e``) changes your rate, and the
+    factor applies on top, once per lowering. Nothing of nanguard's is ever stored in the
+    optimizer, so a checkpoint written during ``fit`` holds your own rate or schedule.
 
     Args:
-        optimizer: The model's optimizer.
+        optimizer: The model's optimizer (the inner one of a ``LossScaleOptimizer`` owns
+            the rate).
+
+    Example:
+        >>> lr = LearningRate(model.optimizer)  # doctest: +SKIP
+        >>> with lr.in_step():  # doctest: +SKIP
+        ...     model.train_function(iterator)  # runs at lr * lr.factor
     """
 
     def __init__(self, optimizer: Any) -> None:
         self.opt = optimizer_of(optimizer)
-        self.scale = 1.0
-        self.schedule: Any = None
-        self.expected: float | None = None
-        current = getattr(self.opt, "_learning_rate", None)
-        if current is not None and not isinstance(current, keras.Variable):
-            self.schedule = current
-            self.scale_var = keras.Variable(1.0, dtype="float32", trainable=False,
-                                            name="nanguard_lr_scale")
-            self.scaled: ScaledSchedule | None = ScaledSchedule(current, self.scale_var)
-            self.opt._learning_rate = self.scaled
-        else:
-            self.scaled = None
+        self.factor = 1.0
+        self.scale = keras.Variable(1.0, dtype="float32", trainable=False,
+                                    name="nanguard_lr_scale")
+        self._in_step = False
+        self.install()
 
-    def reinstall(self) -> None:
-        """Start another ``fit`` with the schedule object a reused traced step captured.
+    @property
+    def is_schedule(self) -> bool:
+        return not isinstance(getattr(self.opt, "_learning_rate", None), keras.Variable)
 
-        The lowering so far stays, as it does for a float rate (which keeps its value).
-        """
-        if self.scaled is not None and self.schedule is None:
-            self.schedule = self.scaled.schedule
-            self.opt._learning_rate = self.scaled
+    def install(self) -> None:
+        """Patch the optimizer instance (again for a later ``fit`` reusing a traced step)."""
+        if "_get_current_learning_rate" in vars(self.opt):
+            return
+        orig = self.opt._get_current_learning_rate
+
+        def current_learning_rate() -> Any:
+            lr = orig()
+            # A flag, not the thread: MirroredStrategy traces each replica in a thread of its
+            # own. Batch-end callbacks run on Keras's worker thread only when every one is
+            # async-safe, so no callback that writes the rate reads it during a step.
+            if not self._in_step:
+                return lr  # a callback reading (and maybe rescaling) your own rate
+            dtype = keras.backend.standardize_dtype(getattr(lr, "dtype", "float32"))
+            return ops.multiply(lr, ops.cast(self.scale, dtype))
+
+        vars(self.opt)["_get_current_learning_rate"] = current_learning_rate
+
+    @contextlib.contextmanager
+    def in_step(self) -> Iterator[None]:
+        """Within this block (the training step, traced or run) the rate is lowered."""
+        self._in_step = True
+        try:
+            yield
+        finally:
+            self._in_step = False
 
     def lower(self, factor: float) -> None:
-        self.scale *= factor
-        if self.schedule is not None:
-            self.scale_var.assign(self.scale)
-            return
-        new = self.read() * factor
-        self.opt.learning_rate = new
-        self.expected = float(np.float32(new))
+        self.factor *= factor
+        self.scale.assign(self.factor)
 
     def read(self) -> float:
-        return float(to_numpy(self.opt.learning_rate))
-
-    def keep_lowered(self) -> None:
-        """Re-apply the lowering when another callback (a scheduler) set a new rate."""
-        if self.schedule is not None or self.expected is None:
-            return
-        now = self.read()
-        if now != self.expected:
-            new = now * self.scale
-            self.opt.learning_rate = new
-            self.expected = float(np.float32(new))
+        """The rate the next step uses: your rate (or schedule's) times the guard's factor."""
+        return float(to_numpy(self.opt.learning_rate)) * float(np.float32(self.factor))
 
     def restore(self) -> None:
-        """Put the user's schedule back (a float rate keeps its lowered value)."""
-        if self.schedule is not None:
-            self.opt._learning_rate = self.schedule
-            self.schedule = None
+        """Unpatch at the end of ``fit``. A float rate keeps its lowered value (the factor
+        is folded into it); a schedule is left as it was, and the factor stays with this
+        object for a later ``fit`` that reuses the traced step."""
+        vars(self.opt).pop("_get_current_learning_rate", None)
+        if not self.is_schedule and self.factor != 1.0:
+            base = float(to_numpy(self.opt.learning_rate))
+            self.opt.learning_rate = base * self.factor
+            self.factor = 1.0
+            self.scale.assign(1.0)

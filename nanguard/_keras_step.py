@@ -1,17 +1,20 @@
 """What nanguard puts inside a Keras 3 training step (the hot path).
 
-Four instance attributes are patched while a guarded ``fit`` runs, never the classes:
+These instance attributes are patched while a guarded ``fit`` runs, never the classes:
 
 - ``model.train_step``: opens a per-step capture and returns the packed stats, plus the
   batch and ``y_pred`` as tensors that stay where they are (read only on a bad step).
-- ``model.compute_loss``: records the batch's own loss and ``y_pred``; sparse labels
-  outside ``[0, n_classes)`` are replaced by 0 for the loss (so TensorFlow on the CPU does
-  not raise) and the loss is made NaN, which makes the step bad.
+- ``model.compute_loss``: records the batch's own loss and ``y_pred``.
+- the compiled loss's per-output loss functions (``model._compile_loss``, one per output
+  of a multi-output model): each sees its own targets and output, paired by Keras; sparse
+  labels outside ``[0, n_classes)`` are replaced by 0 for that loss (so TensorFlow on the
+  CPU does not raise) and that loss is made NaN, which makes the step bad.
 - ``optimizer.apply``: the global gradient norm before clipping, the finiteness decision,
   ``clip_grad_norm``, and the update itself inside a ``cond`` (as Keras's own
   ``LossScaleOptimizer`` does), then one check that the weights stayed finite.
-- ``model._loss_tracker.update_state``: leaves out a bad batch's loss, so one skipped
-  batch does not turn Keras's running mean (``logs["loss"]``) into NaN for the epoch.
+- ``model._loss_tracker.update_state`` (and the per-output loss means of a multi-output
+  model): leaves out a bad batch's loss, so one skipped batch does not turn Keras's running
+  mean (``logs["loss"]``, ``logs["a_loss"]``) into NaN for the epoch.
 
 The same code runs traced (TensorFlow graph) and eagerly (``run_eagerly=True``, torch).
 """
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
@@ -38,16 +41,29 @@ def float_tensors(structure: Any) -> list[Any]:
             and "float" in keras.backend.standardize_dtype(t.dtype)]
 
 
-def first_float(structure: Any) -> Any:
-    """The first floating tensor of a (nested) model output: the logits source."""
-    found = float_tensors(structure)
-    return found[0] if found else None
+class Head(NamedTuple):
+    """One output's loss, as Keras pairs it with its targets.
+
+    Attributes:
+        name: Its targets' name in dumps and messages (``targets``, ``targets.cls``).
+        sparse: The loss takes class ids (floating targets count as labels too).
+        ignore_class: The class id the loss ignores, if any.
+    """
+
+    name: str
+    sparse: bool
+    ignore_class: int | None
 
 
-def ignore_class(model: Any) -> int | None:
-    """The class id the compiled loss ignores (``SparseCategoricalCrossentropy(ignore_class=)``)."""
-    value = getattr(getattr(model, "loss", None), "ignore_class", None)
-    return None if value is None else int(value)
+def head_of(path: tuple[Any, ...], loss: Any) -> Head:
+    """Describe one of the compiled loss's per-output losses."""
+    fn = getattr(loss, "fn", None)
+    names = f"{type(loss).__name__} {getattr(loss, 'name', '')} {getattr(fn, '__name__', '')}"
+    ignore = getattr(loss, "ignore_class", None)
+    if ignore is None:
+        ignore = (getattr(loss, "_fn_kwargs", None) or {}).get("ignore_class")
+    name = "targets" + "".join(f".{key}" for key in path)
+    return Head(name, "sparse" in names.lower(), None if ignore is None else int(ignore))
 
 
 def sparse_classes(y_shape: tuple[Any, ...], pred_shape: tuple[Any, ...]) -> int | None:
@@ -68,7 +84,9 @@ class _Capture:
     def __init__(self) -> None:
         self.loss: Any = None
         self.y_pred: Any = None
+        self.in_loss = False  # inside the step's own compute_loss
         self.labels_ok: Any = None
+        self.heads: list[tuple[Head, Any, Any]] = []
         self.grad: tuple[Any, ...] | None = None
 
 
@@ -78,24 +96,22 @@ class StepInstrument:
     Args:
         model: The compiled model (its class's default ``train_step``).
         clip_grad_norm: Clip the global gradient norm to this value, or None.
-        sparse_float_labels: Treat floating targets as class ids when their shape says so
-            (the compiled loss is a sparse one).
     """
 
-    def __init__(
-        self, model: Any, clip_grad_norm: float | None, sparse_float_labels: bool
-    ) -> None:
+    def __init__(self, model: Any, clip_grad_norm: float | None) -> None:
         self.model = model
         self.optimizer = model.optimizer
         self.clip = clip_grad_norm
-        self.sparse_float_labels = sparse_float_labels
-        self.ignore_class = ignore_class(model)
         self.cap: _Capture | None = None
+        # The per-output losses of the last traced step, in the order of its "heads".
+        self.heads: list[Head] = []
         # 1.0: keep a bad step's update from the weights; 0.0 when the ladder would only log.
         self.block_bad = keras.Variable(1.0, dtype="float32", trainable=False,
                                         name="nanguard_block_bad")
         self._patched: list[tuple[Any, str]] = []
+        self._heads_wrapped: list[tuple[int, Any]] = []
         self.tracker = getattr(model, "_loss_tracker", None)
+        self.compile_loss = getattr(model, "_compile_loss", None)
         self.install()
 
     def install(self) -> None:
@@ -108,6 +124,12 @@ class StepInstrument:
         self._patch(self.optimizer, "apply", self._apply(self.optimizer.apply))
         if self.tracker is not None:
             self._patch(self.tracker, "update_state", self._track(self.tracker.update_state))
+        loss = self.compile_loss
+        if loss is not None:
+            if getattr(loss, "built", False):
+                self._wrap_heads()
+            else:  # Keras builds it in the first traced step, from that step's structures
+                self._patch(loss, "build", self._build(loss.build))
 
     def _patch(self, obj: Any, name: str, fn: Callable[..., Any]) -> None:
         # Straight into the instance dict: no Keras/torch attribute tracking, easy to undo.
@@ -118,6 +140,11 @@ class StepInstrument:
         for obj, name in reversed(self._patched):
             vars(obj).pop(name, None)
         self._patched = []
+        flat = getattr(self.compile_loss, "_flat_losses", None)
+        for i, entry in self._heads_wrapped:
+            if flat is not None and i < len(flat):
+                flat[i] = entry
+        self._heads_wrapped = []
 
     # -- the wrappers ---------------------------------------------------------------------
     def _train_step(self, orig: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -129,16 +156,19 @@ class StepInstrument:
                 self.cap = None
             if cap.loss is None or cap.grad is None:
                 return logs
-            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
             out = dict(logs)
             extra = {"stats": self._pack(cap)}
-            if x is not None:
-                extra["x"] = x
-            if y is not None:
-                extra["y"] = y
-            pred = first_float(cap.y_pred)
-            if pred is not None:
-                extra["y_pred"] = ops.stop_gradient(pred)
+            for key, value in (("x", x), ("y", y), ("sample_weight", sample_weight)):
+                if value is not None:
+                    extra[key] = value
+            if float_tensors(cap.y_pred):
+                extra["y_pred"] = keras.tree.map_structure(_detach, cap.y_pred)
+            self.heads = [head for head, _, _ in cap.heads]
+            if cap.heads:
+                # Dicts, not lists: a traced step cannot return a list of unlike tensors.
+                extra["heads"] = {str(i): {"y": y_t, "y_pred": _detach(y_p)}
+                                  for i, (_, y_t, y_p) in enumerate(cap.heads)}
             out[STATS_KEY] = extra
             return out
 
@@ -150,30 +180,69 @@ class StepInstrument:
             cap = self.cap
             if cap is None or cap.loss is not None or kwargs.get("training") is False:
                 return orig(x, y, y_pred, sample_weight, **kwargs)
-            y_safe, labels_ok = self._guard_labels(y, y_pred)
-            loss = orig(x, y_safe, y_pred, sample_weight, **kwargs)
-            if labels_ok is not None:
-                loss = ops.where(labels_ok, loss, ops.cast(math.nan, loss.dtype))
+            cap.in_loss = True
+            try:
+                loss = orig(x, y, y_pred, sample_weight, **kwargs)
+            finally:
+                cap.in_loss = False
             cap.loss = ops.stop_gradient(loss)
             cap.y_pred = y_pred
-            cap.labels_ok = labels_ok
             return loss
 
         return compute_loss
 
-    def _guard_labels(self, y: Any, y_pred: Any) -> tuple[Any, Any]:
+    def _build(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def build(*args: Any, **kwargs: Any) -> Any:
+            result = orig(*args, **kwargs)
+            self._wrap_heads()
+            return result
+
+        return build
+
+    def _wrap_heads(self) -> None:
+        """Wrap each per-output loss of the built compiled loss (restored by remove)."""
+        flat = getattr(self.compile_loss, "_flat_losses", None)
+        if not flat or self._heads_wrapped:
+            return
+        for i, entry in enumerate(flat):
+            if entry.loss is None:
+                continue
+            flat[i] = entry._replace(loss=self._head_loss(entry.loss, head_of(entry.path,
+                                                                                entry.loss)))
+            self._heads_wrapped.append((i, entry))
+        for metric in getattr(self.compile_loss, "metrics", []):  # "a_loss", "b_loss", ...
+            self._patch(metric, "update_state", self._track(metric.update_state))
+
+    def _head_loss(self, orig: Callable[..., Any], head: Head) -> Callable[..., Any]:
+        def loss(y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+            cap = self.cap
+            if cap is None or not cap.in_loss:
+                return orig(y_true, y_pred, sample_weight)
+            y_safe, labels_ok = self._guard_labels(y_true, y_pred, head)
+            value = orig(y_safe, y_pred, sample_weight)
+            if labels_ok is not None:
+                value = ops.where(labels_ok, value, ops.cast(math.nan, value.dtype))
+                cap.labels_ok = (labels_ok if cap.labels_ok is None
+                                 else ops.logical_and(cap.labels_ok, labels_ok))
+            if y_true is not None and y_pred is not None:
+                cap.heads.append((head, y_true, y_pred))
+            return value
+
+        return loss
+
+    def _guard_labels(self, y: Any, y_pred: Any, head: Head) -> tuple[Any, Any]:
+        """Out-of-range class ids of one output replaced by 0, and whether all were inside."""
         if y is None or y_pred is None or not hasattr(y, "shape") or not hasattr(y_pred, "shape"):
             return y, None
         dtype = keras.backend.standardize_dtype(y.dtype)
-        is_int = "int" in dtype
-        if not (is_int or ("float" in dtype and self.sparse_float_labels)):
+        if not ("int" in dtype or ("float" in dtype and head.sparse)):
             return y, None
         n = sparse_classes(tuple(y.shape), tuple(y_pred.shape))
         if n is None:
             return y, None
         inside = ops.logical_and(ops.greater_equal(y, 0), ops.less(y, n))
-        if self.ignore_class is not None:  # the loss skips these: not invalid
-            inside = ops.logical_or(inside, ops.equal(y, ops.cast(self.ignore_class, y.dtype)))
+        if head.ignore_class is not None:  # the loss skips these: not invalid
+            inside = ops.logical_or(inside, ops.equal(y, ops.cast(head.ignore_class, y.dtype)))
         return ops.where(inside, y, ops.zeros_like(y)), ops.all(inside)
 
     def _apply(self, orig: Callable[..., Any]) -> Callable[..., Any]:
@@ -236,12 +305,11 @@ class StepInstrument:
         f32 = "float32"
         nan = ops.cast(math.nan, f32)
         loss = ops.sum(ops.cast(cap.loss, f32))
-        pred = first_float(cap.y_pred)
-        if pred is not None:
-            pred = ops.cast(ops.stop_gradient(pred), f32)
-            has_nan = ops.any(ops.isnan(pred))
-            lo = ops.where(has_nan, nan, ops.min(pred))
-            hi = ops.where(has_nan, nan, ops.max(pred))
+        preds = [ops.cast(ops.stop_gradient(p), f32) for p in float_tensors(cap.y_pred)]
+        if preds:  # over every floating output of a multi-output model
+            has_nan = ops.any(ops.stack([ops.any(ops.isnan(p)) for p in preds]))
+            lo = ops.where(has_nan, nan, ops.min(ops.stack([ops.min(p) for p in preds])))
+            hi = ops.where(has_nan, nan, ops.max(ops.stack([ops.max(p) for p in preds])))
         else:
             lo = hi = nan
         labels_ok = (ops.cast(1.0, f32) if cap.labels_ok is None
@@ -249,6 +317,10 @@ class StepInstrument:
         head = [loss, lo, hi, ops.cast(total, f32), lr, ops.cast(go, f32),
                 ops.cast(weights_ok, f32), labels_ok, ops.cast(amp_skip, f32)]
         return ops.concatenate([ops.stack(head), ops.cast(per, f32)])
+
+
+def _detach(t: Any) -> Any:
+    return ops.stop_gradient(t) if t is not None and hasattr(t, "dtype") else t
 
 
 def _loss_scale(optimizer: Any) -> Any:

@@ -19,7 +19,7 @@ except ImportError as err:  # pragma: no cover - exercised without keras install
 
 from nanguard import policy
 from nanguard._keras_probe import KerasProbe
-from nanguard._keras_state import LearningRate, Snapshot, to_numpy
+from nanguard._keras_state import LearningRate, Snapshot, build_optimizer, to_numpy
 from nanguard._keras_step import HEAD, STATS_KEY, StepInstrument
 from nanguard.config import ACTIONS, GuardConfig
 from nanguard.detector import finite
@@ -120,6 +120,7 @@ class NanGuard(keras.callbacks.Callback):
         self._batch_logs: dict[int, dict[str, float]] = {}
         self._epoch_grad_max = -math.inf  # the epoch's largest finite gradient norm
         self._blocking = True
+        self._snapshot_complete = True  # False: the model had no variables before step 0
         self._cache: tuple[tuple[Any, ...], StepInstrument, Any, LearningRate] | None = None
 
     # -- what users read ---------------------------------------------------------------
@@ -163,6 +164,9 @@ class NanGuard(keras.callbacks.Callback):
         self._batch_logs = {}
         self._epoch_grad_max = -math.inf
         self._blocking = True
+        # Before the first snapshot: with the optimizer built lazily inside the first step,
+        # a rollback to that snapshot would not restore its slots (Adam's moments).
+        self._snapshot_complete = build_optimizer(model)
         self.session.extra_meta["param_names"] = [v.path for v in model.trainable_variables]
         if self._reuse_step(model):
             return
@@ -178,10 +182,7 @@ class NanGuard(keras.callbacks.Callback):
                 stacklevel=2,
             )
         else:
-            loss_name = repr(getattr(model, "loss", "")).lower()
-            self._instrument = StepInstrument(
-                model, self.config.clip_grad_norm, sparse_float_labels="sparse" in loss_name
-            )
+            self._instrument = StepInstrument(model, self.config.clip_grad_norm)
         if getattr(model, "steps_per_execution", 1) > 1:
             warnings.warn(
                 "With steps_per_execution > 1 nanguard still skips every bad update inside "
@@ -213,14 +214,12 @@ class NanGuard(keras.callbacks.Callback):
         self._instrument, self._inner, self._lr = instrument, inner, lr
         instrument.install()
         instrument.block_bad.assign(1.0)
-        lr.reinstall()
+        lr.install()
         model.train_function = self._train_function
         return True
 
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._batch = batch
-        if batch == 0 and self._lr is not None:
-            self._lr.keep_lowered()  # after every on_epoch_begin (a LearningRateScheduler)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         # Keyed by the execution's first batch: with steps_per_execution = k Keras calls
@@ -239,7 +238,11 @@ class NanGuard(keras.callbacks.Callback):
         if logs is None:
             return
         for name, value in self.session.counters().items():
-            if name != "amp_skips" or value:
+            # amp_skips: every epoch when the step is instrumented with a LossScaleOptimizer
+            # (only then are its skips seen), so History's lists and CSVLogger's columns
+            # line up.
+            if name != "amp_skips" or (self._instrument is not None and isinstance(
+                    self.model.optimizer, keras.optimizers.LossScaleOptimizer)):
                 logs[f"nanguard_{name}"] = value
         logs["nanguard_grad_norm_max"] = (
             self._epoch_grad_max if self._epoch_grad_max > -math.inf else math.nan
@@ -255,7 +258,9 @@ class NanGuard(keras.callbacks.Callback):
     def _train_function(self, *args: Any, **kwargs: Any) -> Any:
         try:
             self._maybe_snapshot()
-            logs = self._inner(*args, **kwargs)
+            assert self._lr is not None
+            with self._lr.in_step():  # the step (traced or run) uses the lowered rate
+                logs = self._inner(*args, **kwargs)
         except StopIteration:
             raise
         except BaseException as err:
@@ -270,6 +275,11 @@ class NanGuard(keras.callbacks.Callback):
 
     def _maybe_snapshot(self) -> None:
         last = None if self._snapshot is None else self._snapshot.step
+        if not self._snapshot_complete and self.session.step > 0:
+            # The model's variables appeared in the first step (a subclassed model called
+            # for the first time): snapshot them all now.
+            self._snapshot_complete = True
+            last = None
         if self.session.snapshot_due(last):
             snap = Snapshot(self.session.step, self.model)
             if snap.finite():
@@ -297,6 +307,7 @@ class NanGuard(keras.callbacks.Callback):
                 update_bad = not all(np.isfinite(to_numpy(w, 2**62)).all()
                                      for w in self.model.trainable_variables)
             batch: dict[str, Any] = extra
+            corrupt = False
         else:
             loss = logs.get("loss")
             value = float(to_numpy(loss)) if loss is not None else float("nan")
@@ -304,10 +315,14 @@ class NanGuard(keras.callbacks.Callback):
             record = StepRecord(step=step, loss=value, lr=self._lr.read())
             bad = loss is not None and not finite(value)
             batch = {}
-        probe = KerasProbe(self.model, batch, sparse_floats=self._sparse_floats(),
-                           replay=not self.fallback)
+            # The update is already in the variables: only restoring a snapshot taken right
+            # before this step is a skip. An older one is a rollback, and without one nothing
+            # can keep the update out; so skipping is not offered to the ladder.
+            corrupt = bad and (self._snapshot is None or self._snapshot.step != step)
+        heads = self._instrument.heads if self._instrument is not None else None
+        probe = KerasProbe(self.model, batch, heads=heads, replay=not self.fallback)
         verdict = self.session.conclude(record, probe, bad=bad, update_nonfinite=update_bad,
-                                        update_step=step,
+                                        corrupt=corrupt, update_step=step,
                                         has_snapshot=self._snapshot is not None)
         self._carry_out(verdict)
         self._publish(verdict)
@@ -316,9 +331,6 @@ class NanGuard(keras.callbacks.Callback):
             verdict.raise_if_abort()
         return logs
 
-    def _sparse_floats(self) -> bool:
-        return "sparse" in repr(getattr(self.model, "loss", "")).lower()
-
     def _carry_out(self, verdict: Verdict) -> None:
         decision = verdict.decision
         # Instrumented: a bad update was already kept from the weights inside the step.
@@ -326,6 +338,14 @@ class NanGuard(keras.callbacks.Callback):
         restore = decision.restores or (self.fallback and decision.blocks_update)
         if restore and self._snapshot is not None:
             self._snapshot.restore()
+        elif restore and self.fallback:
+            warnings.warn(
+                f"nanguard could not undo step {verdict.record.step}: with loss-only checks "
+                "the update is already in the variables and there is no finite snapshot to "
+                "restore. Add 'abort' to `actions` to stop such a run.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         elif decision.blocks_update and self._snapshot is not None:
             # The update was kept out, but the step's forward already wrote the moving
             # statistics: a NaN batch leaves them NaN (evaluation would be NaN ever after).

@@ -51,6 +51,9 @@ SCRIPT = textwrap.dedent(
     guard, rec = NanGuard(dump_dir=sys.argv[1]), Rec()
     model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[guard, rec])
     replicas = [v.value.values for v in model.trainable_variables]
+    # A rollback lowers the rate every replica's update uses (each traces in its own thread).
+    lowering = NanGuard(dump_dir=sys.argv[1], max_skips=0)
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[lowering])
     print("RESULT " + json.dumps({
         "replicas": strategy.num_replicas_in_sync,
         "events": [(e.step, e.cause, e.action) for e in guard.events],
@@ -59,6 +62,7 @@ SCRIPT = textwrap.dedent(
         "replicas_identical": all(np.array_equal(c.numpy(), cs[0].numpy())
                                   for cs in replicas for c in cs),
         "finite": all(np.isfinite(w).all() for w in model.get_weights()),
+        "lowered": [(r.lr, r.action) for r in lowering.history],
     }))
     """
 )
@@ -77,3 +81,5 @@ def test_mirrored_strategy_replicas_skip_together(tmp_path):
     assert out["skip_unchanged"] and out["good_changed"]
     assert out["replicas_identical"]
     assert out["finite"]
+    assert out["lowered"] == [[pytest.approx(0.05), None], [pytest.approx(0.05), "rollback"],
+                              [pytest.approx(0.025), None], [pytest.approx(0.025), None]]

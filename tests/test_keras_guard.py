@@ -63,7 +63,7 @@ def all_finite(model):
 
 
 def optimizer_state(model):
-    return [np.array(ops.convert_to_numpy(v)) for v in model.optimizer.variables
+    return [np.array(v.numpy()) for v in model.optimizer.variables
             if "learning_rate" not in v.path]
 
 
@@ -660,3 +660,346 @@ def test_labels_the_loss_ignores_are_not_invalid(tmp_path):
     assert (event.step, event.cause) == (2, "target_invalid")
     assert "the first is 7" in event.message
     assert all_finite(model)
+
+
+# -- learning rate: schedules in checkpoints, schedulers next to the guard -------------------
+
+LOAD_AND_TRAIN = """
+import json, sys
+import numpy as np
+import keras
+model = keras.models.load_model(sys.argv[1])
+lr = model.optimizer._learning_rate
+rng = np.random.default_rng(1)
+model.fit(rng.normal(size=(32, 8)).astype("float32"), rng.integers(0, 3, 32), batch_size=16,
+          epochs=1, verbose=0)
+print("RESULT " + json.dumps({
+    "nanguard_imported": any(m.startswith("nanguard") for m in sys.modules),
+    "schedule": type(lr).__name__, "config": lr.get_config(),
+    "finite": all(np.isfinite(w).all() for w in model.get_weights()),
+}))
+"""
+
+
+def test_checkpoint_written_during_fit_loads_and_trains_without_nanguard(tmp_path):
+    # The guard lowers the rate of a schedule without putting anything of its own into the
+    # optimizer: ModelCheckpoint's file is the user's model, loadable where nanguard is not.
+    import zipfile
+
+    x, y = data()
+    x[16:32] = np.nan  # batch 1: a rollback lowers the rate before the checkpoint
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=100, decay_rate=0.9)
+    model = classifier(optimizer=keras.optimizers.Adam(schedule))
+    path = tmp_path / "ckpt.keras"
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"), max_skips=0)
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+              callbacks=[guard, keras.callbacks.ModelCheckpoint(str(path))])
+    assert [e.action for e in guard.events] == ["rollback", "rollback"]
+    assert guard.history[2].lr == pytest.approx(0.005)  # lowered inside the step
+    with zipfile.ZipFile(path) as zf:
+        assert "nanguard" not in zf.read("config.json").decode()
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", LOAD_AND_TRAIN, str(path)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(ln for ln in proc.stdout.splitlines()
+                          if ln.startswith("RESULT "))[len("RESULT "):])
+    assert not out["nanguard_imported"]
+    assert out["schedule"] == "ExponentialDecay"
+    assert out["config"]["initial_learning_rate"] == pytest.approx(0.01)
+    assert out["finite"]
+
+
+def _nan_once_batches(x, y, bad_batch, n_batches):
+    """Batches of 16 forever; only the first pass holds a NaN (in ``bad_batch``)."""
+    k = 0
+    while True:
+        i = k % n_batches
+        xb = x[i * 16:(i + 1) * 16].copy()
+        if k == bad_batch:
+            xb[0, 0] = np.nan
+        k += 1
+        yield xb, y[i * 16:(i + 1) * 16]
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "epoch_lr", "after_fit"),
+    [
+        # relative to the current rate: the guard's lowering must not compound per epoch
+        (lambda: keras.callbacks.LearningRateScheduler(lambda e, lr: lr * 0.9 if e else lr),
+         lambda e: 0.1 * 0.9**e, 0.1 * 0.9**3),
+        # absolute: must not undo the lowering
+        (lambda: keras.callbacks.LearningRateScheduler(lambda e: 0.1 * 0.9**e),
+         lambda e: 0.1 * 0.9**e, 0.1 * 0.9**3),
+        # relative, at the end of every epoch from the second on (no improvement of 1e9)
+        (lambda: keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0,
+                                                   min_delta=1e9),
+         lambda e: 0.1 * 0.5 ** max(0, e - 1), 0.1 * 0.5**3),
+    ],
+    ids=["lr_times", "absolute", "reduce_on_plateau"],
+)
+def test_one_lowering_holds_once_next_to_a_scheduler(tmp_path, scheduler, epoch_lr,
+                                                      after_fit):
+    x, y = data()
+    model = classifier(lr=0.1)
+    guard = NanGuard(dump_dir=str(tmp_path), max_skips=0)  # one rollback, at step 1
+    hist = model.fit(_nan_once_batches(x, y, bad_batch=1, n_batches=4), steps_per_epoch=4,
+                     epochs=4, verbose=0, callbacks=[guard, scheduler()])
+    assert [(e.step, e.action) for e in guard.events] == [(1, "rollback")]
+    lrs = [r.lr for r in guard.history]
+    assert lrs[:2] == pytest.approx([0.1, 0.1])
+    expected = [epoch_lr(0) * 0.5] * 2 + [epoch_lr(e) * 0.5 for e in (1, 2, 3) for _ in range(4)]
+    assert lrs[2:] == pytest.approx(expected, rel=1e-5)
+    assert hist.history["nanguard_lr"][1:] == pytest.approx([epoch_lr(e) * 0.5 for e in (1, 2, 3)],
+                                                            rel=1e-5)
+    # After fit a float rate keeps the lowering (your rate times the guard's factor).
+    now = float(ops.convert_to_numpy(model.optimizer.learning_rate))
+    assert now == pytest.approx(after_fit * 0.5, rel=1e-5)
+
+
+# -- multi-output models ----------------------------------------------------------------------
+
+def two_heads(hidden_act="relu", b_act=None):
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(16, name="hidden")(inputs)
+    h = keras.layers.Activation(hidden_act, name="act")(h)
+    return keras.Model(inputs, {
+        "a": keras.layers.Dense(3, name="a")(h),  # 3 classes
+        "b": keras.layers.Dense(10, activation=b_act, name="b")(h),  # 10 classes
+        "reg": keras.layers.Dense(1, name="reg")(h),
+    })
+
+
+def two_heads_data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    return x, {"a": rng.integers(0, 3, n), "b": rng.integers(0, 10, n).astype("float32"),
+               "reg": rng.normal(size=(n, 1)).astype("float32")}
+
+
+def test_multi_output_labels_are_checked_per_output(tmp_path):
+    # Each output's labels against its own class count and its own loss: "b" holds ids up
+    # to 9 (valid for its 10 classes, as floats its sparse loss takes), "a" ignores -1, and
+    # one id 3 in "a" (3 classes) would crash TensorFlow's kernel on the CPU.
+    x, y = two_heads_data()
+    y["a"][::7] = -1
+    y["a"][21] = 3  # batch 1, index 5
+    model = two_heads()
+    model.compile(keras.optimizers.SGD(0.05), loss={
+        "a": keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1),
+        "b": "sparse_categorical_crossentropy", "reg": "mse"})
+    guard = NanGuard(dump_dir=str(tmp_path))
+    hist = model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where, event.action) == (
+        1, "target_invalid", "targets.a", "skip")
+    assert "the first is 3 at index 5" in event.message
+    assert all_finite(model)
+    for name in ("loss", "a_loss", "b_loss", "reg_loss"):  # the skipped batch is left out
+        assert np.isfinite(hist.history[name]).all()
+
+
+# A NaN made inside the model of a multi-output model is found where it is, whatever the
+# labels of the other outputs (before: "b"'s ids were checked against "a"'s 3 classes).
+@pytest.mark.parametrize(
+    ("build", "cause", "where"),
+    [
+        (lambda: two_heads(hidden_act=naive_softmax), "activation_nonfinite", "act"),
+        (lambda: two_heads(b_act=naive_softmax), "logits_nonfinite", "b"),
+    ],
+    ids=["hidden", "second_output"],
+)
+def test_multi_output_fault_is_diagnosed_where_it_is(tmp_path, build, cause, where):
+    x, y = two_heads_data()
+    x[16:32] *= 1e4  # batch 1
+    model = build()
+    model.compile(keras.optimizers.SGD(0.01), loss={
+        "a": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        "b": keras.losses.SparseCategoricalCrossentropy(), "reg": "mse"})
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (1, cause, where)
+    assert math.isnan(guard.history[1].logits_max)  # over every output, "b" included
+    dump = nanguard.load(guard.dumps[0])
+    assert {"output.a", "output.b", "output.reg", "targets.a", "targets.b"} <= set(dump.tensors)
+    assert np.isnan(dump.tensors["output.b"]).any()
+    assert all_finite(model)
+
+
+# -- snapshots hold the optimizer's slots from step 0 --------------------------------------------
+
+class PlainSubclassed(keras.Model):
+    """No variables until its first call: they appear inside the first training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(16, activation="relu")
+        self.head = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.head(self.hidden(x))
+
+
+def compiled(model, optimizer):
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+# TensorFlow builds the optimizer inside the first step: the guard builds it before its first
+# snapshot. A subclassed model has no variables before its first call: the snapshot is
+# taken again, complete, after the first step.
+@pytest.mark.parametrize(("build", "snap"), [
+    (lambda: classifier(optimizer=keras.optimizers.Adam(0.01)), 0),
+    (lambda: compiled(PlainSubclassed(), keras.optimizers.Adam(0.01)), 1),
+], ids=["sequential", "subclassed"])
+def test_rollback_to_the_first_snapshot_restores_adam_moments(tmp_path, build, snap):
+    x, y = data(n=96)
+    x[32:64, 0] = np.nan  # batches 2 and 3: a skip, then a rollback to the first snapshot
+    model = build()
+    assert not model.optimizer.built
+    guard, rec = NanGuard(dump_dir=str(tmp_path), max_skips=1), Recorder()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard, rec])
+    assert [(e.step, e.action) for e in guard.events] == [(2, "skip"), (3, "rollback")]
+    assert guard.snapshot_step == snap
+    slots = rec.before[snap][1]
+    assert len(slots) == 1 + 2 * 4  # iteration, then two moments per variable: built
+    assert same(rec.after[3][0], rec.before[snap][0])
+    assert same(rec.after[3][1], slots)  # Adam's moments as they were, bit for bit
+    assert not same(rec.before[3][1], slots)  # the steps in between had moved them
+
+
+class CustomStep(keras.Sequential):
+    """A train_step of one's own (loss-only fallback). ``guarded``: it keeps a non-finite
+    update out itself (zero gradients), so the variables stay finite."""
+
+    guarded = False
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x, y, self(x, training=True))
+        grads = tape.gradient(loss, self.trainable_variables)
+        if self.guarded:
+            ok = tf.math.is_finite(loss)
+            grads = [tf.where(ok, g, tf.zeros_like(g)) for g in grads]
+        self.optimizer.apply(grads, self.trainable_variables)
+        return {"loss": loss}
+
+
+def custom_step_model(optimizer, guarded=False, batchnorm=False):
+    model = CustomStep([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                         *([keras.layers.BatchNormalization(name="bn")] if batchnorm else []),
+                         keras.layers.Dense(3)])
+    model.guarded = guarded
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_fallback_rollback_restores_adam_moments_and_training_recovers(tmp_path):
+    x, y = data(n=96)
+    x[32:48, 0] = np.nan  # batch 2: its NaN update lands (loss-only), Adam's moments too
+    model = custom_step_model(keras.optimizers.Adam(0.01))
+    guard, rec = NanGuard(dump_dir=str(tmp_path)), Recorder()
+    with pytest.warns(RuntimeWarning, match="loss-only"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[guard, rec])
+    assert [(e.step, e.cause, e.action) for e in guard.events] == [
+        (2, "weights_nonfinite", "rollback")]  # once: no NaN moment survives the rollback
+    assert same(rec.after[2][0], rec.before[0][0])
+    assert same(rec.after[2][1], rec.before[0][1])
+    assert all(np.isfinite(a).all() for a in optimizer_state(model))
+    assert all_finite(model)
+
+
+# -- what a "skip" is with loss-only checks ----------------------------------------------------
+
+@pytest.mark.parametrize(("snapshot_every", "action", "restored_from"),
+                         [(1, "skip", 3), (100, "rollback", 0)])
+def test_fallback_calls_a_restore_a_skip_only_when_it_undoes_just_that_step(
+        tmp_path, snapshot_every, action, restored_from):
+    # The train_step keeps the bad update out itself; nanguard cannot know, and restores a
+    # snapshot: the one taken right before the step is a skip, an older one a rollback
+    # (counted, and the learning rate lowered), never a "skip" that loses good steps.
+    x, y = data(n=96)
+    x[48:64, 0] = np.nan  # batch 3
+    model = custom_step_model(keras.optimizers.SGD(0.05), guarded=True)
+    guard = NanGuard(dump_dir=str(tmp_path), snapshot_every=snapshot_every)
+    rec = Recorder()
+    with pytest.warns(RuntimeWarning, match="loss-only"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[guard, rec])
+    assert [(e.step, e.action) for e in guard.events] == [(3, action)]
+    assert same(rec.after[3][0], rec.before[restored_from][0])
+    lowered = 0.025 if action == "rollback" else 0.05
+    assert float(ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(lowered)
+
+
+def test_fallback_without_a_snapshot_aborts_instead_of_a_skip_that_does_nothing(tmp_path):
+    # BatchNormalization's moving variance is NaN before fit: no snapshot is ever finite.
+    x, y = data(n=64)
+    x[32:48, 0] = np.nan  # batch 2
+    model = custom_step_model(keras.optimizers.SGD(0.05), guarded=True, batchnorm=True)
+    bn = model.get_layer("bn")
+    bn.moving_variance.assign(np.full(16, np.nan, "float32"))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="loss-only"), \
+            pytest.raises(nanguard.NonFiniteTrainingError) as info:
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert guard.snapshot_step is None
+    assert (info.value.event.step, info.value.event.action) == (2, "abort")
+    assert "no finite snapshot" in info.value.event.message
+    assert [r.action for r in guard.history] == [None, None, "abort"]
+
+
+# -- sample weights, mixed-precision counters ------------------------------------------------
+
+def test_non_finite_sample_weight_is_named_and_dumped(tmp_path, capsys):
+    x, y = data()
+    sw = np.ones(64, "float32")
+    sw[37] = np.inf  # a weight computed as 1 / count of an empty group; batch 2
+    model = classifier()
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, sample_weight=sw, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where, event.action) == (
+        2, "input_nonfinite", "sample_weight", "skip")
+    assert "sample_weight: 0 NaN, 1 Inf of 16 values" in event.message
+    report = inspect_json(guard.dumps[0], capsys)
+    assert report["tensors"]["sample_weight"]["inf"] == 1
+    assert all_finite(model)
+
+
+def test_amp_skips_are_in_every_epoch_log_with_a_loss_scale_optimizer(tmp_path):
+    import csv
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 8)).astype("float32")
+    y = rng.normal(size=(48, 1)).astype("float32")
+
+    def batches():  # the scaled float16 gradients overflow in epoch 1, batch 1 only
+        k = 0
+        while True:
+            i = k % 3
+            yb = y[i * 16:(i + 1) * 16] * (3000.0 if k == 4 else 1.0)
+            k += 1
+            yield x[i * 16:(i + 1) * 16], yb
+
+    model = keras.Sequential([keras.Input((8,)),
+                              keras.layers.Dense(16, activation="relu", dtype="mixed_float16"),
+                              keras.layers.Dense(1, dtype="float32")])
+    model.compile(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01)), "mse")
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    csv_path = tmp_path / "log.csv"
+    hist = model.fit(batches(), steps_per_epoch=3, epochs=3, verbose=0,
+                     callbacks=[guard, keras.callbacks.CSVLogger(str(csv_path))])
+    assert guard.amp_skips == 1
+    assert hist.history["nanguard_amp_skips"] == [0.0, 1.0, 1.0]
+    with open(csv_path) as fh:
+        assert [float(r["nanguard_amp_skips"]) for r in csv.DictReader(fh)] == [0.0, 1.0, 1.0]
+    # Without a LossScaleOptimizer there is no such column.
+    plain = classifier()
+    hist = plain.fit(*data(), batch_size=16, epochs=1, verbose=0,
+                     callbacks=[NanGuard(dump_dir=str(tmp_path / "dumps"))])
+    assert "nanguard_amp_skips" not in hist.history

@@ -147,6 +147,37 @@ SCRIPT = textwrap.dedent(
             return self.head(self.act(self.hidden(x)))
 
     out["subclassed"] = softmax_events(Net)
+
+    # 8. a two-output model: each output's labels against its own classes (an id 3 in the
+    # 3-class output would be an IndexError in torch's cross-entropy)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="relu")(inp)
+    m = keras.Model(inp, {"a": keras.layers.Dense(3, name="a")(h),
+                          "b": keras.layers.Dense(10, name="b")(h)})
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    m.compile(keras.optimizers.SGD(0.05), loss={"a": ce, "b": ce})
+    x = rng.normal(size=(64, 8)).astype("float32")
+    ya, yb = rng.integers(0, 3, 64), rng.integers(0, 10, 64)
+    ya[40] = 3
+    g = NanGuard(dump_dir=dump_dir)
+    m.fit(x, {"a": ya, "b": yb}, batch_size=16, epochs=1, shuffle=False, verbose=0,
+          callbacks=[g])
+    out["multi_output"] = [[(e.step, e.cause, e.where) for e in g.events],
+                           all(np.isfinite(w).all() for w in m.get_weights())]
+
+    # 9. one lowering next to a scheduler that scales the current rate: applied once
+    m, x, y = model_and_data(keras.optimizers.SGD(0.1))
+    x[16] = np.nan  # batch 1 of the first epoch only (epoch 1 gets clean data below)
+    def batches():
+        for k in range(8):
+            i = k % 4
+            xb = x[i * 16:(i + 1) * 16]
+            yield (np.nan_to_num(xb) if k >= 4 else xb), y[i * 16:(i + 1) * 16]
+    g = NanGuard(dump_dir=dump_dir, max_skips=0)
+    sched = keras.callbacks.LearningRateScheduler(lambda e, lr: lr * 0.9 if e else lr)
+    m.fit(batches(), steps_per_epoch=4, epochs=2, verbose=0, callbacks=[g, sched])
+    out["scheduler"] = [r.lr for r in g.history]
     print("RESULT " + json.dumps(out))
     """
 )
@@ -182,3 +213,5 @@ def test_torch_backend_end_to_end(tmp_path):
     assert lso["scale"] < 2.0**24
     assert lso["finite"]
     assert out["subclassed"] == [[1, "activation_nonfinite", "naive_softmax"]]
+    assert out["multi_output"] == [[[2, "target_invalid", "targets.a"]], True]
+    assert out["scheduler"] == pytest.approx([0.1, 0.1] + [0.05] * 2 + [0.045] * 4, rel=1e-5)
