@@ -257,6 +257,7 @@ class KerasProbe:
         outputs = [a for n, a in arrays.items() if n.startswith("output") and a.dtype.kind == "f"]
         if outputs:  # the output whose magnitude is largest sets the exp-overflow limit
             ev.logits_dtype = str(max(outputs, key=_peak).dtype)
+        ev.logits_seen = bool(outputs)  # the loss-only fallback records no output
         layers = getattr(self.model, "layers", [])
         ev.where = layers[-1].name if layers else None
         for name, a in arrays.items():

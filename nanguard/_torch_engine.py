@@ -918,6 +918,7 @@ class TorchProbe:
             ev.details["nonfinite_buffers"] = [clean_name(b) for b in buffers[:20]]
         if e.output is not None:
             ev.logits_dtype = str(e.output.dtype).replace("torch.", "")
+        ev.logits_seen = e.lmin is not None
         ev.where = e.logits_name
         ev.target_invalid = e.describe_label_faults() or check_targets(
             e.targets, e.output, e.ignore_index, classes=e.output_scores_classes)

@@ -41,6 +41,9 @@ class Evidence:
             replay, from finite gradients at its output.
         where: Where non-finite values first appeared (module, layer or parameter name).
         logits_dtype: dtype of the model output, for the ``exp`` overflow threshold.
+        logits_seen: False when the step's output range was not recorded (the model was
+            not called inside the guarded step, or a loss-only fallback): its NaN
+            ``logits_min``/``logits_max`` then say nothing about the output.
         details: Extra numbers for the dump.
 
     Example:
@@ -56,6 +59,7 @@ class Evidence:
     grad_where: str | None = None
     where: str | None = None
     logits_dtype: str = "float32"
+    logits_seen: bool = True
     details: dict[str, object] = dataclasses.field(default_factory=dict)
 
 
@@ -101,8 +105,14 @@ def classify(
     s = record.step
     where = evidence.where
     limit = EXP_LIMITS.get(evidence.logits_dtype, EXP_LIMITS["float32"])
-    logits_finite = finite(record.logits_min) and finite(record.logits_max)
-    peak = max(abs(record.logits_min), abs(record.logits_max)) if logits_finite else math.inf
+    logits_finite = not evidence.logits_seen or (
+        finite(record.logits_min) and finite(record.logits_max))
+    peak = (max(abs(record.logits_min), abs(record.logits_max))
+            if logits_finite and evidence.logits_seen else 0.0)
+    finite_so_far = (
+        "inputs, weights and outputs are finite and moderate (output in "
+        f"[{_fmt(record.logits_min)}, {_fmt(record.logits_max)}])" if evidence.logits_seen
+        else "inputs and weights are finite (the output's range was not recorded)")
     grew = growth(history)
     trend = ""
     if grew is not None:
@@ -161,10 +171,9 @@ def classify(
         )
     if not finite(record.loss):
         return "loss_nonfinite", None, (
-            f"Step {s}: inputs, weights and outputs are finite and moderate (output in "
-            f"[{_fmt(record.logits_min)}, {_fmt(record.logits_max)}]) but the loss is "
-            f"{record.loss}: the loss function divides by ~0 or takes log(0). Add an epsilon "
-            "to denominators, clamp before log, or use a built-in loss." + trend
+            f"Step {s}: {finite_so_far} but the loss is {record.loss}: the loss function "
+            "divides by ~0 or takes log(0). Add an epsilon to denominators, clamp before log, "
+            "or use a built-in loss." + trend
         )
     if grew is not None:
         return "grad_explosion", evidence.grad_where or evidence.activation, (

@@ -170,6 +170,16 @@ def test_input_beats_everything_downstream():
     assert (cause, where) == ("input_nonfinite", "inputs.x")
 
 
+def test_an_output_range_never_recorded_is_not_a_non_finite_output():
+    # NaN logits_min/max because no output was seen (a loss-only fallback): the loss's own
+    # fault, said without claiming the output was finite.
+    unseen = Evidence(logits_seen=False)
+    cause, _, message = classify(rec(3, loss=NAN, lmin=NAN, lmax=NAN), unseen, [])
+    assert cause == "loss_nonfinite" and "range was not recorded" in message
+    cause, _, _ = classify(rec(3, loss=NAN, lmin=NAN, lmax=NAN), Evidence(), [])
+    assert cause == "logits_nonfinite"
+
+
 def test_grad_explosion_needs_growth():
     calm = [rec(i, g=1.0) for i in range(6)]
     rising = [rec(i, g=2.0**i) for i in range(6)]
