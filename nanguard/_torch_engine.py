@@ -186,9 +186,11 @@ def scores_classes(grad: torch.Tensor | None, dim: int, n_classes: int) -> torch
     """
     if grad is None or grad.ndim <= dim or grad.shape[dim] != n_classes:
         return None
+    # Rounding alone: float32 sums to ~1e-7 of the row, bfloat16's entries carry ~4e-3.
+    tol = max(1e-4, 2 * torch.finfo(grad.dtype).eps)
     g = grad.detach().float()
     row, size = g.sum(dim).abs(), g.abs().sum(dim)
-    return ((row <= 0.05 * size) | ~torch.isfinite(row)).all()
+    return ((row <= tol * size) | ~torch.isfinite(row)).all()
 
 
 class Snapshot:
@@ -200,6 +202,9 @@ class Snapshot:
     def __init__(self, step: int, model: torch.nn.Module, optimizers: list[Any]) -> None:
         self.step = step
         self.model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        # Buffers left out of state_dict (persistent=False) are state the forward writes too.
+        self.model.update({k: v.detach().to("cpu", copy=True)
+                           for k, v in model.named_buffers() if k not in self.model})
         in_model = {id(v) for v in model.state_dict(keep_vars=True).values()}
         # Parameters only an optimizer holds (a learnable loss weight), by their place.
         self.outside: dict[tuple[int, int], torch.Tensor] = {}
@@ -220,14 +225,14 @@ class Snapshot:
         if not names:
             return
         with torch.no_grad():
-            live = model.state_dict(keep_vars=True)
+            live = _live_state(model)
             for name in names:
                 if name in self.model:
                     live[name].data.copy_(self.model[name])
 
     def restore(self, model: torch.nn.Module, optimizers: list[Any]) -> None:
         with torch.no_grad():
-            live = model.state_dict(keep_vars=True)
+            live = _live_state(model)
             for name, v in self.model.items():
                 live[name].data.copy_(v)
         for k, (opt, saved) in enumerate(zip(optimizers, self.optim, strict=True)):
@@ -241,6 +246,13 @@ class Snapshot:
                     opt.state[p] = {key: _copy(v, device) for key, (v, device) in saved[i].items()}
                 else:
                     opt.state.pop(p, None)
+
+
+def _live_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors by name: ``state_dict`` plus non-persistent buffers."""
+    live = dict(model.state_dict(keep_vars=True))
+    live.update((k, v) for k, v in model.named_buffers() if k not in live)
+    return live
 
 
 def _copy(v: Any, device: torch.device | str) -> Any:
@@ -342,7 +354,8 @@ class TorchEngine:
         self.last_output_grad: torch.Tensor | None = None
         self.output_scores_classes = True  # False once a gradient showed it does not
         # The plain guard's step context turns a loss's out-of-range error into a skip; in
-        # Lightning it would end the fit (and on a GPU it is a device-side assert).
+        # Lightning it would end the fit, on a GPU it is a device-side assert, and under DDP
+        # the other ranks would wait in backward's all-reduce for this one.
         self.loss_errors_caught = framework == "torch"
 
     # -- set-up -------------------------------------------------------------------------
@@ -433,6 +446,8 @@ class TorchEngine:
         if _group_sizes(self.optimizers) != self.groups_seen:  # add_param_group since
             self.set_optimizers(self.optimizers)
             self.session.extra_meta["param_names"] = [self.names[p] for p in self.params]
+            # The last snapshot predates the new group: a rollback to it would mix states.
+            self.take_snapshot(self.session.step)
         self.reset_step()
         self.in_step = True
         self.micro_batches = 1
@@ -505,7 +520,7 @@ class TorchEngine:
                 return
         bad = _bad_labels(t, n_classes, self.ignore_index)
         scored = scores_classes(self.last_output_grad, dim, n_classes)
-        if scored is None and on_cpu and self.loss_errors_caught:
+        if scored is None and on_cpu and self.loss_errors_caught and not self.distributed:
             # No evidence yet (the first step): let the loss decide. A class-id loss raises
             # on the CPU, and the step context makes that a target_invalid skip.
             return
@@ -761,8 +776,12 @@ class TorchEngine:
                 for key in ("lr", "initial_lr", "max_lr", "min_lr"):
                     if key in group:
                         group[key] = _scaled(group[key], factor)
+            scaled: set[int] = set()  # SequentialLR's children hold the optimizer too
             for sched in _schedulers_of(opt):
                 for child in [sched, *getattr(sched, "_schedulers", [])]:
+                    if id(child) in scaled:
+                        continue
+                    scaled.add(id(child))
                     for attr in ("base_lrs", "max_lrs", "_last_lr", "min_lrs"):
                         values = getattr(child, attr, None)
                         if isinstance(values, list):
@@ -941,6 +960,12 @@ class TorchProbe:
 
         earlier = ev.input_nonfinite or ev.target_invalid or ev.weights_nonfinite
         run = not (earlier or ev.update_nonfinite)
+        if e.distributed:  # all ranks replay or none: the model may run collectives
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(run)], device=e.params[0].device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            run = bool(flag.item())
         self.replayed = localize_step(e, record, ev, run=run)
         if e.distributed:
             ev = agree_across_ranks(e, record, ev)

@@ -379,6 +379,10 @@ class NanGuard(_CallbackBase):
         """Counters and history, saved in Lightning checkpoints."""
         if self._engine is None:
             return dict(self._pending_state or {})
+        # A checkpoint between steps (ModelCheckpoint(every_n_train_steps=...)): Lightning
+        # took the model's state_dict already, as views of the live weights, and gathers
+        # the optimizers' after this; a rollback here reaches both.
+        self._check_last_update()
         return {
             "session": self._engine.session.state_dict(),
             "lr_scale": self._engine.lr_scale,

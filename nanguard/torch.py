@@ -326,10 +326,12 @@ class _Step:
                 return False
             # On the CPU an out-of-range label raises inside the loss before any hook can
             # act: that is a bad step with a known cause, not a crash.
+            # classes=True: a loss that raised on these ids proved they index the output,
+            # whatever the output's gradient suggested (scores_classes).
             labels = engine.describe_label_faults() or check_targets(
-                engine.targets, engine.output, engine.ignore_index,
-                classes=engine.output_scores_classes)
+                engine.targets, engine.output, engine.ignore_index)
             if engine.verdict is None and labels:
+                engine.output_scores_classes = True
                 verdict = engine.decide(bad=True)
                 try:
                     guard._finish(verdict)

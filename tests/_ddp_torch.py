@@ -58,6 +58,8 @@ def worker(rank: int, outdir: str) -> None:
                 "accumulation": {
                     kind: accumulate(rank, outdir, kind == "scaler") for kind in ("plain", "scaler")
                 },
+                "label_at_step_0": short_run(rank, outdir, "label"),
+                "collective_in_forward": short_run(rank, outdir, "collective"),
             },
             fh,
         )
@@ -94,6 +96,52 @@ def accumulate(rank: int, outdir: str, use_scaler: bool) -> dict:
     guard.close()
     return {
         "steps": [r.step for r in guard.history],
+        "actions": [r.action for r in guard.history],
+        "events": [[e.step, e.cause] for e in guard.events],
+        "weights": [p.detach().flatten().tolist() for p in net.parameters()],
+    }
+
+
+class SyncedNorm(torch.nn.Module):
+    """Normalises by statistics all-reduced over the ranks (as SyncBatchNorm does on GPUs):
+    a collective inside the model's forward."""
+
+    def forward(self, x):
+        stats = torch.stack([x.mean(), (x * x).mean()])
+        dist.all_reduce(stats)
+        mean, sq = stats / dist.get_world_size()
+        return (x - mean) / torch.sqrt(sq - mean * mean + 1e-5)
+
+
+def short_run(rank: int, outdir: str, fault: str) -> dict:
+    """Rank 1 alone goes bad: ``label``, a class id out of range at the very first step
+    (before any gradient told the guard the output scores classes); ``collective``, a NaN
+    input at step 2 of a model whose forward runs an all-reduce (a replay on one rank only
+    would wait forever for the other)."""
+    from nanguard.torch import NanGuard
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)]
+    if fault == "collective":
+        layers.insert(1, SyncedNorm())
+    net = torch.nn.Sequential(*layers)
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = NanGuard(model, opt, dump_dir=f"{outdir}/dumps_{fault}")
+    g = torch.Generator().manual_seed(300 + rank)
+    for step in range(4):
+        x = torch.randn(4, 8, generator=g)
+        y = torch.randint(0, 4, (4,), generator=g)
+        if rank == 1 and fault == "label" and step == 0:
+            y[2] = 10
+        if rank == 1 and fault == "collective" and step == 2:
+            x[1, 1] = math.nan
+        opt.zero_grad()
+        with guard.step(x, targets=y):
+            guard.backward(torch.nn.functional.cross_entropy(model(x), y))
+            opt.step()
+    guard.close()
+    return {
         "actions": [r.action for r in guard.history],
         "events": [[e.step, e.cause] for e in guard.events],
         "weights": [p.detach().flatten().tolist() for p in net.parameters()],

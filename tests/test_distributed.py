@@ -95,6 +95,15 @@ def test_plain_torch_guard_ranks_agree(tmp_path):
         assert r0["actions"] == r1["actions"], kind
         assert r0["actions"][2] == "skip" and r0["actions"].count("skip") == 1, kind
         assert r0["events"] == r1["events"] == [[2, "input_nonfinite"]], kind
+    # A bad class id on rank 1 at step 0, and a NaN on rank 1 in a model whose forward runs
+    # an all-reduce: both ranks skip that step together, and finish with the same weights.
+    for kind, step, cause in (("label_at_step_0", 0, "target_invalid"),
+                              ("collective_in_forward", 2, "input_nonfinite")):
+        r0, r1 = (r[kind] for r in results)
+        assert r0["actions"] == r1["actions"], kind
+        assert r0["actions"][step] == "skip" and r0["actions"].count("skip") == 1, kind
+        assert r1["events"] == [[step, cause]], kind
+        assert r0["weights"] == r1["weights"], kind
         assert r0["weights"] == r1["weights"], kind  # bit-identical replicas
         assert all(math.isfinite(w) for p in r0["weights"] for w in p), kind
 

@@ -589,3 +589,21 @@ def test_an_embedding_model_trains_on_after_the_first_step(tmp_path):
     assert [(e.step, e.cause) for e in guard.events] == [(0, "target_invalid")]
     assert [r.action for r in guard.history][1:] == [None] * 15
     assert torch.equal(y, given)
+
+
+def test_a_checkpoint_between_steps_never_holds_an_overflowed_update(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    every_step = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=1,
+                                 save_top_k=-1, filename="{step}")
+    model = LrSpike(spike_at=3)
+    trainer(tmp_path, guard, extra_callbacks=[every_step], enable_checkpointing=True).fit(
+        model, make_data(6))
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert len(saved) == 6
+    for path in saved:
+        ckpt = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()), path.name
+    (event,) = guard.events
+    assert (event.step, event.cause) == (3, "update_nonfinite")

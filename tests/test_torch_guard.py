@@ -431,15 +431,25 @@ def test_clip_grad_norm_clips_good_steps(tmp_path):
     assert all(n <= 0.01 * 1.001 for n in norms_after)
 
 
-@pytest.mark.parametrize("scheduler", ["lambda", "onecycle", "step"])
+SCHEDULERS = {
+    "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
+    "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=40),
+    "step": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1000, gamma=0.1),
+    # warmup, then cosine from its base LR at the milestone (after the rollback)
+    "sequential": lambda o: torch.optim.lr_scheduler.SequentialLR(o, [
+        torch.optim.lr_scheduler.LinearLR(o, start_factor=0.5, total_iters=5),
+        torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=20)], milestones=[5]),
+    "chained": lambda o: torch.optim.lr_scheduler.ChainedScheduler([
+        torch.optim.lr_scheduler.LinearLR(o, start_factor=0.5, total_iters=5),
+        torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.95)]),
+}
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_lowered_lr_survives_schedulers(tmp_path, scheduler):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = {
-        "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-        "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=40),
-        "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=1000, gamma=0.1),
-    }[scheduler]()
+    sched = SCHEDULERS[scheduler](opt)
     guard = NanGuard(model, opt, max_skips=0, dump_dir=str(tmp_path))
     data = batches(12)
     data[3][0][0, 0] = float("nan")
@@ -456,12 +466,7 @@ def test_lowered_lr_survives_schedulers(tmp_path, scheduler):
     guard.close()
     assert guard.history[3].action == "rollback"
     reference = torch.optim.SGD(mlp().parameters(), lr=0.1)
-    ref_sched = {
-        "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(reference, lambda s: 1.0),
-        "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(reference, max_lr=0.1,
-                                                                total_steps=40),
-        "step": lambda: torch.optim.lr_scheduler.StepLR(reference, step_size=1000, gamma=0.1),
-    }[scheduler]()
+    ref_sched = SCHEDULERS[scheduler](reference)
     ref_lrs = []
     for _ in data:
         reference.step()
@@ -469,7 +474,7 @@ def test_lowered_lr_survives_schedulers(tmp_path, scheduler):
         ref_lrs.append(reference.param_groups[0]["lr"])
     assert before[0] > 0
     for got, ref in zip(lrs[3:], ref_lrs[3:], strict=True):
-        assert got == pytest.approx(ref * 0.5)  # the schedule goes on, at half the rate
+        assert got == pytest.approx(ref * 0.5)  # the schedule goes on, at half the rate (once)
 
 
 def test_outputs_of_other_kinds_and_logits_module(tmp_path):
@@ -1180,6 +1185,8 @@ def test_parameters_added_after_the_guard_are_guarded(tmp_path):
                 guard.backward(F.cross_entropy(out, y))
                 opt.step()
             assert weights_finite(model), i
+        # a snapshot of the new state when the group appeared: rollbacks land on it
+        assert guard.snapshot_step == 2
     assert [r.action for r in guard.history][5:7] == ["skip", "rollback"]
 
 
@@ -1213,3 +1220,52 @@ def test_a_learnable_loss_weight_is_rolled_back_with_the_model(tmp_path):
     assert guard.snapshot_step == 0 and len(guard.events) == 1
     assert torch.equal(snap["restored"], snap["log_vars"])  # bit for bit
     assert torch.isfinite(log_vars).all()
+
+
+class RunningNorm(torch.nn.Module):
+    """Normalises by running statistics it keeps in non-persistent buffers (left out of the
+    state_dict, as some input normalisers are)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n), persistent=False)
+
+    def forward(self, x):
+        if self.training:
+            self.mean.mul_(0.9).add_(0.1 * x.detach().mean(0))
+        return x - self.mean
+
+
+def test_non_persistent_buffers_are_repaired_after_a_skip(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(RunningNorm(8), torch.nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(8)
+    data[3][0][0, 0] = float("nan")
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, data)
+    assert [r.action for r in guard.history].count("skip") == 1 and len(guard.events) == 1
+    assert guard.events[0].details["nonfinite_buffers"] == ["0.mean"]
+    assert torch.isfinite(model[0].mean).all()
+    model.eval()
+    assert torch.isfinite(model(data[0][0])).all()
+
+
+def test_a_classifier_whose_loss_raised_on_a_bad_id_is_a_target_invalid_skip(tmp_path):
+    # Distillation: cross-entropy plus an MSE between the student's and a teacher's logits.
+    # That second term keeps the output gradient's rows from summing to zero, so the guard
+    # cannot tell from it that the output scores classes; the loss raising on the id can.
+    model = mlp()
+    teacher = mlp(seed=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(6)
+    data[3][1][2] = 10
+
+    def distill(logits, y):
+        return F.cross_entropy(logits, y) + 0.5 * F.mse_loss(logits, teacher(data[0][0])[:16])
+
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, data, loss_fn=distill)
+    (event,) = guard.events
+    assert (event.step, event.cause) == (3, "target_invalid")
+    assert weights_finite(model)
