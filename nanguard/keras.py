@@ -307,7 +307,7 @@ class NanGuard(keras.callbacks.Callback):
                 update_bad = not all(np.isfinite(to_numpy(w, 2**62)).all()
                                      for w in self.model.trainable_variables)
             batch: dict[str, Any] = extra
-            corrupt = False
+            can_skip = True
         else:
             loss = logs.get("loss")
             value = float(to_numpy(loss)) if loss is not None else float("nan")
@@ -316,13 +316,13 @@ class NanGuard(keras.callbacks.Callback):
             bad = loss is not None and not finite(value)
             batch = {}
             # The update is already in the variables: only restoring a snapshot taken right
-            # before this step is a skip. An older one is a rollback, and without one nothing
-            # can keep the update out; so skipping is not offered to the ladder.
-            corrupt = bad and (self._snapshot is None or self._snapshot.step != step)
+            # before this step is a skip. Otherwise the skip rung is passed over: an older
+            # snapshot is a rollback, and without one nothing can undo the update.
+            can_skip = self._snapshot is not None and self._snapshot.step == step
         heads = self._instrument.heads if self._instrument is not None else None
         probe = KerasProbe(self.model, batch, heads=heads, replay=not self.fallback)
         verdict = self.session.conclude(record, probe, bad=bad, update_nonfinite=update_bad,
-                                        corrupt=corrupt, update_step=step,
+                                        update_step=step, can_skip=can_skip,
                                         has_snapshot=self._snapshot is not None)
         self._carry_out(verdict)
         self._publish(verdict)
@@ -338,14 +338,6 @@ class NanGuard(keras.callbacks.Callback):
         restore = decision.restores or (self.fallback and decision.blocks_update)
         if restore and self._snapshot is not None:
             self._snapshot.restore()
-        elif restore and self.fallback:
-            warnings.warn(
-                f"nanguard could not undo step {verdict.record.step}: with loss-only checks "
-                "the update is already in the variables and there is no finite snapshot to "
-                "restore. Add 'abort' to `actions` to stop such a run.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
         elif decision.blocks_update and self._snapshot is not None:
             # The update was kept out, but the step's forward already wrote the moving
             # statistics: a NaN batch leaves them NaN (evaluation would be NaN ever after).

@@ -55,6 +55,7 @@ def decide(
     bad: bool,
     corrupt: bool = False,
     has_snapshot: bool = True,
+    can_skip: bool = True,
 ) -> tuple[Decision, LadderState]:
     """Climb the ladder for one step.
 
@@ -68,6 +69,9 @@ def decide(
         has_snapshot: Whether a finite snapshot exists to roll back to. Without one (the
             weights were never finite when a snapshot was due) the rollback rung is passed
             over.
+        can_skip: Whether the adapter can keep this step's update out of the weights. A
+            loss-only check sees the step after its update was applied: then only a
+            restore undoes it, and the skip rung is passed over.
 
     Returns:
         The decision and the new counters.
@@ -78,12 +82,14 @@ def decide(
         )
     actions = config.actions
     state = state._replace(total_bad=state.total_bad + 1)
-    if not corrupt and "skip" in actions and state.consecutive_skips < config.max_skips:
+    if (not corrupt and can_skip and "skip" in actions
+            and state.consecutive_skips < config.max_skips):
         reason = f"skip {state.consecutive_skips + 1} of {config.max_skips}"
         return Decision("skip", False, reason), state._replace(
             consecutive_skips=state.consecutive_skips + 1
         )
-    why = "weights or optimizer state non-finite" if corrupt else f"{config.max_skips} skips"
+    why = ("weights or optimizer state non-finite" if corrupt
+           else f"{config.max_skips} skips" if can_skip else "the update is already applied")
     lower = "lower_lr" in actions
     rung = has_snapshot if "rollback" in actions else lower
     if "rollback" in actions and not has_snapshot:
@@ -96,7 +102,9 @@ def decide(
         )
     if "abort" in actions:
         return Decision("abort", False, f"{why}, {state.rollbacks} rollbacks: abort"), state
-    if actions:
+    if actions and can_skip:
         # The ladder is spent but the user asked for protection: keep the update out.
         return Decision("skip", False, f"{why}; no rung left, skipping"), state
+    if actions:
+        return Decision("log", False, f"{why}; no rung left that can undo it, logged"), state
     return Decision("log", False, "monitoring only (actions=()), logged"), state

@@ -156,6 +156,7 @@ class GuardSession:
         corrupt: bool = False,
         update_step: int | None = None,
         has_snapshot: bool = True,
+        can_skip: bool = True,
     ) -> Verdict:
         """Decide one step, record it, and write a dump for an event.
 
@@ -169,6 +170,8 @@ class GuardSession:
                 the step before ``record.step`` (adapters that see it one step late). An
                 adapter that checks the weights inside the same step passes ``record.step``.
             has_snapshot: Whether the adapter holds a finite snapshot to roll back to.
+            can_skip: Whether the adapter can still keep this step's update out of the
+                weights (False for a loss-only check made after the update).
 
         Returns:
             The :class:`Verdict`; call ``verdict.raise_if_abort()`` after carrying it out.
@@ -195,7 +198,7 @@ class GuardSession:
             culprit, past = past[-1], past[:-1]
         self.history.append(record)
         return self._event(record, culprit, past, evidence, corrupt=corrupt, probe=probe,
-                           has_snapshot=has_snapshot)
+                           has_snapshot=has_snapshot, can_skip=can_skip)
 
     def conclude_late_update(self, probe: Probe | None, *, has_snapshot: bool = True) -> Verdict:
         """The last recorded step's update left the weights non-finite, found after that
@@ -205,7 +208,7 @@ class GuardSession:
         evidence = probe.evidence(record) if probe is not None else detector.Evidence()
         evidence.update_nonfinite = True
         return self._event(record, record, list(self.history)[:-1], evidence, corrupt=True,
-                           probe=probe, has_snapshot=has_snapshot)
+                           probe=probe, has_snapshot=has_snapshot, can_skip=True)
 
     def _event(
         self,
@@ -217,13 +220,14 @@ class GuardSession:
         corrupt: bool,
         probe: Probe | None,
         has_snapshot: bool,
+        can_skip: bool,
     ) -> Verdict:
         """Classify a bad step, climb the ladder, and write the event's dump; ``record`` is
         the history entry that takes the action, ``culprit`` the step the event is about."""
         cause, where, message = detector.classify(culprit, evidence, past)
         decision, self.ladder = policy.decide(
             self.ladder, self.config, step=record.step, bad=True, corrupt=corrupt,
-            has_snapshot=has_snapshot,
+            has_snapshot=has_snapshot, can_skip=can_skip,
         )
         record.action = decision.action
         record.cause = cause

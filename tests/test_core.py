@@ -93,6 +93,16 @@ def test_without_a_snapshot_the_rollback_rung_is_passed_over():
         "lower_lr")
 
 
+def test_a_step_whose_update_cannot_be_kept_out_is_never_a_skip():
+    # A loss-only check (Keras's fallback) sees the step after its update was applied.
+    late = GuardConfig()
+    first = decide(LadderState(), late, step=0, bad=True, can_skip=False)[0]
+    assert first.action == "rollback" and "already applied" in first.reason
+    no_abort = GuardConfig(actions=("skip", "rollback"), max_rollbacks=0)
+    spent = decide(LadderState(), no_abort, step=0, bad=True, can_skip=False)[0]
+    assert spent.action == "log" and not spent.blocks_update
+
+
 def test_missing_rungs_are_passed_over():
     only_abort = GuardConfig(actions=("abort",))
     assert _climb(only_abort, [True])[0][0].action == "abort"
