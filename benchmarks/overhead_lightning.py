@@ -5,8 +5,9 @@ Runs, interleaved in one process, blocks of `Trainer.fit` on two models: an MLP 
 1.5M parameters and a small transformer encoder (4 layers, d=256). Each block is one fit of
 `--steps` optimizer steps in one of these modes:
   plain    no callback
-  guard    NanGuard at default options (log_every=1: its stats go to the trainer's loggers
-           every step; snapshot_every=100, so the snapshot before the first step falls in a
+  guard    NanGuard at default options (log_every=1: its stats go through pl_module.log on
+           the steps the Trainer writes to its loggers, every log_every_n_steps=50 here, as
+           by default; snapshot_every=100, so the snapshot before the first step falls in a
            block of 100 steps, as it does once per 100 steps in a run)
   anomaly  Trainer(detect_anomaly=True), no callback
 A step's time is the wall time between two consecutive `on_train_batch_start` calls of a
