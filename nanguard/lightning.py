@@ -348,8 +348,10 @@ class NanGuard(_CallbackBase):
         the same as logging every step would, for the same lines in the loggers, without
         the 0.4 to 1 ms per key per call of ``pl_module.log``; ``log_every`` thins them."""
         n = trainer.global_step + 1
-        every = max(trainer.log_every_n_steps, 1)
-        return bool(trainer.fast_dev_run) or (n % every == 0 and n % self.config.log_every == 0)
+        # Both set on the Trainer at run time by its connectors (untyped attributes).
+        every = max(int(getattr(trainer, "log_every_n_steps", 1)), 1)
+        fast_dev_run = bool(getattr(trainer, "fast_dev_run", False))
+        return fast_dev_run or (n % every == 0 and n % self.config.log_every == 0)
 
     def _log(self, pl_module: pl.LightningModule, rec: StepRecord) -> None:
         # Through pl_module.log like the user's own metrics: they reach the loggers and
