@@ -437,9 +437,10 @@ class TorchEngine:
         self.lmax: torch.Tensor | None = None
         self.loss: torch.Tensor | None = None
         self.labels_bad: torch.Tensor | None = None
-        # id of a targets tensor whose bad class ids were zeroed -> (original, n_classes)
-        self.original_labels: dict[int, tuple[torch.Tensor, int]] = {}
-        self.defused: list[tuple[torch.Tensor, torch.Tensor]] = []  # (user's tensor, original)
+        # id of a targets tensor whose bad class ids were zeroed -> (that tensor, a copy of
+        # it as the loader gave it, n_classes); the ids are written back when the step ends
+        self.original_labels: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self.scored: torch.Tensor | None = None  # this step's scores_classes, when computed
         self.verdict: Verdict | None = None
 
     def begin_step(self, inputs: Any = None, targets: Any = None) -> None:
@@ -519,7 +520,7 @@ class TorchEngine:
             if int(lo) >= 0 and int(hi) < n_classes:
                 return
         bad = _bad_labels(t, n_classes, self.ignore_index)
-        scored = scores_classes(self.last_output_grad, dim, n_classes)
+        self.scored = scored = scores_classes(self.last_output_grad, dim, n_classes)
         if scored is None and on_cpu and self.loss_errors_caught and not self.distributed:
             # No evidence yet (the first step): let the loss decide. A class-id loss raises
             # on the CPU, and the step context makes that a target_invalid skip.
@@ -532,11 +533,16 @@ class TorchEngine:
             bad &= scored  # on a GPU, without a transfer
         if on_cpu and not bool(bad.any()):
             return  # only ignored ids out of range (a segmentation mask's 255)
-        self.original_labels[id(t)] = (t.clone(), n_classes)
-        self.defused.append((t, self.original_labels[id(t)][0]))
+        self.original_labels[id(t)] = (t, t.clone(), n_classes)
         t.masked_fill_(bad, 0)
         flag = bad.any()
         self.labels_bad = flag if self.labels_bad is None else self.labels_bad | flag
+
+    def ids_index_the_output(self) -> None:
+        """The loss raised on this step's out-of-range ids: they do index the output, whatever
+        its gradient suggested (:func:`scores_classes`)."""
+        self.output_scores_classes = True
+        self.scored = None
 
     def describe_label_faults(self) -> str | None:
         if not self.original_labels:
@@ -544,7 +550,7 @@ class TorchEngine:
         for name, t in named_tensors(self.targets, "targets"):
             saved = self.original_labels.get(id(t))
             found = (None if saved is None
-                     else _describe_labels(name, *saved, ignore_index=self.ignore_index))
+                     else _describe_labels(name, saved[1], saved[2], self.ignore_index))
             if found:
                 return found
         return None
@@ -725,9 +731,9 @@ class TorchEngine:
             return
         self.micro_batches = 0
         self.inputs = self.targets = self.batch_targets = self.output = None
-        for t, original in self.defused:  # the loader's tensor (maybe a dataset's view)
+        for t, original, _ in self.original_labels.values():  # maybe a view of a dataset
             t.copy_(original)
-        self.defused = []
+        self.original_labels = {}
         if self.calls is not None:
             calls = self.calls.calls
             grads = calls[0].output_grads if calls and self.config.logits_module is None else {}
@@ -939,6 +945,8 @@ class TorchProbe:
             ev.logits_dtype = str(e.output.dtype).replace("torch.", "")
         ev.logits_seen = e.lmin is not None
         ev.where = e.logits_name
+        if e.scored is not None and not bool(e.scored):  # on a GPU, known only now
+            e.output_scores_classes = False
         ev.target_invalid = e.describe_label_faults() or check_targets(
             e.targets, e.output, e.ignore_index, classes=e.output_scores_classes)
         if e.update_was_bad:
@@ -1012,7 +1020,7 @@ class TorchProbe:
         for name, t in named_tensors(e.inputs, "inputs"):
             out[name] = to_numpy(t)
         for name, t in named_tensors(e.targets, "targets"):
-            out[name] = to_numpy(e.original_labels.get(id(t), (t, 0))[0])  # as the loader gave
+            out[name] = to_numpy(e.original_labels.get(id(t), (t, t, 0))[1])  # as the loader gave
         if e.output is not None:
             out["output"] = to_numpy(e.output)
         out.update(self.replayed)

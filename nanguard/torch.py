@@ -331,7 +331,7 @@ class _Step:
             labels = engine.describe_label_faults() or check_targets(
                 engine.targets, engine.output, engine.ignore_index)
             if engine.verdict is None and labels:
-                engine.output_scores_classes = True
+                engine.ids_index_the_output()
                 verdict = engine.decide(bad=True)
                 try:
                     guard._finish(verdict)
