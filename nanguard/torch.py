@@ -199,9 +199,7 @@ class NanGuard:
         """
         try:
             if self._handles and not self._engine.in_step:
-                verdict = self._engine.check_last_update()
-                if verdict is not None:
-                    self._finish(verdict)
+                self.check_last_update()
         finally:
             self._remove_hooks()
 
