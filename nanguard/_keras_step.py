@@ -169,7 +169,9 @@ class StepInstrument:
                 # Dicts, not lists: a traced step cannot return a list of unlike tensors.
                 extra["heads"] = {str(i): {"y": y_t, "y_pred": _detach(y_p)}
                                   for i, (_, y_t, y_p) in enumerate(cap.heads)}
-            out[STATS_KEY] = extra
+            # A model's list of outputs (and its list of targets): TensorFlow packs a list
+            # returned from the step into one tensor, which unlike shapes cannot be.
+            out[STATS_KEY] = keras.tree.lists_to_tuples(extra)
             return out
 
         return train_step

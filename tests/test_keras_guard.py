@@ -799,6 +799,29 @@ def test_multi_output_labels_are_checked_per_output(tmp_path):
         assert np.isfinite(hist.history[name]).all()
 
 
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_a_list_of_outputs_trains_and_is_checked_per_output(tmp_path, run_eagerly):
+    # keras.Model(inputs, [a, b, reg]) with a list of losses: TensorFlow packs a list the
+    # step returns into one tensor, so the guard's step must not return the model's lists.
+    x, y = two_heads_data()
+    y["b"][20] = 12  # batch 1: outside "b"'s 10 classes, valid for nothing else either
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="relu")(inputs)
+    model = keras.Model(inputs, [keras.layers.Dense(3)(h), keras.layers.Dense(10)(h),
+                                 keras.layers.Dense(1)(h)])
+    model.compile(keras.optimizers.SGD(0.05), run_eagerly=run_eagerly, loss=[
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True), "mse"])
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, [y["a"], y["b"].astype("int64"), y["reg"]], batch_size=16, epochs=1,
+              shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (1, "target_invalid", "targets.1")
+    assert all_finite(model)
+    dump = nanguard.load(guard.dumps[0])
+    assert {"output.0", "output.1", "output.2", "targets.0", "targets.1"} <= set(dump.tensors)
+
+
 # A NaN made inside the model of a multi-output model is found where it is, whatever the
 # labels of the other outputs (before: "b"'s ids were checked against "a"'s 3 classes).
 @pytest.mark.parametrize(
