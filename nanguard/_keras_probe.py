@@ -258,6 +258,7 @@ class KerasProbe:
         if outputs:  # the output whose magnitude is largest sets the exp-overflow limit
             ev.logits_dtype = str(max(outputs, key=_peak).dtype)
         ev.logits_seen = bool(outputs)  # the loss-only fallback records no output
+        ev.batch_seen = bool(self.batch)  # ... and no batch
         layers = getattr(self.model, "layers", [])
         ev.where = layers[-1].name if layers else None
         for name, a in arrays.items():

@@ -44,6 +44,7 @@ class Evidence:
         logits_seen: False when the step's output range was not recorded (the model was
             not called inside the guarded step, or a loss-only fallback): its NaN
             ``logits_min``/``logits_max`` then say nothing about the output.
+        batch_seen: False when the batch could not be checked (a loss-only fallback).
         details: Extra numbers for the dump.
 
     Example:
@@ -60,6 +61,7 @@ class Evidence:
     where: str | None = None
     logits_dtype: str = "float32"
     logits_seen: bool = True
+    batch_seen: bool = True
     details: dict[str, object] = dataclasses.field(default_factory=dict)
 
 
@@ -109,10 +111,14 @@ def classify(
         finite(record.logits_min) and finite(record.logits_max))
     peak = (max(abs(record.logits_min), abs(record.logits_max))
             if logits_finite and evidence.logits_seen else 0.0)
-    finite_so_far = (
-        "inputs, weights and outputs are finite and moderate (output in "
-        f"[{_fmt(record.logits_min)}, {_fmt(record.logits_max)}])" if evidence.logits_seen
-        else "inputs and weights are finite (the output's range was not recorded)")
+    if not evidence.batch_seen:
+        finite_so_far = ("the weights are finite (the batch and the output were not recorded: "
+                         "check the batch for NaN/Inf first)")
+    elif not evidence.logits_seen:
+        finite_so_far = "inputs and weights are finite (the output's range was not recorded)"
+    else:
+        finite_so_far = ("inputs, weights and outputs are finite and moderate (output in "
+                         f"[{_fmt(record.logits_min)}, {_fmt(record.logits_max)}])")
     grew = growth(history)
     trend = ""
     if grew is not None:

@@ -319,6 +319,11 @@ class NanGuard(keras.callbacks.Callback):
             # before this step is a skip. Otherwise the skip rung is passed over: an older
             # snapshot is a rollback, and without one nothing can undo the update.
             can_skip = self._snapshot is not None and self._snapshot.step == step
+            if bad and can_skip:
+                # Undo this step's own update first, so the probe judges the state the step
+                # started from (a NaN loss leaves NaN weights that it did not find there).
+                assert self._snapshot is not None
+                self._snapshot.restore()
         heads = self._instrument.heads if self._instrument is not None else None
         probe = KerasProbe(self.model, batch, heads=heads, replay=not self.fallback)
         verdict = self.session.conclude(record, probe, bad=bad, update_nonfinite=update_bad,

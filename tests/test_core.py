@@ -188,6 +188,9 @@ def test_an_output_range_never_recorded_is_not_a_non_finite_output():
     assert cause == "loss_nonfinite" and "range was not recorded" in message
     cause, _, _ = classify(rec(3, loss=NAN, lmin=NAN, lmax=NAN), Evidence(), [])
     assert cause == "logits_nonfinite"
+    blind = Evidence(logits_seen=False, batch_seen=False)  # nothing but the loss was read
+    _, _, message = classify(rec(3, loss=NAN, lmin=NAN, lmax=NAN), blind, [])
+    assert "inputs" not in message and "check the batch for NaN/Inf first" in message
 
 
 def test_grad_explosion_needs_growth():

@@ -958,6 +958,27 @@ def test_fallback_calls_a_restore_a_skip_only_when_it_undoes_just_that_step(
     assert float(ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(lowered)
 
 
+def test_fallback_skips_a_nan_update_it_can_undo_exactly(tmp_path):
+    # The user's train_step applies the NaN update; with snapshot_every=1 the snapshot of that
+    # very step undoes just it: a skip each time (judged on the state the step started
+    # from, not on the NaN weights its update left), the rate untouched, no abort.
+    x, y = data(n=160)
+    for b in (2, 4, 6, 8):  # four isolated NaN batches, more than max_rollbacks
+        x[16 * b, 0] = np.nan
+    model = custom_step_model(keras.optimizers.SGD(0.05))
+    guard, rec = NanGuard(dump_dir=str(tmp_path), snapshot_every=1), Recorder()
+    with pytest.warns(RuntimeWarning, match="loss-only"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[guard, rec])
+    assert [(e.step, e.action, e.cause) for e in guard.events] == [
+        (b, "skip", "loss_nonfinite") for b in (2, 4, 6, 8)]
+    assert "check the batch for NaN/Inf first" in guard.events[0].message
+    for b in (2, 4, 6, 8):
+        assert same(rec.after[b][0], rec.before[b][0])
+    assert float(ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(0.05)
+    assert all_finite(model)
+
+
 def test_fallback_without_a_snapshot_aborts_instead_of_a_skip_that_does_nothing(tmp_path):
     # BatchNormalization's moving variance is NaN before fit: no snapshot is ever finite.
     x, y = data(n=64)
