@@ -169,6 +169,7 @@ class NanGuard(keras.callbacks.Callback):
         self._snapshot_complete = build_optimizer(model)
         self.session.extra_meta["param_names"] = [v.path for v in model.trainable_variables]
         if self._reuse_step(model):
+            self._watch_next_fit(model)
             return
         self._lr = LearningRate(model.optimizer)
         reason = _why_not_instrumented(model)
@@ -196,6 +197,22 @@ class NanGuard(keras.callbacks.Callback):
         model.train_function = self._train_function
         if self._instrument is not None:
             self._cache = (_step_key(model), self._instrument, self._inner, self._lr)
+        self._watch_next_fit(model)
+
+    def _watch_next_fit(self, model: Any) -> None:
+        """Undo the patches when the next ``fit`` starts, whatever happened to this one.
+
+        A ``fit`` that raises outside the training step (a callback, a validation set of the
+        wrong shape) runs no ``on_train_end``, and Keras reuses ``model.train_function`` as
+        it is: a later ``fit`` without the guard would still run the guard's step. Every
+        ``fit`` calls ``model.make_train_function()`` before ``on_train_begin``, so that is
+        where the patches come off; a guarded ``fit`` puts them back in ``on_train_begin``.
+        """
+        def make_train_function(force: bool = False) -> Any:
+            self._teardown()
+            return model.make_train_function(force)
+
+        vars(model)["make_train_function"] = make_train_function
 
     def _reuse_step(self, model: Any) -> bool:
         """Another ``fit`` of the same compiled model: reuse the instrumented step.
@@ -379,6 +396,9 @@ class NanGuard(keras.callbacks.Callback):
 
     def _teardown(self) -> None:
         """Undo every patch; the model trains as before without the guard."""
+        model = getattr(self, "model", None)
+        if model is not None:
+            vars(model).pop("make_train_function", None)
         if self._instrument is not None:
             self._instrument.remove()
             self._instrument = None

@@ -434,9 +434,10 @@ def test_custom_train_step_falls_back_to_loss_only_with_a_warning(tmp_path):
     with pytest.warns(RuntimeWarning, match="loss-only"):
         model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
     assert guard.fallback
-    # The NaN update already landed (loss-only), so the weights are corrupt: rollback.
+    # The NaN update already landed (loss-only); the snapshot of that very step (taken
+    # before it, snapshot_every=1) undoes just it: a skip, judged on the state before it.
     assert [(e.step, e.cause, e.action) for e in guard.events] == [
-        (1, "weights_nonfinite", "rollback")]
+        (1, "loss_nonfinite", "skip")]
     assert all_finite(model)
 
 
@@ -1047,3 +1048,27 @@ def test_amp_skips_are_in_every_epoch_log_with_a_loss_scale_optimizer(tmp_path):
     hist = plain.fit(*data(), batch_size=16, epochs=1, verbose=0,
                      callbacks=[NanGuard(dump_dir=str(tmp_path / "dumps"))])
     assert "nanguard_amp_skips" not in hist.history
+
+
+class FailsAtEpochEnd(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise RuntimeError("a callback failed")
+
+
+def test_a_fit_that_raises_outside_the_step_leaves_no_guard_behind(tmp_path):
+    # No on_train_end runs; the next fit, without the guard, must train unguarded.
+    x, y = data(n=64)
+    x[16:32, 0] = np.nan  # batch 1: the guard skips it in the first fit
+    model = classifier(lr=0.1)
+    guard = NanGuard(dump_dir=str(tmp_path), max_skips=0)  # a rollback: the LR is halved
+    with pytest.raises(RuntimeError, match="a callback failed"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[guard, FailsAtEpochEnd()])
+    assert guard.step_count == 4 and len(guard.events) == 1
+    clean = np.nan_to_num(x)
+    model.fit(clean, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert guard.step_count == 4  # the guard's step did not run again
+    for obj in (model, model.optimizer):
+        assert not {"train_step", "compute_loss", "apply", "make_train_function",
+                    "_get_current_learning_rate"} & set(vars(obj))
+    assert float(ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(0.05)
