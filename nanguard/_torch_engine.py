@@ -342,8 +342,11 @@ class TorchEngine:
         self.reset_step()
         self.pending_update_ok: torch.Tensor | None = None
         self.update_was_bad = False
-        self.measured_lrs: list[float] = []  # every group's LR, read with the last measure
-        self.update_lrs: list[float] = []  # ... for the step whose update was last applied
+        # Every group's LR as the last measure saw it (floats or tensors, not read: a tensor
+        # LR on a GPU would cost a transfer per group), and the same for the step whose
+        # update was last applied; read only when an update_nonfinite event names one.
+        self.measured_lrs: list[Any] = []
+        self.update_lrs: list[Any] = []
         self.lr_scale = 1.0
         self.distributed = False
         self.any_rank_bad: bool | None = None
@@ -604,14 +607,15 @@ class TorchEngine:
         self.any_rank_bad = bool(values[5]) if self.distributed else None
         self.any_rank_loss_bad = bool(values[6]) if self.distributed else None
         layer = _layer_norms(self.params, grads, values[n_head:])
-        self.measured_lrs = lrs = self.group_lrs()
+        self.measured_lrs = lrs = [g.get("lr", math.nan)
+                                   for opt in self.optimizers for g in opt.param_groups]
         return StepRecord(
             step=self.session.step,
             loss=values[0],
             logits_min=values[1],
             logits_max=values[2],
             grad_norm=values[3],
-            lr=lrs[0] if lrs else math.nan,
+            lr=_float(lrs[0]) if lrs else math.nan,
             layer_grad_norms=layer,
         )
 
@@ -765,14 +769,11 @@ class TorchEngine:
         """Learning rate of the group holding the parameter called ``name``, as it was for
         the last applied update (a scheduler may have moved it since)."""
         groups = [g for opt in self.optimizers for g in opt.param_groups]
-        for group, lr in zip(groups, self.update_lrs or self.group_lrs(), strict=False):
+        lrs = self.update_lrs or [g.get("lr", math.nan) for g in groups]
+        for group, lr in zip(groups, lrs, strict=False):
             if any(self.names.get(p) == name for p in group["params"]):
-                return lr
+                return _float(lr)
         return None
-
-    def group_lrs(self) -> list[float]:
-        """Every parameter group's learning rate, in the optimizers' order."""
-        return [_float(g.get("lr", math.nan)) for opt in self.optimizers for g in opt.param_groups]
 
     def lower_lr(self, factor: float) -> None:
         """Multiply every group's learning rate, and the schedulers' bases, by ``factor``."""
