@@ -24,7 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
-        parser.print_help()
+        print("nanguard: error: no command given (inspect, ls, report, plot or replay; "
+              "see nanguard --help)", file=sys.stderr)
         return 2
     try:
         return int(args.run(args, sys.stdout))
@@ -312,16 +313,22 @@ def _ls(args: argparse.Namespace, out: TextIO) -> int:
     for name in names:
         path = os.path.join(folder, name)
         try:
-            ev = load(path).event
+            ev = load(path, arrays=False).event
         except DumpError as err:
-            print(f"nanguard: skipping unreadable {path}: {err}", file=sys.stderr)
+            print(f"nanguard: skipping unreadable {_printable(path)}: {err}", file=sys.stderr)
             continue
-        rows.append((str(ev.step), ev.cause, ev.where or "-", path))
+        rows.append((str(ev.step), ev.cause, ev.where or "-", _printable(path)))
     if rows:
         out.write(_table(("step", "cause", "where", "file"), rows) + "\n")
     else:
         out.write(f"no dumps in {folder}\n")
     return 0
+
+
+def _printable(path: str) -> str:
+    """A file name as any terminal can print it: bytes that are not UTF-8 (kept by Python as
+    surrogates) written as ``\\xNN``."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 if __name__ == "__main__":  # pragma: no cover

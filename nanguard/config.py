@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+import numpy as np
 
 ACTIONS: tuple[str, ...] = ("skip", "rollback", "lower_lr", "abort")
 DUMP_STATE_CHOICES: tuple[str, ...] = ("abort", "always", "never")
@@ -14,10 +17,19 @@ def _fail(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"Invalid value for `{name}`: {allowed}. Received: {name}={value!r}")
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """An integer (numpy's too, as sweeps produce them) of at least ``minimum``, as an int."""
+    if _is_bool(value) or not isinstance(value, numbers.Integral) or value < minimum:
         raise _fail(name, value, f"expected an integer >= {minimum}")
-    return value
+    return int(value)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not _is_bool(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,17 +78,14 @@ class GuardConfig:
         set_(self, "actions", _check_actions(self.actions))
         if self.clip_grad_norm is not None:
             clip = self.clip_grad_norm
-            if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
+            if not _is_real(clip) or not clip > 0:
                 raise _fail("clip_grad_norm", clip, "expected None or a number > 0")
             set_(self, "clip_grad_norm", float(clip))
-        _check_int("snapshot_every", self.snapshot_every, 1)
-        _check_int("max_skips", self.max_skips, 0)
-        _check_int("max_rollbacks", self.max_rollbacks, 0)
-        _check_int("max_dumps", self.max_dumps, 0)
-        _check_int("history_size", self.history_size, 1)
-        _check_int("log_every", self.log_every, 1)
+        for name, minimum in (("snapshot_every", 1), ("max_skips", 0), ("max_rollbacks", 0),
+                              ("max_dumps", 0), ("history_size", 1), ("log_every", 1)):
+            set_(self, name, _check_int(name, getattr(self, name), minimum))
         factor = self.lr_factor
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+        if not _is_real(factor) or not 0 < factor < 1:
             raise _fail("lr_factor", factor, "expected a number in the open interval (0, 1)")
         set_(self, "lr_factor", float(factor))
         if not isinstance(self.dump_dir, str) or not self.dump_dir:
@@ -91,9 +100,10 @@ class GuardConfig:
         names = self.allow_neg_inf
         if isinstance(names, str):
             names = (names,)
-        if not all(isinstance(n, str) for n in names):
+        names = tuple(names) if isinstance(names, Iterable) else None
+        if names is None or not all(isinstance(n, str) for n in names):
             raise _fail("allow_neg_inf", self.allow_neg_inf, "expected module names (strings)")
-        set_(self, "allow_neg_inf", tuple(names))
+        set_(self, "allow_neg_inf", names)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> GuardConfig:

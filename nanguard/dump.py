@@ -9,7 +9,7 @@ import json
 import os
 import platform
 import re
-import tempfile
+import secrets
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -89,41 +89,66 @@ def write_dump(
 ) -> str:
     """Write one dump atomically and return its path.
 
-    The archive is written to a temporary file in ``dump_dir`` and renamed into place, so
-    a crash never leaves a half-written dump under the final name.
+    The archive is written to a temporary file in ``dump_dir`` and only then given its
+    name, so a crash never leaves a half-written dump under the final name; a name taken
+    already (another run sharing ``dump_dir``) gets a ``_1``, ``_2``, ... suffix.
     """
     os.makedirs(dump_dir, exist_ok=True)
-    final = os.path.join(dump_dir, dump_name(event))
-    stem = final[: -len(SUFFIX)]
-    n = 1
-    while os.path.exists(final):
-        final = f"{stem}_{n}{SUFFIX}"
-        n += 1
-    full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".tmp", dir=dump_dir)
+    # The OS applies the user's umask to a file created this way (mkstemp's is always 0600).
+    tmp = os.path.join(dump_dir, f".partial-{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr("meta.json", _json(full_meta))
             zf.writestr("event.json", _json(event.to_dict()))
             zf.writestr("history.json", _json([r.to_dict() for r in history]))
+            left_out = []
             for prefix, group in (("tensors", tensors), ("state", state or {})):
                 for name, array in group.items():
-                    zf.writestr(f"{prefix}/{_safe(name)}.npy", _npy(array))
+                    data = _npy(array)
+                    if data is None:
+                        left_out.append(f"{prefix}/{name}")
+                    else:
+                        zf.writestr(f"{prefix}/{_safe(name)}.npy", data)
+            full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
+            if left_out:
+                full_meta["left_out"] = left_out
+            zf.writestr("meta.json", _json(full_meta))
             raw.flush()
             os.fsync(raw.fileno())
-        os.replace(tmp, final)
-    except BaseException:
+        return _claim(tmp, os.path.join(dump_dir, dump_name(event)))
+    finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
-    return final
 
 
-def load(path: str | os.PathLike[str]) -> Dump:
+def _claim(tmp: str, final: str) -> str:
+    """Give the finished ``tmp`` the first free name of ``final``, ``final_1``, ...: a hard
+    link fails when the name exists, so two runs sharing a dump_dir never overwrite each
+    other's dumps. Where the file system has no hard links, the name is checked, then
+    replaced (a narrow race between runs)."""
+    stem, n = final[: -len(SUFFIX)], 0
+    while True:
+        name = f"{stem}_{n}{SUFFIX}" if n else final
+        try:
+            os.link(tmp, name)
+            return name
+        except FileExistsError:
+            n += 1
+        except OSError:
+            if os.path.exists(name):
+                n += 1
+                continue
+            os.replace(tmp, name)
+            return name
+
+
+def load(path: str | os.PathLike[str], *, arrays: bool = True) -> Dump:
     """Read a dump written by any nanguard adapter.
 
     Args:
         path: The dump file.
+        arrays: False reads only the event, history and meta (``tensors`` and ``state``
+            stay empty): fast for a listing, whatever the size of the dumped state.
 
     Returns:
         The :class:`Dump`.
@@ -151,11 +176,14 @@ def load(path: str | os.PathLike[str]) -> Dump:
                     f"dump format version {meta.get('format_version')} is newer than this "
                     f"nanguard reads ({FORMAT_VERSION}); upgrade nanguard: {p}"
                 )
+            _check_meta(meta)
             event = Event.from_dict(json.loads(zf.read("event.json")))
             raw_history = json.loads(zf.read("history.json")) if "history.json" in names else []
+            if not isinstance(raw_history, list):
+                raise ValueError("history.json is not a list")
             history = [StepRecord.from_dict(h) for h in raw_history]
             groups: dict[str, dict[str, np.ndarray]] = {"tensors": {}, "state": {}}
-            for name in zf.namelist():
+            for name in zf.namelist() if arrays else ():
                 prefix, _, rest = name.partition("/")
                 if prefix in groups and rest.endswith(".npy"):
                     groups[prefix][rest[:-4]] = np.load(
@@ -174,6 +202,14 @@ def load(path: str | os.PathLike[str]) -> Dump:
     return Dump(p, event, history, groups["tensors"], meta, groups["state"])
 
 
+def _check_meta(meta: dict[str, Any]) -> None:
+    """The meta fields readers rely on have their types (a hand-edited dump may not)."""
+    for name, kind in (("environment", dict), ("config", dict), ("world_size", int),
+                       ("rank", int), ("framework", str)):
+        if name in meta and (not isinstance(meta[name], kind) or isinstance(meta[name], bool)):
+            raise ValueError(f"meta.json: {name} has the wrong type: {meta[name]!r}")
+
+
 def tensor_summary(array: np.ndarray) -> dict[str, Any]:
     """Shape, dtype and counts of NaN and Inf of one array, JSON-ready."""
     out: dict[str, Any] = {"shape": list(array.shape), "dtype": str(array.dtype)}
@@ -184,10 +220,11 @@ def tensor_summary(array: np.ndarray) -> dict[str, Any]:
         out["min"] = float(fin.min()) if fin.size else None
         out["max"] = float(fin.max()) if fin.size else None
     else:
+        numeric = array.dtype.kind in "iu" and array.size
         out["nan"] = 0
         out["inf"] = 0
-        out["min"] = array.min().item() if array.size and array.dtype != bool else None
-        out["max"] = array.max().item() if array.size and array.dtype != bool else None
+        out["min"] = array.min().item() if numeric else None
+        out["max"] = array.max().item() if numeric else None
     return out
 
 
@@ -195,9 +232,20 @@ def _safe(name: str) -> str:
     return _NAME_OK.sub("_", name).strip("_") or "tensor"
 
 
-def _npy(array: np.ndarray) -> bytes:
+def _npy(array: Any) -> bytes | None:
+    """The ``.npy`` bytes of an array; None for one that cannot be stored without pickle (an
+    object array other than text: strings and bytes become fixed-width ``U``/``S`` arrays)."""
+    array = np.asarray(array)
+    if array.dtype.hasobject:
+        items = array.ravel().tolist()
+        for kind in (str, bytes):
+            if all(isinstance(v, kind) for v in items):
+                array = np.array(items, dtype=kind).reshape(array.shape)
+                break
+        else:
+            return None
     buf = io.BytesIO()
-    np.save(buf, np.asarray(array), allow_pickle=False)
+    np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
 

@@ -79,8 +79,19 @@ class StepRecord(_MappingMixin):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StepRecord:
-        known = set(cls._field_names())
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """Read an entry back from a dump's JSON; ``ValueError`` for a field of the wrong type."""
+        fields = _known(cls, data)
+        _need(fields, "step", _is_int)
+        for name in ("loss", "logits_min", "logits_max", "grad_norm", "lr"):
+            _need(fields, name, _is_number)
+            if name in fields:
+                fields[name] = float(fields[name])
+        for name in ("action", "cause"):
+            _need(fields, name, _is_text_or_none)
+        norms = fields.get("layer_grad_norms")
+        if norms is not None and not (isinstance(norms, list) and all(map(_is_number, norms))):
+            raise ValueError(f"history entry: layer_grad_norms is not a list of numbers: {norms!r}")
+        return cls(**fields)
 
     def __repr__(self) -> str:
         return (
@@ -119,11 +130,46 @@ class Event(_MappingMixin):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Event:
-        known = set(cls._field_names())
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """Read an event back from a dump's JSON; ``ValueError`` for a field of the wrong type."""
+        fields = _known(cls, data)
+        for name in ("step", "cause", "where", "message"):
+            if name not in fields:
+                raise ValueError(f"event: no {name!r}")
+        _need(fields, "step", _is_int)
+        _need(fields, "rank", _is_int)
+        _need(fields, "cause", lambda v: isinstance(v, str))
+        _need(fields, "message", lambda v: isinstance(v, str))
+        _need(fields, "where", _is_text_or_none)
+        _need(fields, "action", _is_text_or_none)
+        _need(fields, "details", lambda v: isinstance(v, dict))
+        return cls(**fields)
 
     def __str__(self) -> str:
         return self.message
+
+
+def _known(cls: Any, data: Any) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+    known = set(cls._field_names())
+    return {k: v for k, v in data.items() if k in known}
+
+
+def _need(fields: dict[str, Any], name: str, ok: Any) -> None:
+    if name in fields and not ok(fields[name]):
+        raise ValueError(f"{name} has the wrong type: {fields[name]!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_text_or_none(v: Any) -> bool:
+    return v is None or isinstance(v, str)
 
 
 class NonFiniteTrainingError(RuntimeError):

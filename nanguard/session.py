@@ -277,10 +277,11 @@ class GuardSession:
                 self.meta(),
                 state,
             )
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001 - a dump that fails must not end the run
             warnings.warn(
-                f"nanguard could not write a dump to {self.config.dump_dir!r} ({err}); "
-                f"training goes on and the event stays in guard.history.",
+                f"nanguard could not write a dump to {self.config.dump_dir!r} "
+                f"({type(err).__name__}: {err}); the event stays in guard.history"
+                + ("." if abort else " and training goes on."),
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import nanguard
@@ -128,3 +130,38 @@ def test_replay_material_is_left_out_of_the_human_table_only(tmp_path, capsys):
     assert "(+1 replay tensors, listed by --json)" in out
     assert main(["inspect", "--json", path]) == 0
     assert "replay.rng_cpu" in json.loads(capsys.readouterr().out)["tensors"]
+
+
+def test_no_command_is_one_line_on_stderr(capsys):
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("nanguard: error:") and len(captured.err.splitlines()) == 1
+
+
+def test_inspect_a_dump_of_a_text_batch(tmp_path, capsys):
+    from nanguard.dump import write_dump
+    from nanguard.events import Event
+
+    tensors = {"inputs": np.array(["good text", "more"], dtype=object), "targets": np.array([3, 0])}
+    path = write_dump(str(tmp_path), Event(0, "target_invalid", "targets", "m"), [], tensors, {})
+    assert main(["inspect", path]) == 0
+    assert "<U9" in capsys.readouterr().out
+    assert main(["inspect", "--json", path]) == 0
+    summary = json.loads(capsys.readouterr().out)["tensors"]["inputs"]
+    assert summary["shape"] == [2] and summary["min"] is None
+
+
+def test_ls_reads_no_arrays_and_prints_any_file_name(tmp_path, capsys, monkeypatch):
+    path = make_dump(tmp_path, step=5)
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9.nanguard.zip")
+    os.rename(os.fsencode(path), odd)
+
+    def no_arrays(*args, **kwargs):
+        raise AssertionError("ls decompressed an array")
+
+    monkeypatch.setattr(nanguard.dump.np, "load", no_arrays)
+    assert main(["ls", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    out.encode("utf-8")  # printable on a strict UTF-8 terminal: no lone surrogates
+    assert "caf\\xe9.nanguard.zip" in out and out.splitlines()[1].split()[0] == "5"

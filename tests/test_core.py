@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import nanguard.session
 from nanguard import ACTIONS, CAUSES, GuardConfig, LadderState, StepRecord, decide
 from nanguard.detector import Evidence, classify, growth, is_bad
 from nanguard.session import GuardSession
@@ -41,6 +43,33 @@ def test_invalid_option_names_option_and_value(name, value):
     with pytest.raises(ValueError, match=name) as info:
         GuardConfig(**{name: value})
     assert repr(value) in str(info.value)
+
+
+def test_numpy_scalars_are_accepted_as_numbers():
+    cfg = GuardConfig(max_skips=np.int64(2), snapshot_every=np.int32(10),
+                      lr_factor=np.float32(0.25), clip_grad_norm=np.float16(1.0))
+    assert (cfg.max_skips, cfg.snapshot_every, cfg.lr_factor, cfg.clip_grad_norm) == (
+        2, 10, 0.25, 1.0)
+    assert type(cfg.max_skips) is int and type(cfg.lr_factor) is float
+    with pytest.raises(ValueError, match="max_skips"):
+        GuardConfig(max_skips=np.bool_(True))
+
+
+@pytest.mark.parametrize("value", [None, 5, [1]])
+def test_allow_neg_inf_must_be_module_names(value):
+    with pytest.raises(ValueError, match="allow_neg_inf"):
+        GuardConfig(allow_neg_inf=value)
+
+
+def test_a_dump_that_fails_for_any_reason_warns_and_training_goes_on(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("Object arrays cannot be saved when allow_pickle=False")
+
+    monkeypatch.setattr(nanguard.session, "write_dump", broken)
+    s = GuardSession(GuardConfig(dump_dir=str(tmp_path)), framework="test")
+    with pytest.warns(RuntimeWarning, match="ValueError: Object arrays"):
+        v = s.conclude(rec(0, loss=NAN), probe=None)
+    assert v.action == "skip" and v.dump_path is None
 
 
 def test_actions_keep_the_fixed_order():

@@ -57,11 +57,75 @@ def test_same_step_twice_does_not_overwrite(tmp_path):
     assert a != b and os.path.exists(a) and os.path.exists(b)
 
 
+class _Unreadable:
+    """An array-like whose conversion fails half-way through a dump."""
+
+    def __array__(self, *args, **kwargs):
+        raise RuntimeError("device lost")
+
+
 def test_no_partial_file_left_on_failure(tmp_path):
-    bad = {"inputs": np.array([object()], dtype=object)}
-    with pytest.raises(ValueError, match="pickle"):
+    bad = {"inputs": np.ones(3), "outputs": _Unreadable()}
+    with pytest.raises(RuntimeError, match="device lost"):
         write_dump(str(tmp_path), Event(1, "loss_nonfinite", None, "m"), [], bad, {})
     assert os.listdir(tmp_path) == []
+
+
+def test_text_batches_are_kept_and_other_objects_left_out(tmp_path):
+    tensors = {
+        "inputs": np.array([["a cat", "a dog"], ["", "x"]], dtype=object),
+        "raw": np.array([b"\x00\xff", b"ok"], dtype=object),
+        "weird": np.array([object(), "mixed"], dtype=object),
+        "targets": np.array([1, 0]),
+    }
+    path = write_dump(str(tmp_path), Event(1, "target_invalid", None, "m"), [], tensors, {})
+    d = nanguard.load(path)
+    assert d.tensors["inputs"].dtype.kind == "U"
+    assert d.tensors["inputs"].tolist() == [["a cat", "a dog"], ["", "x"]]
+    assert d.tensors["raw"].tolist() == [b"\x00\xff", b"ok"]
+    assert "weird" not in d.tensors and d.meta["left_out"] == ["tensors/weird"]
+    summary = nanguard.dump.tensor_summary(d.tensors["inputs"])
+    assert summary == {"shape": [2, 2], "dtype": "<U5", "nan": 0, "inf": 0,
+                       "min": None, "max": None}
+
+
+def _write_many(folder, n):
+    return [make_dump(folder) for _ in range(n)]
+
+
+def test_runs_sharing_a_dump_dir_never_overwrite_each_other(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2) as pool:
+        jobs = [pool.submit(_write_many, tmp_path, 15) for _ in range(2)]
+        paths = [p for job in jobs for p in job.result()]
+    assert len(set(paths)) == 30
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in paths)
+
+
+def test_a_taken_name_is_not_replaced(tmp_path):
+    first = make_dump(tmp_path)
+    with open(first, "rb") as fh:
+        before = fh.read()
+    second = nanguard.dump._claim(make_dump(tmp_path / "other"), first)
+    with open(first, "rb") as fh:
+        assert second.endswith(f"_1{SUFFIX}") and fh.read() == before
+
+
+def test_dump_file_mode_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = make_dump(tmp_path)
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+
+
+def test_load_without_arrays_reads_the_event_only(tmp_path):
+    path = make_dump(tmp_path, state={"model.w": np.zeros(3)})
+    d = nanguard.load(path, arrays=False)
+    assert d.event.step == 12 and len(d.history) == 13
+    assert d.tensors == {} and d.state == {}
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "empty", "foreign_zip", "missing",
@@ -106,6 +170,51 @@ def test_unreadable_files_raise_dump_error(tmp_path, kind):
     with pytest.raises(nanguard.DumpError) as info:
         nanguard.load(path)
     assert str(path) in str(info.value)
+
+
+def _rewrite(src, dst, member, change):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name == member:
+                obj = json.loads(data)
+                change(obj)
+                data = json.dumps(obj).encode()
+            zout.writestr(name, data)
+
+
+@pytest.mark.parametrize(
+    ("member", "change"),
+    [
+        ("event.json", lambda e: e.update(step="12")),
+        ("event.json", lambda e: e.update(step=True)),
+        ("event.json", lambda e: e.update(cause=5)),
+        ("event.json", lambda e: e.update(where=["a"])),
+        ("event.json", lambda e: e.update(details=[1])),
+        ("event.json", lambda e: e.pop("message")),
+        ("history.json", lambda h: h[0].update(action=5)),
+        ("history.json", lambda h: h[0].update(loss="nan")),
+        ("history.json", lambda h: h.__setitem__(0, [1, 2])),
+        ("meta.json", lambda m: m.update(world_size="2")),
+        ("meta.json", lambda m: m.update(environment=["python"])),
+        ("meta.json", lambda m: m.update(config=None)),
+    ],
+)
+def test_fields_of_the_wrong_type_give_dump_error(tmp_path, member, change):
+    path = tmp_path / f"edited{SUFFIX}"
+    _rewrite(make_dump(tmp_path / "good"), path, member, change)
+    with pytest.raises(nanguard.DumpError, match="wrong type|no 'message'|JSON object"):
+        nanguard.load(path)
+
+
+def test_a_history_that_is_not_a_list_gives_dump_error(tmp_path):
+    path = tmp_path / f"edited{SUFFIX}"
+    with zipfile.ZipFile(make_dump(tmp_path / "good")) as zin, \
+            zipfile.ZipFile(path, "w") as zout:
+        for name in zin.namelist():
+            zout.writestr(name, b'{"step": 1}' if name == "history.json" else zin.read(name))
+    with pytest.raises(nanguard.DumpError, match="not a list"):
+        nanguard.load(path)
 
 
 @settings(max_examples=40, deadline=None)
