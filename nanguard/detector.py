@@ -173,7 +173,9 @@ def classify(
             f"overflows in {evidence.logits_dtype}, and the loss is {record.loss}: an unstable "
             "softmax / cross-entropy. Compute the loss from the logits with a fused, stable "
             "function (torch.nn.functional.cross_entropy, log_softmax, or a Keras loss with "
-            "from_logits=True) instead of exp(x)/sum(exp(x))." + trend
+            "from_logits=True) instead of exp(x)/sum(exp(x)). If no exp reads this output (a "
+            "regression), the loss itself went non-finite: look for a division by ~0 or a "
+            "log(0) in it." + trend
         )
     if not finite(record.loss):
         return "loss_nonfinite", None, (

@@ -144,6 +144,7 @@ class NanGuard(_CallbackBase):
         self._scaler: Any = None
         self._stepped = False
         self._paused = False  # the step's hooks are paused for a validation run
+        self._clipping_off: pl.LightningModule | None = None  # see _finish
         self._restored = False  # this fit's state came from a checkpoint
         self.dumps: list[str] = []
 
@@ -260,6 +261,7 @@ class NanGuard(_CallbackBase):
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
+        self._clipping_back()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -328,6 +330,7 @@ class NanGuard(_CallbackBase):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self._clipping_back()
         engine = self._engine
         if engine is None or not self._stepped:
             return  # with gradient accumulation, the optimizer steps at a later micro-batch
@@ -337,9 +340,21 @@ class NanGuard(_CallbackBase):
     def _finish(self, pl_module: pl.LightningModule, verdict: Verdict) -> None:
         if verdict.dump_path:
             self.dumps.append(verdict.dump_path)
-        if self._flushes(pl_module.trainer):
+        if verdict.decision.blocks_update:
+            # The gradients are gone: Lightning's clipping (Trainer(gradient_clip_val=...)
+            # or the module's own configure_gradient_clipping), which runs after this hook,
+            # has nothing to clip, and torch's clip_grad_value_ raises on no gradients.
+            pl_module.configure_gradient_clipping = _no_clipping  # type: ignore[method-assign]
+            self._clipping_off = pl_module
+        trainer = pl_module.trainer
+        if self._flushes(trainer) or self._monitored(trainer):
             self._log(pl_module, verdict.record)
         verdict.raise_if_abort()
+
+    def _clipping_back(self) -> None:
+        module, self._clipping_off = self._clipping_off, None
+        if module is not None and "configure_gradient_clipping" in module.__dict__:
+            del module.configure_gradient_clipping
 
     def _flushes(self, trainer: pl.Trainer) -> bool:
         """Whether this step's logged values reach the loggers: Lightning writes ``on_step``
@@ -352,6 +367,19 @@ class NanGuard(_CallbackBase):
         every = max(int(getattr(trainer, "log_every_n_steps", 1)), 1)
         fast_dev_run = bool(getattr(trainer, "fast_dev_run", False))
         return fast_dev_run or (n % every == 0 and n % self.config.log_every == 0)
+
+    @staticmethod
+    def _monitored(trainer: pl.Trainer) -> bool:
+        """Whether callbacks may read ``callback_metrics`` right after this step: the epoch's
+        last batch (EarlyStopping, ModelCheckpoint at the epoch's end) or a batch after which
+        validation runs (``val_check_interval``). The step's values are logged then too, so
+        ``monitor="nanguard/loss"`` finds them whatever ``log_every_n_steps`` is."""
+        loop = trainer.fit_loop.epoch_loop
+        if loop.batch_progress.is_last_batch:
+            return True
+        every = trainer.val_check_batch
+        return (isinstance(every, int) and every > 0 and trainer.enable_validation
+                and (loop.batch_idx + 1) % every == 0)
 
     def _log(self, pl_module: pl.LightningModule, rec: StepRecord) -> None:
         # Through pl_module.log like the user's own metrics: they reach the loggers and
@@ -411,6 +439,10 @@ class NanGuard(_CallbackBase):
         assert self._engine is not None
         self._engine.session.load_state_dict(state.get("session", {}))
         self._engine.lr_scale = float(state.get("lr_scale", 1.0))
+
+
+def _no_clipping(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``configure_gradient_clipping`` on a step whose gradients were dropped."""
 
 
 def _split_batch(batch: Any) -> tuple[Any, Any]:

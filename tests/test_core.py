@@ -202,6 +202,13 @@ def test_classify_earliest_point(record, evidence, cause):
     assert "Step 5" in message
 
 
+def test_logit_overflow_message_also_covers_a_regression():
+    # A price regressor's outputs pass exp's range with no softmax anywhere: the numbers
+    # cannot tell, so the message names the loss's own faults too.
+    _, _, message = classify(rec(5, loss=math.inf, lmin=220.0, lmax=600.0), Evidence(), [])
+    assert "exp(x)/sum(exp(x))" in message and "division by ~0" in message
+
+
 def test_input_beats_everything_downstream():
     ev = Evidence(input_nonfinite="inputs.x: 2 NaN", target_invalid="targets: bad",
                   weights_nonfinite="w: 1 NaN")

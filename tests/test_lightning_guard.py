@@ -361,7 +361,7 @@ def test_stats_are_logged_only_on_the_steps_the_loggers_receive(tmp_path):
 
     t = trainer(tmp_path, Spy(dump_dir=str(tmp_path / "dumps")), log_every_n_steps=5)
     t.fit(Classifier(), make_data(12))
-    assert logged_at == [4, 9]
+    assert logged_at == [4, 9, 11]  # and the epoch's last batch, for monitors
 
 
 class SometimesNone(Classifier):
@@ -624,3 +624,34 @@ def test_a_checkpoint_between_steps_never_holds_an_overflowed_update(tmp_path):
         assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()), path.name
     (event,) = guard.events
     assert (event.step, event.cause) == (3, "update_nonfinite")
+
+
+class ClipsItsOwn(Classifier):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm="value")
+
+
+@pytest.mark.parametrize("how", ["trainer_value", "trainer_norm", "module_value"])
+def test_lightning_clipping_is_not_run_on_a_skipped_step(tmp_path, how):
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = ClipsItsOwn() if how == "module_value" else Classifier()
+    clip = {} if how == "module_value" else dict(
+        gradient_clip_val=0.5, gradient_clip_algorithm=how.split("_")[1])
+    t = trainer(tmp_path, guard, **clip)
+    t.fit(model, make_data(6, nan_batches=(2,)))
+    assert [r.action for r in guard.history] == [None, None, "skip", None, None, None]
+    assert_finite(model)
+    # The module's own hook is back for the steps after the skipped one.
+    assert "configure_gradient_clipping" not in model.__dict__
+
+
+def test_stats_can_be_monitored_in_an_epoch_shorter_than_the_logging_cadence(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    stop = EarlyStopping(monitor="nanguard/loss", check_on_train_epoch_end=True, patience=10)
+    t = trainer(tmp_path, guard, max_epochs=2, extra_callbacks=[stop])  # log_every_n_steps=50
+    t.fit(Classifier(), make_data(6))
+    assert t.current_epoch == 2
+    assert float(t.callback_metrics["nanguard/loss"]) == pytest.approx(guard.history[-1].loss)
