@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -46,9 +48,16 @@ def named_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def first_float_tensor(obj: Any) -> torch.Tensor | None:
-    """The tensor that counts as the logits in a module's output."""
+    """The tensor that counts as the logits in a module's output: ``.logits`` or a dict's
+    ``"logits"``, else the first floating tensor with at least one dimension; a 0-dim one
+    (a loss returned as ``(loss, logits)``) only when there is no other."""
+    found = _first_float(obj, scalars=False)
+    return found if found is not None else _first_float(obj, scalars=True)
+
+
+def _first_float(obj: Any, *, scalars: bool) -> torch.Tensor | None:
     if isinstance(obj, torch.Tensor):
-        return obj if obj.is_floating_point() else None
+        return obj if obj.is_floating_point() and (scalars or obj.ndim > 0) else None
     logits = getattr(obj, "logits", None)
     if isinstance(logits, torch.Tensor) and logits.is_floating_point():
         return logits
@@ -59,10 +68,57 @@ def first_float_tensor(obj: Any) -> torch.Tensor | None:
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
         for item in obj:
-            found = first_float_tensor(item)
+            found = _first_float(item, scalars=scalars)
             if found is not None:
                 return found
     return None
+
+
+def inert_hook(*args: Any, **kwargs: Any) -> None:
+    """What a guard's hook becomes in a copy of the model (``copy.deepcopy``,
+    ``AveragedModel``) or in a model saved whole (``torch.save(model)``): nothing."""
+
+
+def _inert() -> Callable[..., None]:
+    # Models saved whole while guarded name this function: keep its name and module.
+    return inert_hook
+
+
+class GuardHook:
+    """A hook the guard registers on a user's module: it calls ``owner.<method>`` while the
+    owner lives, holding it weakly. Pickled or deep-copied with the module it becomes
+    :func:`inert_hook`, so a saved or copied model carries no guard (no engine, optimizer or
+    snapshot in the file) and a copy's forward does nothing guard-related.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> class Seen:
+        ...     def on_output(self, module, args, output):
+        ...         print("seen")
+        >>> seen = Seen()
+        >>> handle = model.register_forward_hook(GuardHook(seen, "on_output"))
+        >>> _ = model(torch.ones(1, 2))
+        seen
+        >>> import copy
+        >>> _ = copy.deepcopy(model)(torch.ones(1, 2))  # the copy's hook does nothing
+        >>> handle.remove()
+    """
+
+    __slots__ = ("_method", "_owner")
+
+    def __init__(self, owner: Any, method: str) -> None:
+        self._owner = weakref.ref(owner)
+        self._method = method
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        owner = self._owner()
+        return None if owner is None else getattr(owner, self._method)(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[()]]:
+        return _inert, ()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
+        return inert_hook
 
 
 def named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -142,16 +198,53 @@ def _bad_labels(t: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Ten
 def _describe_labels(
     name: str, t: torch.Tensor, n_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> str | None:
-    bad = _bad_labels(t, n_classes, ignore_index)
+    return _describe_ids(name, t, _bad_labels(t, n_classes, ignore_index),
+                         f"outside [0, {n_classes})")
+
+
+def _describe_ids(name: str, t: torch.Tensor, bad: torch.Tensor, what: str,
+                  why: str | None = None) -> str | None:
     if not bool(bad.any()):
         return None
     first = int(t[bad].reshape(-1)[0])
     index = int(torch.nonzero(bad)[0][0])
-    return (
-        f"{name}: {int(bad.sum())} class id(s) outside [0, {n_classes}), the first is "
-        f"{first} (batch row {index}); if {first} marks positions your loss ignores, pass "
-        f"ignore_index={first} to NanGuard"
-    )
+    head = f"{name}: {int(bad.sum())} class id(s) {what}, the first is {first} (batch row {index})"
+    if why is not None:
+        return f"{head}; {why}"
+    return (f"{head}; if {first} marks positions your loss ignores, pass ignore_index={first} "
+            "to NanGuard")
+
+
+_OUT_OF_BOUNDS = re.compile(r"Target (-?\d+) is out of bounds")
+
+
+def rejected_labels(targets: Any, error: BaseException, ignore_index: int) -> str | None:
+    """The class ids that a loss's ``IndexError`` proves out of range, described as
+    :func:`check_targets` does: for when no output told the class count (the model computes
+    its loss inside ``forward``, which raised before returning).
+
+    PyTorch's class-id losses raise ``IndexError("Target 14 is out of bounds.")`` on the
+    CPU. The id named is invalid, and so is every id at least as large when it is not
+    negative (the class count is at most it), and every negative id but ``ignore_index``.
+    """
+    match = _OUT_OF_BOUNDS.search(str(error)) if isinstance(error, IndexError) else None
+    if match is None:
+        return None
+    rejected = int(match.group(1))
+    for name, t in named_tensors(targets, "targets"):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or not t.numel():
+            continue
+        named = t == rejected
+        if not bool(named.any()):
+            continue
+        bad = (t < 0) | (t >= rejected) if rejected >= 0 else t < 0
+        bad = (bad & (t != ignore_index)) | named
+        return _describe_ids(
+            name, t, bad, "out of range",
+            f"the loss raised IndexError ({match.group(0)}.) before nanguard saw the logits, "
+            "so their class count is unknown; set logits_module='<the head's name>' and "
+            "nanguard checks the labels before the loss")
+    return None
 
 
 def _n_classes(t: torch.Tensor, output: torch.Tensor) -> int | None:
@@ -347,6 +440,8 @@ class TorchEngine:
         # update was last applied; read only when an update_nonfinite event names one.
         self.measured_lrs: list[Any] = []
         self.update_lrs: list[Any] = []
+        # The product of the lr_factors applied so far. Nothing reads it back (the lowered
+        # rates live in the param groups); only the Lightning callback's checkpoints carry it.
         self.lr_scale = 1.0
         self.distributed = False
         self.any_rank_bad: bool | None = None
@@ -405,7 +500,7 @@ class TorchEngine:
                     f"{[n for n in modules if n][:20]}"
                 )
             module = modules[self.config.logits_module]
-        self._hook = module.register_forward_hook(self._on_output)
+        self._hook = module.register_forward_hook(GuardHook(self, "_on_output"))
         from nanguard._torch_replay import CallRecorder
 
         self.calls = CallRecorder(self)
@@ -440,6 +535,7 @@ class TorchEngine:
         self.lmax: torch.Tensor | None = None
         self.loss: torch.Tensor | None = None
         self.labels_bad: torch.Tensor | None = None
+        self.labels_rejected: str | None = None  # ids a loss's IndexError proved bad
         # id of a targets tensor whose bad class ids were zeroed -> (that tensor, a copy of
         # it as the loader gave it, n_classes); the ids are written back when the step ends
         self.original_labels: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
@@ -547,7 +643,15 @@ class TorchEngine:
         self.output_scores_classes = True
         self.scored = None
 
+    def labels_rejected_by(self, error: BaseException) -> str | None:
+        """The step's class ids that ``error``, raised by the loss, proves out of range
+        (:func:`rejected_labels`); kept for the slow path."""
+        self.labels_rejected = rejected_labels(self.targets, error, self.ignore_index)
+        return self.labels_rejected
+
     def describe_label_faults(self) -> str | None:
+        if self.labels_rejected is not None:
+            return self.labels_rejected
         if not self.original_labels:
             return None
         for name, t in named_tensors(self.targets, "targets"):
@@ -738,15 +842,29 @@ class TorchEngine:
         for t, original, _ in self.original_labels.values():  # maybe a view of a dataset
             t.copy_(original)
         self.original_labels = {}
+        self.labels_rejected = None
         if self.calls is not None:
             calls = self.calls.calls
             grads = calls[0].output_grads if calls and self.config.logits_module is None else {}
-            self.last_output_grad = grads.get(0, self.last_output_grad)
+            # At most one: the logits' (CallRecorder.after).
+            self.last_output_grad = next(iter(grads.values()), self.last_output_grad)
             self.calls.clear()
 
     # -- state --------------------------------------------------------------------------
+    def frozen_params(self) -> list[torch.Tensor]:
+        """The model's floating parameters no optimizer steps and autograd does not train
+        (a frozen backbone). A snapshot holds them and a rollback restores them, so the
+        snapshot check and the slow path look at them; the per-step update check does not
+        (no update touches them)."""
+        guarded = {id(p) for p in self.params}
+        return [p for p in self.model_params.values()
+                if id(p) not in guarded and p.is_floating_point()]
+
     def weights_finite(self) -> bool:
-        tensors = [p.detach() for p in self.params]
+        """Whether a snapshot taken now would be finite: every parameter, frozen ones too,
+        and the optimizers' state. Buffers are left out: one may hold ``-inf`` on purpose (an
+        attention mask), and a bad step's forward writes them (they are repaired after it)."""
+        tensors = [p.detach() for p in [*self.params, *self.frozen_params()]]
         for opt in self.optimizers:
             for st in opt.state.values():
                 tensors += [
@@ -780,7 +898,7 @@ class TorchEngine:
         self.lr_scale *= factor
         for opt in self.optimizers:
             for group in opt.param_groups:
-                for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                for key in ("lr", "initial_lr", "max_lr", "min_lr", "swa_lr"):
                     if key in group:
                         group[key] = _scaled(group[key], factor)
             scaled: set[int] = set()  # SequentialLR's children hold the optimizer too
@@ -1004,6 +1122,13 @@ class TorchProbe:
             found = _describe_nonfinite(e.names.get(p, "?"), p.detach())
             if found:
                 return found
+        frozen = e.frozen_params()
+        if bool(maybe_finite([p.detach() for p in frozen])):  # one sync: a backbone is large
+            frozen = []
+        for p in frozen:
+            found = _describe_nonfinite(e.names.get(p, "?"), p.detach())
+            if found:
+                return f"{found}, a frozen parameter no optimizer steps; load a finite one"
         for opt in e.optimizers:
             for p, st in opt.state.items():
                 for key, value in st.items():

@@ -28,7 +28,13 @@ import numpy as np
 import torch
 
 from nanguard import detector
-from nanguard._torch_engine import clean_name, eager_module, named_modules
+from nanguard._torch_engine import (
+    GuardHook,
+    clean_name,
+    eager_module,
+    first_float_tensor,
+    named_modules,
+)
 
 MAX_CALLS = 8  # model calls recorded per step (gradient accumulation inside one step)
 # The gradients of the model output kept for a backward replay, per step, all calls together.
@@ -112,8 +118,9 @@ class RecordedCall:
         rng_cuda: Every CUDA device's RNG state, when CUDA was initialized.
         autocast: ``(device_type, dtype)`` of each autocast context active at the call.
         grad_enabled: Whether autograd recorded the call.
-        output_grads: Gradient of the loss with respect to each floating output tensor
-            (index into :func:`float_tensors` of the output), filled during backward.
+        output_grads: Gradient of the loss with respect to the output's logits
+            (:func:`first_float_tensor`), by its index into :func:`float_tensors` of the
+            output, filled during backward.
         grads_over_budget: Output gradients not kept: past ``OUTPUT_GRAD_BUDGET``.
 
     Example:
@@ -173,13 +180,10 @@ class CallRecorder:
         if self._handles:
             return
         model = self.engine.model
-        self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True)]
+        self._handles = [
+            model.register_forward_pre_hook(GuardHook(self, "_before"), with_kwargs=True)]
         if post_hook:
-            self._handles.append(
-                model.register_forward_hook(
-                    lambda mod, args, kwargs, out: self.after(out), with_kwargs=True
-                )
-            )
+            self._handles.append(model.register_forward_hook(GuardHook(self, "_after")))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -217,19 +221,36 @@ class CallRecorder:
         self.calls.append(call)
         self._pending = call
 
+    def _after(self, module: Any, args: Any, output: Any) -> None:
+        self.after(output)
+
     def after(self, output: Any) -> None:
-        """The model returned: keep the gradient that will reach each floating output."""
+        """The model returned: keep the gradient that will reach its logits.
+
+        Only the logits' (:func:`first_float_tensor`): the other outputs are mostly made
+        from them or on their way (a loss computed inside ``forward``, hidden states), and
+        the gradient reaching the logits already holds what flowed through those; replaying
+        from both would count it twice.
+        """
         call, self._pending = self._pending, None
         if call is None or self.paused or not call.grad_enabled:
             return
-        for i, t in enumerate(float_tensors(output)):
-            if t.requires_grad:
-                size = t.numel() * t.element_size()
-                if self.grad_bytes + size > OUTPUT_GRAD_BUDGET:
-                    call.grads_over_budget = True
-                    continue
-                self.grad_bytes += size
-                t.register_hook(functools.partial(_keep_grad, call, i))
+        logits = first_float_tensor(output)
+        if logits is None or not logits.requires_grad:
+            return
+        i = _index_of(logits, float_tensors(output))
+        if i is None:
+            return
+        size = logits.numel() * logits.element_size()
+        if self.grad_bytes + size > OUTPUT_GRAD_BUDGET:
+            call.grads_over_budget = True
+            return
+        self.grad_bytes += size
+        logits.register_hook(functools.partial(_keep_grad, call, i))
+
+
+def _index_of(t: torch.Tensor | None, tensors: Sequence[torch.Tensor]) -> int | None:
+    return next((i for i, o in enumerate(tensors) if o is t), None)
 
 
 @dataclasses.dataclass
@@ -374,7 +395,7 @@ class Localizer:
                 outputs=_kept(outs),
                 summary={"input": _summaries(ins), "output": _summaries(outs)},
                 note=f"'{name}' turned finite inputs into non-finite outputs in the replay.",
-                _out_ref=outs[0] if outs else None,
+                _out_ref=first_float_tensor(output),
             )
 
     def _backward(self, name: str, module: Any, grad_input: Any, grad_output: Any) -> None:
@@ -533,7 +554,7 @@ def replay_call(
         result.output_nonfinite = _nonfinite(outs)
         if loc.finding is not None:
             f = loc.finding
-            final = logits_ref[0] if logits_ref else (outs[0] if outs else None)
+            final = logits_ref[0] if logits_ref else first_float_tensor(out)
             f.hidden = not (
                 f.module in (loc.names[model], (prefix + logits_module) if logits_module else None)
                 or (final is not None and f._out_ref is not None and _same(f._out_ref, final))
@@ -567,7 +588,11 @@ def replay_call(
         with torch.enable_grad(), _autocast(call.autocast), Localizer(
             model, forward=False, backward=True, allow_neg_inf=allow_neg_inf, prefix=prefix
         ) as loc:
-            outs = float_tensors(model(*call.args, **call.kwargs))
+            out = model(*call.args, **call.kwargs)
+            outs = float_tensors(out)
+            logits = _index_of(first_float_tensor(out), outs)
+            if logits in grads:  # an older dump may hold every output's gradient
+                grads = {logits: grads[logits]}
             pairs = [
                 (outs[i], g.to(outs[i].device, outs[i].dtype))
                 for i, g in sorted(grads.items())
@@ -612,9 +637,9 @@ def _capture(
         return
 
     def hook(mod: Any, args: Any, output: Any) -> None:
-        found = float_tensors(output)
-        if found and not into:
-            into.append(found[0])
+        found = first_float_tensor(output)
+        if found is not None and not into:
+            into.append(found)
 
     handle = module.register_forward_hook(hook)
     try:

@@ -229,12 +229,13 @@ class NanGuard:
             self._remove_hooks()
 
     def state_dict(self) -> dict[str, Any]:
-        """The guard's counters and history, to save beside a checkpoint."""
-        return {**self._engine.session.state_dict(), "lr_scale": self._engine.lr_scale}
+        """The guard's counters and history, to save beside a checkpoint (the lowered
+        learning rates live in the optimizer's own state_dict)."""
+        return self._engine.session.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (an older one's ``lr_scale`` is ignored)."""
         self._engine.session.load_state_dict(state)
-        self._engine.lr_scale = float(state.get("lr_scale", 1.0))
 
     # -- hooks -------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -320,15 +321,19 @@ class _Step:
                     )
                     engine.session.step += 1
                 return False
-            if isinstance(exc, NonFiniteTrainingError) or not isinstance(exc, Exception):
+            if engine.verdict is not None:
                 return False
             # On the CPU an out-of-range label raises inside the loss before any hook can
             # act: that is a bad step with a known cause, not a crash.
             # classes=True: a loss that raised on these ids proved they index the output,
-            # whatever the output's gradient suggested (scores_classes).
-            labels = engine.describe_label_faults() or check_targets(
-                engine.targets, engine.output, engine.ignore_index)
-            if engine.verdict is None and labels:
+            # whatever the output's gradient suggested (scores_classes). No output seen (a
+            # model computing its loss inside forward): the loss's IndexError names an id.
+            labels = None
+            if isinstance(exc, Exception) and not isinstance(exc, NonFiniteTrainingError):
+                labels = (engine.describe_label_faults()
+                          or check_targets(engine.targets, engine.output, engine.ignore_index)
+                          or engine.labels_rejected_by(exc))
+            if labels:
                 engine.ids_index_the_output()
                 verdict = engine.decide(bad=True)
                 try:
@@ -336,6 +341,10 @@ class _Step:
                 except NonFiniteTrainingError as err:
                     raise err from exc
                 return True
+            # An error the loop may catch and go on from (out of memory): the step still
+            # counts, so later indices match the batch index. No history entry: nothing
+            # was measured.
+            engine.session.step += 1
             return False
         finally:
             engine.end_step(keep_open=keep_open)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import io
 import json
 import math
 
@@ -122,13 +124,16 @@ def test_nan_made_inside_the_step_before_the_model_is_input_nonfinite(tmp_path, 
     assert weights_finite(model)
 
 
-def test_weights_non_finite_from_the_start_abort_at_once(tmp_path):
+@pytest.mark.parametrize("frozen", [False, True])
+def test_weights_non_finite_from_the_start_abort_at_once(tmp_path, frozen):
     # Fine-tuning from a checkpoint holding a NaN: there is no finite snapshot to roll back
-    # to, so the guard aborts at the first step instead of pretending to roll back.
+    # to, so the guard aborts at the first step instead of pretending to roll back. Also
+    # when the NaN is in a frozen layer (requires_grad=False, not in the optimizer).
     model = mlp()
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model[0].requires_grad_(not frozen)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     guard = NanGuard(model, opt, dump_dir=str(tmp_path))
     with pytest.raises(nanguard.NonFiniteTrainingError) as err:
         run(guard, model, opt, batches(3))
@@ -442,6 +447,8 @@ SCHEDULERS = {
     "chained": lambda o: torch.optim.lr_scheduler.ChainedScheduler([
         torch.optim.lr_scheduler.LinearLR(o, start_factor=0.5, total_iters=5),
         torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.95)]),
+    # anneals toward the group's "swa_lr", not from a base LR
+    "swalr": lambda o: torch.optim.swa_utils.SWALR(o, swa_lr=0.05, anneal_epochs=3),
 }
 
 
@@ -622,6 +629,8 @@ def test_state_dict_round_trip(tmp_path):
     fresh = NanGuard(model, opt, dump_dir=str(tmp_path))
     fresh.load_state_dict(json.loads(json.dumps(saved)))
     assert fresh.step_count == 4 and fresh.history[1].action == "skip"
+    fresh.load_state_dict({**saved, "lr_scale": 0.5})  # as an older version saved it
+    assert fresh.step_count == 4 and "lr_scale" not in fresh.state_dict()
     fresh.close()
 
 
@@ -1269,3 +1278,221 @@ def test_a_classifier_whose_loss_raised_on_a_bad_id_is_a_target_invalid_skip(tmp
     (event,) = guard.events
     assert (event.step, event.cause) == (3, "target_invalid")
     assert weights_finite(model)
+
+
+VOCAB = 11
+
+
+@dataclasses.dataclass
+class LMOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class SqrtOfSquare(torch.nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x * x)
+
+
+class TinyLM(torch.nn.Module):
+    """Hugging Face style: ``forward(ids, labels=...)`` computes the loss itself and returns
+    it beside the logits (``kind``: an output object, a dict or a ``(loss, logits)`` tuple),
+    or returns the logits alone (``"outside"``). ``act``'s backward is NaN at exactly 0."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.emb = torch.nn.Embedding(VOCAB, 8)
+        self.body = torch.nn.Linear(8, 8)
+        self.act = SqrtOfSquare()
+        self.head = torch.nn.Linear(8, VOCAB)
+
+    def forward(self, ids, labels=None):
+        logits = self.head(self.act(self.body(self.emb(ids))))
+        if self.kind == "outside":
+            return logits
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
+        if self.kind == "dict":
+            return {"loss": loss, "logits": logits}
+        if self.kind == "tuple":
+            return loss, logits
+        return LMOutput(loss=loss, logits=logits)
+
+
+def lm_batches(n, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, VOCAB, (4, 6), generator=g),
+             torch.randint(0, VOCAB, (4, 6), generator=g)) for _ in range(n)]
+
+
+def lm_run(tmp_path, kind, data, before_step=None, **options):
+    model = TinyLM(kind)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with NanGuard(model, opt, dump_dir=str(tmp_path), **options) as guard:
+        for i, (ids, labels) in enumerate(data):
+            if before_step is not None:
+                before_step(i, model, ids)
+            opt.zero_grad()
+            with guard.step(ids, targets=labels):
+                if kind == "outside":
+                    loss = F.cross_entropy(model(ids).reshape(-1, VOCAB), labels.reshape(-1))
+                elif kind == "tuple":
+                    loss = model(ids, labels=labels)[0]
+                elif kind == "dict":
+                    loss = model(ids, labels=labels)["loss"]
+                else:
+                    loss = model(ids, labels=labels).loss
+                guard.backward(loss)
+                opt.step()
+    return guard
+
+
+@pytest.mark.parametrize("logits_module", [None, "head"])
+def test_a_bad_label_read_by_a_loss_inside_forward_is_a_target_invalid_skip(
+        tmp_path, logits_module):
+    # The model's forward raises on the label (IndexError on the CPU) before it returns, so
+    # the forward hook on its output never runs: the loss's error names the id. With
+    # logits_module="head" the guard sees the logits first and knows the class count.
+    data = lm_batches(6)
+    data[3][1][1, 2] = VOCAB + 3
+    guard = lm_run(tmp_path, "dataclass", data, logits_module=logits_module)
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (3, "target_invalid", "targets")
+    assert f"the first is {VOCAB + 3} (batch row 1)" in event.message
+    if logits_module is None:
+        assert "logits_module=" in event.message  # what would let it check before the loss
+    else:
+        assert f"outside [0, {VOCAB})" in event.message
+    assert [r.action for r in guard.history] == [None, None, None, "skip", None, None]
+    assert int(data[3][1][1, 2]) == VOCAB + 3
+    assert nanguard.load(guard.dumps[0]).tensors["targets"][1, 2] == VOCAB + 3
+
+
+def zero_at_step(step):
+    """Make one hidden unit exactly 0 at ``step``: sqrt(x * x)'s backward is NaN there."""
+
+    def before_step(i, model, ids):
+        if i == step:
+            ids[0, 0] = 3
+            with torch.no_grad():
+                model.emb.weight[3].zero_()
+                model.body.bias[0] = 0.0
+
+    return before_step
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple", "dataclass"])
+def test_an_output_holding_the_loss_beside_the_logits(tmp_path, kind):
+    # The logits are the output (a 0-dim loss never counts as the logits), and the backward
+    # replay starts from the logits' gradient alone, which already holds what flowed through
+    # the loss: the same numbers as with the loss computed outside the model.
+    data = lm_batches(6)
+    ref = lm_run(tmp_path / "outside", "outside", data, zero_at_step(4))
+    got = lm_run(tmp_path / kind, kind, data, zero_at_step(4))
+    assert [(r.logits_min, r.logits_max) for r in got.history] == [
+        (r.logits_min, r.logits_max) for r in ref.history]
+    assert all(r.logits_min < r.logits_max for r in got.history)
+    def seen(guard):
+        return [(e.step, e.cause, e.where, e.details["replay"]["grad_output"])
+                for e in guard.events]
+
+    assert seen(got) == seen(ref)
+    assert seen(got)[0][:3] == (4, "grad_nonfinite", "act")
+    grads = {k: v for k, v in nanguard.load(got.dumps[0]).tensors.items()
+             if k.startswith("replay.output_grad.")}
+    assert [v.shape for v in grads.values()] == [(4, 6, VOCAB)]  # the logits' only
+
+
+def test_a_nan_written_into_a_frozen_parameter_is_rolled_back(tmp_path):
+    # Fine-tuning a head on a frozen backbone (requires_grad=False, not in the optimizer).
+    # A NaN loaded into the backbone mid-run is no activation's fault: it is weights_nonfinite,
+    # no snapshot is taken of it, and the rollback brings the backbone back.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    for p in model[:4].parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(model[4].parameters(), lr=1e-2)
+    clean = model[2].weight.detach().clone()
+
+    def corrupt(i):
+        if i == 3:
+            with torch.no_grad():
+                model[2].weight[5, 7] = float("nan")
+
+    with NanGuard(model, opt, snapshot_every=1, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, batches(6), before_step=corrupt)
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (3, "weights_nonfinite", "2.weight")
+    assert "frozen" in event.message
+    assert [r.action for r in guard.history] == [None, None, None, "rollback", None, None]
+    assert torch.equal(model[2].weight, clean) and weights_finite(model)
+
+
+@pytest.mark.parametrize("logits_module", [None, "2"])
+def test_a_guarded_model_saved_or_copied_whole_carries_no_guard(tmp_path, logits_module):
+    # torch.save(model) of the whole module, an EMA teacher made with copy.deepcopy, an
+    # AveragedModel: the guard's hooks on the model become no-ops in the file and the copy.
+    def size(module):
+        buf = io.BytesIO()
+        torch.save(module, buf)
+        return len(buf.getvalue())
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    data = batches(4)
+    plain, plain_averaged = size(model), size(torch.optim.swa_utils.AveragedModel(model))
+    guard = NanGuard(model, opt, logits_module=logits_module, dump_dir=str(tmp_path))
+    run(guard, model, opt, data[:2])
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    x, y = data[2]
+    with torch.no_grad():
+        expected = model(x)
+    teacher = copy.deepcopy(model)
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    # The model's own size: no engine, optimizer or snapshot in the file.
+    assert len(saved.getvalue()) < plain + 512 and size(teacher) < plain + 512
+    assert size(averaged) < plain_averaged + 512
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(100.0)  # a far wider output than the student's
+    with guard.step(x, targets=y):
+        with torch.no_grad():
+            teacher(x)
+            averaged(x)
+        logits = model(x)
+        guard.backward(F.cross_entropy(logits, y))
+        opt.step()
+    assert guard.history[-1].logits_max == pytest.approx(float(logits.detach().max()))
+    guard.close()
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+
+def test_a_step_that_raises_still_counts(tmp_path):
+    # "Skip the batch on out-of-memory": the loop catches an error raised inside the step
+    # and goes on. That step still counts, so later steps are numbered by the batch index.
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    data = batches(7)
+    data[5][0][0, 0] = float("nan")
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    for i, (x, y) in enumerate(data):
+        opt.zero_grad()
+        try:
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y))
+                if i == 2:
+                    raise RuntimeError("CUDA out of memory (simulated)")
+                opt.step()
+        except RuntimeError:
+            continue
+    guard.close()
+    assert guard.step_count == 7
+    assert [r.step for r in guard.history] == [0, 1, 3, 4, 5, 6]  # nothing measured at 2
+    (event,) = guard.events
+    assert (event.step, event.cause) == (5, "input_nonfinite")
