@@ -112,6 +112,36 @@ class Snapshot:
         return fixed
 
 
+class MetricState:
+    """The model's metric state (Keras's running loss, compiled metrics) before a step.
+
+    The loss-only fallback cannot keep a bad batch out of the metrics inside the step, so it
+    saves them before each step and puts them back when it acts on the step. The copies stay
+    on the device (no transfer); ``model.metrics_variables`` are a few scalars per metric.
+
+    Args:
+        model: The model being trained.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.saved: dict[int, tuple[Any, Any]] = {}
+
+    def save(self) -> None:
+        self.saved = {id(v): (v, ops.copy(v.value)) for v in self.model.metrics_variables}
+
+    def restore(self) -> None:
+        """Assign back the saved values; a metric built during the step (compiled metrics
+        are built in the first one) had nothing counted before it: reset."""
+        for metric in self.model.metrics:
+            variables = list(metric.variables)
+            if all(id(v) in self.saved for v in variables):
+                for v in variables:
+                    v.assign(self.saved[id(v)][1])
+            else:
+                metric.reset_state()
+
+
 def build_optimizer(model: Any) -> bool:
     """Create the optimizer's variables now, as Keras does before a distributed ``fit``.
 

@@ -259,8 +259,12 @@ class StepInstrument:
             present = [s for s in squares if s is not None]
             total = ops.sqrt(ops.sum(ops.stack(present))) if present else ops.cast(math.nan,
                                                                                    "float32")
+            # A variable the loss does not reach (a layer `call` never uses, an output with
+            # no loss) has no gradient: the optimizer leaves it alone, and its norm is 0.0
+            # (TensorFlow's zero for unconnected gradients), never a non-finite one that
+            # `where` would blame or that would make every step look unhealthy.
             per = ops.stack([
-                ops.cast(math.nan, "float32") if s is None else ops.sqrt(s) for s in squares
+                ops.zeros((), "float32") if s is None else ops.sqrt(s) for s in squares
             ]) if squares else ops.zeros((0,), "float32")
             scale = _loss_scale(self.optimizer)
             if scale is not None:  # the gradients of a scaled loss: report the true norms

@@ -19,7 +19,13 @@ except ImportError as err:  # pragma: no cover - exercised without keras install
 
 from nanguard import policy
 from nanguard._keras_probe import KerasProbe
-from nanguard._keras_state import LearningRate, Snapshot, build_optimizer, to_numpy
+from nanguard._keras_state import (
+    LearningRate,
+    MetricState,
+    Snapshot,
+    build_optimizer,
+    to_numpy,
+)
 from nanguard._keras_step import HEAD, STATS_KEY, StepInstrument
 from nanguard.config import ACTIONS, GuardConfig
 from nanguard.detector import finite
@@ -116,6 +122,8 @@ class NanGuard(keras.callbacks.Callback):
         self._inner: Any = None
         self._lr: LearningRate | None = None
         self._snapshot: Snapshot | None = None
+        self._metrics: MetricState | None = None  # the fallback's metrics before each step
+        self._good_logs: dict[str, Any] = {}  # the fallback's logs of the last healthy step
         self._batch = 0
         self._batch_logs: dict[int, dict[str, float]] = {}
         self._epoch_grad_max = -math.inf  # the epoch's largest finite gradient norm
@@ -161,6 +169,8 @@ class NanGuard(keras.callbacks.Callback):
         self.session.reset()
         self.dumps = []
         self._snapshot = None
+        self._metrics = None
+        self._good_logs = {}
         self._batch_logs = {}
         self._epoch_grad_max = -math.inf
         self._blocking = True
@@ -182,6 +192,7 @@ class NanGuard(keras.callbacks.Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
+            self._metrics = MetricState(model)
         else:
             self._instrument = StepInstrument(model, self.config.clip_grad_norm)
         if getattr(model, "steps_per_execution", 1) > 1:
@@ -275,6 +286,8 @@ class NanGuard(keras.callbacks.Callback):
     def _train_function(self, *args: Any, **kwargs: Any) -> Any:
         try:
             self._maybe_snapshot()
+            if self._metrics is not None:
+                self._metrics.save()
             assert self._lr is not None
             with self._lr.in_step():  # the step (traced or run) uses the lowered rate
                 logs = self._inner(*args, **kwargs)
@@ -351,7 +364,29 @@ class NanGuard(keras.callbacks.Callback):
         if verdict.action == "abort":
             self._teardown()
             verdict.raise_if_abort()
+        if self._metrics is not None:
+            if verdict.action is None:
+                self._good_logs = logs
+            else:
+                logs = self._recovered_logs(logs)
         return logs
+
+    def _recovered_logs(self, logs: dict[str, Any]) -> dict[str, Any]:
+        """The fallback's logs for a step the guard acted on, rebuilt after its metrics
+        were put back: a value named like one of the model's metrics is that metric's
+        result now; a value of the step's own is kept if finite, else it is the last healthy
+        step's, or left out. Callbacks after the guard (``TerminateOnNaN``) never see the
+        NaN of a step the guard recovered."""
+        metrics = self.model.get_metrics_result()
+        out = {}
+        for key, value in logs.items():
+            if key in metrics:
+                out[key] = metrics[key]
+            elif _all_finite(value):
+                out[key] = value
+            elif key in self._good_logs:
+                out[key] = self._good_logs[key]
+        return out
 
     def _carry_out(self, verdict: Verdict) -> None:
         decision = verdict.decision
@@ -364,8 +399,10 @@ class NanGuard(keras.callbacks.Callback):
             # The update was kept out, but the step's forward already wrote the moving
             # statistics: a NaN batch leaves them NaN (evaluation would be NaN ever after).
             self._snapshot.restore_nonfinite(list(self.model.non_trainable_variables))
-        if self.fallback and decision.action is not None:
-            self.model.reset_metrics()  # Keras's running loss would stay NaN all epoch
+        if self._metrics is not None and decision.action is not None:
+            # The bad batch is left out of Keras's running loss and metrics, as the
+            # instrumented step leaves it out of the loss (else NaN all epoch).
+            self._metrics.restore()
         if decision.lower_lr and self._lr is not None:
             self._lr.lower(self.config.lr_factor)
         if self._instrument is not None:
@@ -409,6 +446,15 @@ class NanGuard(keras.callbacks.Callback):
             if getattr(model, "train_function", None) == self._train_function:
                 model.train_function = None
             self._inner = None
+
+
+def _all_finite(value: Any) -> bool:
+    """A log value holds no NaN/Inf (values that are not numbers count as finite)."""
+    try:
+        a = to_numpy(value)
+    except Exception:  # not a tensor or a number: nothing to judge
+        return True
+    return a.dtype.kind not in "fc" or bool(np.isfinite(a).all())
 
 
 def _step_key(model: Any) -> tuple[Any, ...]:

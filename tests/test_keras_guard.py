@@ -851,6 +851,70 @@ def test_multi_output_fault_is_diagnosed_where_it_is(tmp_path, build, cause, whe
     assert all_finite(model)
 
 
+class RowNorm(keras.layers.Layer):
+    """Appends each row's L2 norm: its gradient is NaN for an all-zero row (sqrt at 0)."""
+
+    def call(self, h):
+        return ops.concatenate([h, ops.sqrt(ops.sum(ops.square(h), -1, keepdims=True))], -1)
+
+
+class WithUnusedHead(keras.Model):
+    """``aux_head`` is built but ``call`` never uses it: its variables get no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.d1 = keras.layers.Dense(16, use_bias=False, name="d1")
+        self.norm = RowNorm(name="norm")
+        self.head = keras.layers.Dense(3, name="head")
+        self.aux = keras.layers.Dense(1, name="aux_head")
+
+    def call(self, x):
+        return self.head(self.norm(self.d1(x)))
+
+
+def unused_head_model():
+    model = WithUnusedHead()
+    model(np.zeros((2, 8), "float32"))
+    model.aux(model.d1(np.zeros((2, 8), "float32")))
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def output_without_loss_model():
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(16, use_bias=False, name="d1")(inputs)
+    model = keras.Model(inputs, {"a": keras.layers.Dense(3, name="head")(RowNorm(name="norm")(h)),
+                                 "aux": keras.layers.Dense(1, name="aux_head")(h)})
+    model.compile(keras.optimizers.SGD(0.05), loss={
+        "a": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "aux": None})
+    return model
+
+
+# A variable the loss never reaches has no gradient (Keras's optimizer skips it): its norm is
+# 0.0, so a real non-finite gradient is blamed where it is (before: on the unused "aux_head",
+# whose missing gradient counted as NaN on every step).
+@pytest.mark.parametrize("build", [unused_head_model, output_without_loss_model],
+                         ids=["unused_layer", "output_without_loss"])
+def test_a_variable_without_gradient_is_zero_not_blamed(tmp_path, build):
+    x, y = data(n=64)
+    x[20] = 0.0  # batch 1: d1's output row is 0, the row norm's backward is NaN
+    model = build()
+    y_fit = y if isinstance(model, WithUnusedHead) else {"a": y}
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y_fit, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where, event.action) == (
+        1, "grad_nonfinite", "d1", "skip")
+    names = [v.path for v in model.trainable_variables]
+    aux = [i for i, name in enumerate(names) if name.startswith("aux_head/")]
+    assert len(aux) == 2
+    for record in (guard.history[0], guard.history[2]):
+        assert all(math.isfinite(n) for n in record.layer_grad_norms)
+        assert [record.layer_grad_norms[i] for i in aux] == [0.0, 0.0]
+    assert all_finite(model)
+
+
 # -- snapshots hold the optimizer's slots from step 0 --------------------------------------------
 
 class PlainSubclassed(keras.Model):
@@ -977,6 +1041,70 @@ def test_fallback_skips_a_nan_update_it_can_undo_exactly(tmp_path):
     for b in (2, 4, 6, 8):
         assert same(rec.after[b][0], rec.before[b][0])
     assert float(ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(0.05)
+    assert all_finite(model)
+
+
+class Delegating(keras.Sequential):
+    """Its own train_step (so the loss-only fallback) that runs Keras's, metrics and all.
+    ``extra``: it also returns a value of its own, ``raw``, not one of the model's metrics."""
+
+    extra = False
+
+    def train_step(self, data):
+        logs = super().train_step(data)
+        return {**logs, "raw": logs["loss"] * 1.0} if self.extra else logs
+
+
+def delegating_model(extra=False):
+    model = Delegating([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                        keras.layers.Dense(3)])
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.extra = extra
+    return model
+
+
+@pytest.mark.parametrize(("snapshot_every", "actions", "extra"), [
+    (1, ["skip", "skip"], False), (100, ["skip", "rollback"], False),
+    (1, ["skip", "skip"], True)])
+def test_fallback_puts_the_metrics_back_and_later_callbacks_see_no_nan(
+        tmp_path, snapshot_every, actions, extra):
+    # A NaN in the first epoch's first batch, then in the second epoch's last: the guard
+    # recovers each step, so a TerminateOnNaN after it must not stop fit, and an epoch's loss
+    # and accuracy are those of its healthy batches (before: the NaN logs went on, and the
+    # metrics were reset, so a bad last batch gave History an epoch loss of 0.0).
+    x, y = data(n=64)
+
+    def batches():
+        for k in range(8):
+            i = k % 4
+            xb = x[i * 16:(i + 1) * 16].copy()
+            if k in (0, 7):
+                xb[0, 0] = np.nan
+            yield xb, y[i * 16:(i + 1) * 16]
+
+    model = delegating_model(extra)
+    guard, rec = NanGuard(dump_dir=str(tmp_path), snapshot_every=snapshot_every), Recorder()
+    with pytest.warns(RuntimeWarning, match="loss-only"):
+        hist = model.fit(batches(), steps_per_epoch=4, epochs=2, verbose=0,
+                         callbacks=[guard, rec, keras.callbacks.TerminateOnNaN()])
+    assert [(e.step, e.action) for e in guard.events] == list(zip((0, 7), actions,
+                                                                  strict=True))
+    assert len(rec.logs) == 8  # every batch of both epochs ran
+    for logs in rec.logs:
+        assert np.isfinite([logs["loss"], logs["accuracy"]]).all()
+    # The bad first batch: the metrics are back to the epoch's start, as Keras reset them.
+    assert (rec.logs[0]["loss"], rec.logs[0]["accuracy"]) == (0.0, 0.0)
+    assert hist.history["loss"][0] == pytest.approx(rec.logs[3]["loss"])
+    # The bad last batch: its logs, and History's epoch, are those after the batch before.
+    for name in ("loss", "accuracy"):
+        assert rec.logs[7][name] == pytest.approx(rec.logs[6][name])
+        assert hist.history[name][1] == pytest.approx(rec.logs[6][name])
+    assert hist.history["loss"][1] > 0.1
+    if extra:  # the step's own NaN: the last healthy step's value, or none before one
+        assert "raw" not in rec.logs[0]
+        assert rec.logs[7]["raw"] == rec.logs[6]["raw"]
     assert all_finite(model)
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 pytest.importorskip("keras")
@@ -178,6 +179,59 @@ SCRIPT = textwrap.dedent(
     sched = keras.callbacks.LearningRateScheduler(lambda e, lr: lr * 0.9 if e else lr)
     m.fit(batches(), steps_per_epoch=4, epochs=2, verbose=0, callbacks=[g, sched])
     out["scheduler"] = [r.lr for r in g.history]
+
+    # 10. a layer call() never uses has no gradient: norm 0.0, and a NaN gradient from a
+    # row norm's sqrt at 0 is blamed on the layer it reaches, not on the unused one
+    class RowNorm(keras.layers.Layer):
+        def call(self, h):
+            return ops.concatenate([h, ops.sqrt(ops.sum(ops.square(h), -1, keepdims=True))],
+                                   -1)
+
+    class WithUnusedHead(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d1 = keras.layers.Dense(16, use_bias=False, name="d1")
+            self.norm = RowNorm(name="norm")
+            self.head = keras.layers.Dense(3, name="head")
+            self.aux = keras.layers.Dense(1, name="aux_head")
+
+        def call(self, x):
+            return self.head(self.norm(self.d1(x)))
+
+    keras.utils.set_random_seed(0)
+    m = WithUnusedHead()
+    z = np.zeros((2, 8), "float32")
+    m(z); m.aux(m.d1(z))
+    m.compile(keras.optimizers.SGD(0.05),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = rng.normal(size=(64, 8)).astype("float32"); x[20] = 0.0
+    g = NanGuard(dump_dir=dump_dir)
+    m.fit(x, rng.integers(0, 3, 64), batch_size=16, epochs=1, shuffle=False, verbose=0,
+          callbacks=[g])
+    out["unused"] = [[(e.step, e.cause, e.where) for e in g.events],
+                     g.history[0].layer_grad_norms[-2:]]
+
+    # 11. loss-only fallback (a train_step of one's own), NaN in the epoch's last batch: the
+    # metrics go back to before it, so TerminateOnNaN runs on and History gets the healthy
+    # batches' loss and accuracy
+    class Delegating(keras.Sequential):
+        def train_step(self, data):
+            return super().train_step(data)
+
+    keras.utils.set_random_seed(0)
+    m = Delegating([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                    keras.layers.Dense(3)])
+    m.compile(keras.optimizers.SGD(0.05),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    x = rng.normal(size=(64, 8)).astype("float32"); x[48, 0] = np.nan
+    g, rec = NanGuard(dump_dir=dump_dir, snapshot_every=1), Rec()
+    h = m.fit(x, rng.integers(0, 3, 64), batch_size=16, epochs=2, shuffle=False, verbose=0,
+              callbacks=[g, rec, keras.callbacks.TerminateOnNaN()])
+    out["fallback"] = {
+        "events": [(e.step, e.action) for e in g.events],
+        "batch_logs": [[float(lg["loss"]), float(lg["accuracy"])] for lg in rec.logs],
+        "history": [h.history["loss"], h.history["accuracy"]],
+    }
     print("RESULT " + json.dumps(out))
     """
 )
@@ -214,4 +268,13 @@ def test_torch_backend_end_to_end(tmp_path):
     assert lso["finite"]
     assert out["subclassed"] == [[1, "activation_nonfinite", "naive_softmax"]]
     assert out["multi_output"] == [[[2, "target_invalid", "targets.a"]], True]
+    assert out["unused"] == [[[1, "grad_nonfinite", "d1"]], [0.0, 0.0]]
+    fallback = out["fallback"]
+    assert fallback["events"] == [[3, "skip"], [7, "skip"]]
+    logs = fallback["batch_logs"]
+    assert len(logs) == 8 and np.isfinite(logs).all()
+    assert logs[3] == pytest.approx(logs[2]) and logs[7] == pytest.approx(logs[6])
+    assert np.allclose(fallback["history"], [[logs[2][0], logs[6][0]],
+                                             [logs[2][1], logs[6][1]]])
+    assert min(fallback["history"][0]) > 0.1
     assert out["scheduler"] == pytest.approx([0.1, 0.1] + [0.05] * 2 + [0.045] * 4, rel=1e-5)
