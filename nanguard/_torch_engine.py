@@ -440,9 +440,6 @@ class TorchEngine:
         # update was last applied; read only when an update_nonfinite event names one.
         self.measured_lrs: list[Any] = []
         self.update_lrs: list[Any] = []
-        # The product of the lr_factors applied so far. Nothing reads it back (the lowered
-        # rates live in the param groups); only the Lightning callback's checkpoints carry it.
-        self.lr_scale = 1.0
         self.distributed = False
         self.any_rank_bad: bool | None = None
         self.any_rank_loss_bad: bool | None = None
@@ -576,8 +573,8 @@ class TorchEngine:
         self.in_step = True
 
     def _on_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if self.calls is not None and module is self.model:
-            self.calls.after(output)
+        if self.calls is not None and module is self.model and self.calls.after(output):
+            return  # a strategy's redirect: its output is the training step's, not the model's
         if not self.in_step:
             return
         out = first_float_tensor(output)
@@ -664,8 +661,8 @@ class TorchEngine:
 
     def add_loss(self, loss: torch.Tensor) -> None:
         loss = loss.detach()
-        if loss.ndim or loss.dtype != torch.float32:
-            loss = loss.float().reshape(-1).sum()
+        if loss.ndim or loss.dtype != _wide(loss.dtype):
+            loss = loss.to(_wide(loss.dtype)).reshape(-1).sum()
         self.loss = loss if self.loss is None else self.loss + loss
 
     def measure(self) -> StepRecord:
@@ -683,8 +680,8 @@ class TorchEngine:
             loss = torch.where(self.labels_bad.to(loss.device), nan.to(loss.device), loss)
         head = [
             loss,
-            self.lmin.float() if self.lmin is not None else nan,
-            self.lmax.float() if self.lmax is not None else nan,
+            self.lmin.to(_wide(self.lmin.dtype)) if self.lmin is not None else nan,
+            self.lmax.to(_wide(self.lmax.dtype)) if self.lmax is not None else nan,
             total,
             self.pending_update_ok.float() if self.pending_update_ok is not None else nan,
         ]
@@ -895,7 +892,6 @@ class TorchEngine:
 
     def lower_lr(self, factor: float) -> None:
         """Multiply every group's learning rate, and the schedulers' bases, by ``factor``."""
-        self.lr_scale *= factor
         for opt in self.optimizers:
             for group in opt.param_groups:
                 for key in ("lr", "initial_lr", "max_lr", "min_lr", "swa_lr"):
@@ -954,13 +950,20 @@ def _cpu_l2(t: torch.Tensor) -> torch.Tensor:
 
 
 def _cpu_sum(t: torch.Tensor) -> torch.Tensor:
-    return t.sum(dtype=torch.float32)
+    return t.sum(dtype=_wide(t.dtype))
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a statistic of a ``dtype`` tensor is kept in: float64 for float64 (a
+    finite float64 loss or norm past 3.4e38 is not Inf), float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _reduce(
     tensors: list[torch.Tensor], big_cpu: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """One float32 number per tensor that is non-finite when the tensor is, stacked in order.
+    """One number per tensor that is non-finite when the tensor is, stacked in order
+    (float32; float64 when a tensor is float64).
 
     Small tensors, and every tensor on an accelerator, go through one fused ``_foreach_norm``
     kernel per (device, dtype) group: the fewest launches. On the CPU ``_foreach_norm`` loops
@@ -1004,8 +1007,9 @@ def _reduce_strided(
             out[i] = n
     found = [n for n in out if n is not None]
     dev = found[0].device
-    if any(n.dtype != torch.float32 or n.device != dev for n in found):
-        found = [n.float().to(dev) for n in found]
+    dtype = max((_wide(n.dtype) for n in found), key=lambda d: d.itemsize)
+    if any(n.dtype != dtype or n.device != dev for n in found):
+        found = [n.to(dev, dtype) for n in found]
     return torch.stack(found)
 
 
@@ -1016,7 +1020,7 @@ def _sparse_values(t: torch.Tensor) -> torch.Tensor:
 
 
 def grad_norms(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The L2 norm of each gradient, as one float32 tensor on ``device``."""
+    """The L2 norm of each gradient, as one float32 (float64) tensor on ``device``."""
     return _reduce(grads, _cpu_l2).to(device)
 
 
@@ -1044,7 +1048,9 @@ def _layer_norms(
     if len(grads) == len(params):
         return norms
     it = iter(norms)
-    return [next(it) if p.grad is not None else math.nan for p in params]
+    # A parameter the loss did not reach has no gradient: 0.0, not a non-finite norm that
+    # `where` would blame, or that would make every step look unhealthy to layer_growth.
+    return [next(it) if p.grad is not None else 0.0 for p in params]
 
 
 class TorchProbe:

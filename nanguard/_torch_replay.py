@@ -172,6 +172,7 @@ class CallRecorder:
         self.paused = False
         self._step: int | None = None
         self._pending: RecordedCall | None = None
+        self._open: list[bool] = []  # per model call still running: is it a redirect?
         self._handles: list[Any] = []
 
     def attach(self, post_hook: bool = True) -> None:
@@ -196,6 +197,7 @@ class CallRecorder:
         self.dropped = 0
         self.grad_bytes = 0
         self._pending = None
+        self._open = []  # a call that raised never popped its entry
         self._step = None
 
     def calls_for(self, step: int) -> list[RecordedCall]:
@@ -205,7 +207,9 @@ class CallRecorder:
     def _before(self, module: Any, args: Any, kwargs: Any) -> None:
         e = self.engine
         self._pending = None
-        if self.paused or not e.in_step:
+        redirect = _redirected(module)
+        self._open.append(redirect)
+        if self.paused or not e.in_step or redirect:
             return
         step = e.session.step
         if step != self._step:
@@ -224,29 +228,42 @@ class CallRecorder:
     def _after(self, module: Any, args: Any, output: Any) -> None:
         self.after(output)
 
-    def after(self, output: Any) -> None:
-        """The model returned: keep the gradient that will reach its logits.
+    def after(self, output: Any) -> bool:
+        """The model returned: keep the gradient that will reach its logits. Returns whether
+        the call was a strategy's redirect (see :func:`_redirected`), not the model's own.
 
         Only the logits' (:func:`first_float_tensor`): the other outputs are mostly made
         from them or on their way (a loss computed inside ``forward``, hidden states), and
         the gradient reaching the logits already holds what flowed through those; replaying
         from both would count it twice.
         """
+        redirect = self._open.pop() if self._open else False
         call, self._pending = self._pending, None
-        if call is None or self.paused or not call.grad_enabled:
-            return
+        if redirect or call is None or self.paused or not call.grad_enabled:
+            return redirect
         logits = first_float_tensor(output)
         if logits is None or not logits.requires_grad:
-            return
+            return False
         i = _index_of(logits, float_tensors(output))
         if i is None:
-            return
+            return False
         size = logits.numel() * logits.element_size()
         if self.grad_bytes + size > OUTPUT_GRAD_BUDGET:
             call.grads_over_budget = True
-            return
+            return False
         self.grad_bytes += size
         logits.register_hook(functools.partial(_keep_grad, call, i))
+        return False
+
+
+def _redirected(module: Any) -> bool:
+    """Whether this call of the model runs another of its methods through its own
+    ``__call__``: Lightning's DDP, FSDP and DeepSpeed strategies call the wrapped
+    LightningModule with ``forward`` swapped for ``training_step`` (``_ForwardRedirection``),
+    so that call's arguments are the batch and its index and its output is the loss. The
+    model's own call (``self(x)``) runs inside it."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and "_ForwardRedirection" in getattr(forward, "__qualname__", "")
 
 
 def _index_of(t: torch.Tensor | None, tensors: Sequence[torch.Tensor]) -> int | None:

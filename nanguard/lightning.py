@@ -422,10 +422,8 @@ class NanGuard(_CallbackBase):
         # took the model's state_dict already, as views of the live weights, and gathers
         # the optimizers' after this; a rollback here reaches both.
         self._check_last_update()
-        return {
-            "session": self._engine.session.state_dict(),
-            "lr_scale": self._engine.lr_scale,
-        }
+        # The lowered learning rates are in the optimizers' and schedulers' own state.
+        return {"session": self._engine.session.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the counters; applied at ``on_fit_start`` when the run is set up."""
@@ -437,8 +435,8 @@ class NanGuard(_CallbackBase):
 
     def _apply_state(self, state: Mapping[str, Any]) -> None:
         assert self._engine is not None
+        # A checkpoint of an older version also holds "lr_scale": not needed, ignored.
         self._engine.session.load_state_dict(state.get("session", {}))
-        self._engine.lr_scale = float(state.get("lr_scale", 1.0))
 
 
 def _no_clipping(*args: Any, **kwargs: Any) -> None:

@@ -81,6 +81,9 @@ def main(outdir: str) -> None:
                 ],
                 "dumps": guard.dumps,
                 "lr": [r.lr for r in guard.history],
+                # DDP calls the module with forward swapped for training_step: that call's
+                # output (the loss) must not count as the logits.
+                "ranges": [[r.loss, r.logits_min, r.logits_max] for r in guard.history],
             },
             fh,
         )

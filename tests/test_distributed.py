@@ -111,4 +111,15 @@ def test_plain_torch_guard_ranks_agree(tmp_path):
 @pytest.mark.lightning
 def test_lightning_ddp_ranks_agree(tmp_path):
     pytest.importorskip("lightning")
-    check_agreement(run_ranks("_ddp_lightning.py", tmp_path), tmp_path)
+    results = run_ranks("_ddp_lightning.py", tmp_path)
+    check_agreement(results, tmp_path)
+    # The logits are the model's output (4 classes), not the loss training_step returns
+    # through Lightning's forward redirection, and the replay calls the model on the batch.
+    for r in results:
+        for step, (loss, lo, hi) in enumerate(r["ranges"]):
+            if r["actions"][step] is None:
+                assert math.isfinite(lo) and math.isfinite(hi) and hi != loss, (step, r["ranges"])
+        for path in r["dumps"]:
+            dump = nanguard.load(path)
+            assert dump.tensors["output"].shape == (4, 4)
+            assert "replay failed" not in str(dump.event.details.get("replay", ""))

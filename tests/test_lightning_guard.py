@@ -655,3 +655,32 @@ def test_stats_can_be_monitored_in_an_epoch_shorter_than_the_logging_cadence(tmp
     t.fit(Classifier(), make_data(6))
     assert t.current_epoch == 2
     assert float(t.callback_metrics["nanguard/loss"]) == pytest.approx(guard.history[-1].loss)
+
+
+class BigRegression(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_precision_64_true_is_judged_in_float64(tmp_path):
+    # Targets in the 1e40s: loss and gradients finite in float64, past float32's range.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(32, generator=g, dtype=torch.float64) * 1e40
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    trainer(tmp_path, guard, precision="64-true").fit(BigRegression(), loader)
+    assert [r.action for r in guard.history] == [None] * 4
+    assert all(1e70 < r.loss < 1e90 and 1e39 < r.grad_norm < 1e42 for r in guard.history)

@@ -665,9 +665,11 @@ def test_fast_path_reductions_see_every_non_finite_value(where, bad):
     tensors = [big, torch.randn(7, generator=g), torch.randn(300, 300, dtype=torch.float64,
                generator=g), torch.randn(64, 1100, generator=g).t(),  # not contiguous
                torch.randn(5, generator=g).bfloat16(), torch.zeros(0)]
-    expected = torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors]).float()
+    expected = torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])
     norms = grad_norms(tensors, torch.device("cpu"))
+    assert norms.dtype == torch.float64  # one tensor is float64: its norm is kept in float64
     assert torch.allclose(norms, expected, rtol=1e-5)  # bfloat16 too: summed in float32
+    assert grad_norms(tensors[:2], torch.device("cpu")).dtype == torch.float32
     assert bool(maybe_finite(tensors))
     for i in range(5):
         corrupted = [t.clone() for t in tensors]
@@ -1496,3 +1498,53 @@ def test_a_step_that_raises_still_counts(tmp_path):
     assert [r.step for r in guard.history] == [0, 1, 3, 4, 5, 6]  # nothing measured at 2
     (event,) = guard.events
     assert (event.step, event.cause) == (5, "input_nonfinite")
+
+
+def test_a_float64_run_is_judged_in_float64(tmp_path):
+    # Targets in the 1e40s (scientific units): the loss (~1e80) and the gradients (~1e40)
+    # are finite in float64, past float32's range; nothing is wrong with the step.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randn(8, dtype=torch.float64) * 1e40
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for _ in range(3):
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                loss = torch.nn.functional.mse_loss(model(x).squeeze(-1), y)
+                guard.backward(loss)
+                opt.step()
+    assert [r.action for r in guard.history] == [None, None, None]
+    assert guard.history[0].loss == pytest.approx(float(loss), rel=1e-3)
+    assert 1e39 < guard.history[0].grad_norm < 1e42
+    assert not guard.events and not list(tmp_path.iterdir())
+
+
+def test_a_parameter_without_gradient_has_a_zero_norm_not_a_nan(tmp_path):
+    class WithUnused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(4, 3)
+            self.unused = torch.nn.Linear(4, 3)  # a pooler the loss never reaches
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = WithUnused()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for _ in range(6):
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(torch.nn.functional.cross_entropy(model(x), y))
+                opt.step()
+    norms = guard.history[-1].layer_grad_norms
+    assert norms[2:] == [0.0, 0.0] and all(n > 0 for n in norms[:2])
+    # Steps with an unused parameter still count as healthy for the growth analysis.
+    grown = nanguard.detector.layer_growth(
+        [*guard.history, nanguard.StepRecord(step=6, loss=1.0, grad_norm=1.0,
+                                             layer_grad_norms=[n * 100 for n in norms])])
+    assert grown is not None and grown["step"] == 6
