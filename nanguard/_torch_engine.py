@@ -218,33 +218,42 @@ def _describe_ids(name: str, t: torch.Tensor, bad: torch.Tensor, what: str,
 _OUT_OF_BOUNDS = re.compile(r"Target (-?\d+) is out of bounds")
 
 
-def rejected_labels(targets: Any, error: BaseException, ignore_index: int) -> str | None:
+def rejected_labels(
+    targets: Any, error: BaseException, ignore_index: int, *, output_seen: bool = False
+) -> str | None:
     """The class ids that a loss's ``IndexError`` proves out of range, described as
-    :func:`check_targets` does: for when no output told the class count (the model computes
-    its loss inside ``forward``, which raised before returning).
+    :func:`check_targets` does: for when the output does not tell the class count (the
+    model computes its loss inside ``forward``, which raised before returning, or a head
+    other than the one the guard sees).
 
     PyTorch's class-id losses raise ``IndexError("Target 14 is out of bounds.")`` on the
     CPU. The id named is invalid, and so is every id at least as large when it is not
     negative (the class count is at most it), and every negative id but ``ignore_index``.
+    When several target tensors hold the id named (multi-task labels), which one the loss
+    read is unknown: the event names ``targets`` and lists them.
     """
     match = _OUT_OF_BOUNDS.search(str(error)) if isinstance(error, IndexError) else None
     if match is None:
         return None
     rejected = int(match.group(1))
-    for name, t in named_tensors(targets, "targets"):
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or not t.numel():
-            continue
-        named = t == rejected
-        if not bool(named.any()):
-            continue
-        bad = (t < 0) | (t >= rejected) if rejected >= 0 else t < 0
-        bad = (bad & (t != ignore_index)) | named
-        return _describe_ids(
-            name, t, bad, "out of range",
-            f"the loss raised IndexError ({match.group(0)}.) before nanguard saw the logits, "
-            "so their class count is unknown; set logits_module='<the head's name>' and "
-            "nanguard checks the labels before the loss")
-    return None
+    holding = [
+        (name, t) for name, t in named_tensors(targets, "targets")
+        if not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+        and t.numel() and bool((t == rejected).any())
+    ]
+    said = f"the loss raised IndexError ({match.group(0)}.)"
+    if len(holding) > 1:
+        return (f"targets: {said}, and {', '.join(n for n, _ in holding)} all hold the id "
+                f"{rejected}: nanguard cannot tell which of them the loss read")
+    if not holding:
+        return None
+    name, t = holding[0]
+    bad = (t < 0) | (t >= rejected) if rejected >= 0 else t < 0
+    bad = (bad & (t != ignore_index)) | (t == rejected)
+    advice = ("" if output_seen else " before nanguard saw the logits, so their class count "
+              "is unknown; set logits_module='<the head's name>' and nanguard checks the "
+              "labels before the loss")
+    return _describe_ids(name, t, bad, "out of range", said + advice)
 
 
 def _n_classes(t: torch.Tensor, output: torch.Tensor) -> int | None:
@@ -643,7 +652,8 @@ class TorchEngine:
     def labels_rejected_by(self, error: BaseException) -> str | None:
         """The step's class ids that ``error``, raised by the loss, proves out of range
         (:func:`rejected_labels`); kept for the slow path."""
-        self.labels_rejected = rejected_labels(self.targets, error, self.ignore_index)
+        self.labels_rejected = rejected_labels(self.targets, error, self.ignore_index,
+                                               output_seen=self.output is not None)
         return self.labels_rejected
 
     def describe_label_faults(self) -> str | None:
@@ -702,7 +712,7 @@ class TorchEngine:
         self.update_was_bad = values[7] == 1.0 if self.distributed else values[4] == 0.0
         if self.update_was_bad and not self.distributed:
             # The fast flag can be a false alarm (an L2 norm past float range): confirm.
-            self.update_was_bad = not all_finite([p.detach() for p in self.params])
+            self.update_was_bad = not all_finite(self.trained_params())
         self.pending_update_ok = None
         n_head = len(stats)
         self.any_rank_bad = bool(values[5]) if self.distributed else None
@@ -799,8 +809,9 @@ class TorchEngine:
         """After an applied update: check, without a transfer, that the weights stayed finite."""
         if self.verdict is not None and self.verdict.action is not None:
             return
-        with torch.no_grad():
-            self.pending_update_ok = maybe_finite([p.detach() for p in self.params])
+        with torch.no_grad():  # the parameters the update touched: those with a gradient
+            self.pending_update_ok = maybe_finite(
+                [p.detach() for p in self.params if p.grad is not None])
         self.update_lrs = self.measured_lrs
 
     def check_last_update(self) -> Verdict | None:
@@ -816,7 +827,7 @@ class TorchEngine:
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
             bad = bool(agreed.item())
         elif bad:  # the fast flag can be a false alarm (a sum past float range)
-            bad = not all_finite([p.detach() for p in self.params])
+            bad = not all_finite(self.trained_params())
         if not bad or not self.session.history:
             return None
         self.update_was_bad = True
@@ -848,25 +859,38 @@ class TorchEngine:
             self.calls.clear()
 
     # -- state --------------------------------------------------------------------------
+    def trained_params(self) -> list[torch.Tensor]:
+        """The guarded parameters autograd trains (those an update can touch), detached."""
+        return [p.detach() for p in self.params if p.requires_grad]
+
     def frozen_params(self) -> list[torch.Tensor]:
-        """The model's floating parameters no optimizer steps and autograd does not train
-        (a frozen backbone). A snapshot holds them and a rollback restores them, so the
-        snapshot check and the slow path look at them; the per-step update check does not
-        (no update touches them)."""
-        guarded = {id(p) for p in self.params}
-        return [p for p in self.model_params.values()
-                if id(p) not in guarded and p.is_floating_point()]
+        """The model's and optimizers' floating parameters autograd does not train
+        (``requires_grad=False``: a frozen backbone, a mask kept as a parameter). No update
+        touches them, so the per-step update check leaves them out; a snapshot holds them and
+        a rollback restores them, so the snapshot check and the slow path look at them, for
+        NaN only: an Inf in one may be intended (a causal mask of ``-inf``)."""
+        seen: set[int] = set()
+        out = []
+        for p in [*self.params, *self.model_params.values()]:
+            if not p.requires_grad and p.is_floating_point() and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+        return out
 
     def weights_finite(self) -> bool:
-        """Whether a snapshot taken now would be finite: every parameter, frozen ones too,
-        and the optimizers' state. Buffers are left out: one may hold ``-inf`` on purpose (an
-        attention mask), and a bad step's forward writes them (they are repaired after it)."""
-        tensors = [p.detach() for p in [*self.params, *self.frozen_params()]]
+        """Whether a snapshot taken now would be finite: the trained parameters and the
+        optimizers' state hold no NaN/Inf, and frozen parameters no NaN. Buffers are left
+        out: one may hold ``-inf`` on purpose (an attention mask), and a bad step's forward
+        writes them (they are repaired after it)."""
+        tensors = self.trained_params()
         for opt in self.optimizers:
             for st in opt.state.values():
                 tensors += [
                     v for v in st.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
                 ]
+        frozen = self.frozen_params()
+        if frozen and bool(torch.stack([p.detach().isnan().any() for p in frozen]).any()):
+            return False
         return bool(maybe_finite(tensors)) or all_finite(tensors)
 
     def nonfinite_buffers(self) -> list[str]:
@@ -907,6 +931,9 @@ class TorchEngine:
                         values = getattr(child, attr, None)
                         if isinstance(values, list):
                             setattr(child, attr, [_scaled(v, factor) for v in values])
+                    # The floor a cosine schedule anneals toward (it would climb back to it).
+                    if isinstance(getattr(child, "eta_min", None), (int, float)):
+                        child.eta_min = _scaled(child.eta_min, factor)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         state = eager_module(self.model).state_dict()
@@ -926,9 +953,7 @@ def _float(value: Any) -> float:
 
 
 def _scaled(value: Any, factor: float) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value * factor
-    return value * factor
+    return value * factor  # a float, or a tensor LR kept a tensor
 
 
 _BLAS_DTYPES = (torch.float32, torch.float64)
@@ -1059,6 +1084,7 @@ class TorchProbe:
     def __init__(self, engine: TorchEngine) -> None:
         self.engine = engine
         self.replayed: dict[str, np.ndarray] = {}
+        self.bad_call = 0  # the model call whose arguments were non-finite
 
     def evidence(self, record: StepRecord) -> detector.Evidence:
         e = self.engine
@@ -1082,6 +1108,7 @@ class TorchProbe:
                 ev.details["lr_of_where"] = lr
         else:
             ev.weights_nonfinite = self._first_nonfinite_state()
+        self.bad_call = 0
         for name, t in named_tensors(e.inputs, "inputs"):
             found = _describe_nonfinite(name, t)
             if found:
@@ -1099,7 +1126,7 @@ class TorchProbe:
             flag = torch.tensor([float(run)], device=e.params[0].device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             run = bool(flag.item())
-        self.replayed = localize_step(e, record, ev, run=run)
+        self.replayed = localize_step(e, record, ev, run=run, start=self.bad_call)
         if e.distributed:
             ev = agree_across_ranks(e, record, ev)
         return ev
@@ -1112,28 +1139,30 @@ class TorchProbe:
                   "the batch given to the guard is finite, so the code in the step before "
                   "the model call made them")
         for k, call in enumerate(calls):
-            prefix = "replay" if k == 0 else f"replay.call{k}"
-            named = [(f"{prefix}.args.{i}", a) for i, a in enumerate(call.args)]
-            named += [(f"{prefix}.kwargs.{key}", v) for key, v in call.kwargs.items()]
+            # Named as the dump stores that call's arguments (see localize_step's `start`).
+            named = [(f"replay.args.{i}", a) for i, a in enumerate(call.args)]
+            named += [(f"replay.kwargs.{key}", v) for key, v in call.kwargs.items()]
+            which = f" of the step's model call {k} (micro-batch {k})" if k else ""
             for path, arg in named:
                 for name, t in named_tensors(arg, path):
                     found = _describe_nonfinite(name, t)
                     if found:
-                        return f"{found}, in the model's arguments; {origin}"
+                        self.bad_call = k
+                        return f"{found}, in the model's arguments{which}; {origin}"
         return None
 
     def _first_nonfinite_state(self) -> str | None:
         e = self.engine
         for p in e.params:
-            found = _describe_nonfinite(e.names.get(p, "?"), p.detach())
+            found = p.requires_grad and _describe_nonfinite(e.names.get(p, "?"), p.detach())
             if found:
                 return found
         frozen = e.frozen_params()
-        if bool(maybe_finite([p.detach() for p in frozen])):  # one sync: a backbone is large
-            frozen = []
+        if frozen and not bool(torch.stack([p.detach().isnan().any() for p in frozen]).any()):
+            frozen = []  # one sync: a backbone is large
         for p in frozen:
-            found = _describe_nonfinite(e.names.get(p, "?"), p.detach())
-            if found:
+            if bool(p.detach().isnan().any()):
+                found = _describe_nonfinite(e.names.get(p, "?"), p.detach())
                 return f"{found}, a frozen parameter no optimizer steps; load a finite one"
         for opt in e.optimizers:
             for p, st in opt.state.items():

@@ -581,6 +581,12 @@ def replay_call(
         del out, outs
         if not backward:
             return result
+        if result.output_nonfinite:
+            # Non-finite already in the forward, with no module to blame (the call's inputs
+            # were non-finite): a backward from its gradient would only blame the loss.
+            result.notes.append("backward not replayed: the forward's output is already "
+                                "non-finite, and no module turned finite inputs into it")
+            return result
         if not call.grad_enabled or not call.output_grads:
             result.notes.append(
                 "backward not replayed: the gradient of the model output was not kept (past "
@@ -677,13 +683,16 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     return model, ""
 
 
-def localize_step(engine: Any, record: Any, evidence: Any, *, run: bool) -> dict[str, np.ndarray]:
+def localize_step(
+    engine: Any, record: Any, evidence: Any, *, run: bool, start: int = 0
+) -> dict[str, np.ndarray]:
     """The probe's part: replay the bad step (when ``run``), fill ``evidence``, and return
     the arrays for the dump (the localized module's tensors, the recorded output gradient
-    and CPU RNG state, and the call's arguments when they are not the step's inputs)."""
+    and CPU RNG state, and the call's arguments when they are not the step's inputs): those
+    of call ``start`` when the replay does not run (the call whose arguments were bad)."""
     recorder: CallRecorder | None = getattr(engine, "calls", None)
     calls = recorder.calls_for(record.step) if recorder is not None else []
-    arrays = _call_arrays(engine, calls)
+    arrays = _call_arrays(engine, calls[start:])
     if not run:
         return arrays
     if recorder is None or not calls:

@@ -145,6 +145,7 @@ class NanGuard(_CallbackBase):
         self._stepped = False
         self._paused = False  # the step's hooks are paused for a validation run
         self._clipping_off: pl.LightningModule | None = None  # see _finish
+        self._last_good: StepRecord | None = None  # the last step whose update went in
         self._restored = False  # this fit's state came from a checkpoint
         self.dumps: list[str] = []
 
@@ -347,8 +348,16 @@ class NanGuard(_CallbackBase):
             pl_module.configure_gradient_clipping = _no_clipping  # type: ignore[method-assign]
             self._clipping_off = pl_module
         trainer = pl_module.trainer
-        if self._flushes(trainer) or self._monitored(trainer):
-            self._log(pl_module, verdict.record)
+        record = verdict.record
+        monitored = self._monitored(trainer)
+        if monitored or self._flushes(trainer):
+            # A monitor reads callback_metrics right after this step: a step the guard kept
+            # from the weights shows the last good step's values, so EarlyStopping
+            # (check_finite) does not end the run the guard has just saved.
+            good, kept_out = self._last_good, verdict.decision.blocks_update
+            self._log(pl_module, good if monitored and kept_out and good is not None else record)
+        if not verdict.decision.blocks_update:
+            self._last_good = record
         verdict.raise_if_abort()
 
     def _clipping_back(self) -> None:

@@ -249,15 +249,15 @@ class NanGuard:
                 "optimizer.step() was called outside `with guard.step(...)`: the guard "
                 "cannot check this update. Wrap each training step in guard.step()."
             )
+        if len(args) > 1 or kwargs.get("closure") is not None:  # args[0] is the optimizer
+            raise RuntimeError(
+                f"nanguard.torch cannot guard optimizer.step(closure) "
+                f"({type(optimizer).__name__} computes the gradients inside step(), after "
+                "the guard's check would run). Use an optimizer stepped without a closure."
+            )
         if engine.verdict is not None:
             return
         if engine.loss is None:
-            if len(args) > 1 or kwargs.get("closure") is not None:  # args[0] is the optimizer
-                raise RuntimeError(
-                    f"nanguard.torch cannot guard optimizer.step(closure) "
-                    f"({type(optimizer).__name__} computes the gradients inside step(), after "
-                    "the guard's check would run). Use an optimizer stepped without a closure."
-                )
             raise RuntimeError(
                 "optimizer.step() was called before guard.backward(loss) in this step: use "
                 "guard.backward(loss) instead of loss.backward() so the loss is checked."
@@ -280,6 +280,16 @@ class NanGuard:
         if rec.step % self.config.log_every == 0 and log.isEnabledFor(logging.DEBUG):
             log.debug("nanguard %r", rec)
         verdict.raise_if_abort()
+
+
+def _about_class_ids(exc: BaseException) -> bool:
+    """Whether an exception is what PyTorch raises on the CPU for a class id out of range:
+    ``IndexError`` (cross_entropy, nll_loss, an embedding lookup), or ``RuntimeError`` from
+    ``gather`` ("index 14 is out of bounds") or ``one_hot`` ("Class values must be ...")."""
+    if isinstance(exc, IndexError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of bounds" in text or "Class values" in text)
 
 
 class _Step:
@@ -328,8 +338,12 @@ class _Step:
             # classes=True: a loss that raised on these ids proved they index the output,
             # whatever the output's gradient suggested (scores_classes). No output seen (a
             # model computing its loss inside forward): the loss's IndexError names an id.
+            # Not under DDP: the other ranks wait in the backward's all-reduce, and this
+            # rank's decision would meet them there (labels are defused before the loss
+            # there, see _defuse_labels; a loss inside forward needs logits_module).
             labels = None
-            if isinstance(exc, Exception) and not isinstance(exc, NonFiniteTrainingError):
+            if (isinstance(exc, Exception) and not isinstance(exc, NonFiniteTrainingError)
+                    and not engine.distributed):
                 labels = (engine.describe_label_faults()
                           or check_targets(engine.targets, engine.output, engine.ignore_index)
                           or engine.labels_rejected_by(exc))
@@ -340,7 +354,9 @@ class _Step:
                     guard._finish(verdict)
                 except NonFiniteTrainingError as err:
                     raise err from exc
-                return True
+                # The loss's own complaint about the ids is the bad step, now handled; any
+                # other error (a bug in the loop's own code) still reaches the loop.
+                return _about_class_ids(exc)
             # An error the loop may catch and go on from (out of memory): the step still
             # counts, so later indices match the batch index. No history entry: nothing
             # was measured.

@@ -235,3 +235,12 @@ def test_layer_growth_names_the_gradient_that_grew_first(tmp_path, capsys):
     out = tmp_path / "r.html"
     assert main(["report", verdict.dump_path, "-o", str(out)]) == 0
     assert "The first gradient to grow was <b>rnn.weight_hh</b>" in out.read_text()
+
+
+def test_replay_of_a_non_finite_input_does_not_blame_the_loss(factory, tmp_path, capsys):
+    guard = train(build_from(factory), tmp_path / "d", [1.0] * 3 + [math.nan])
+    assert [e.cause for e in guard.events] == ["input_nonfinite"]
+    assert main(["replay", guard.dumps[-1], "--model", f"{factory}:build"]) == 1
+    out = capsys.readouterr().out
+    assert "backward not replayed: the forward's output is already non-finite" in out
+    assert "<loss>" not in out and "the model output is non-finite" in out

@@ -684,3 +684,17 @@ def test_precision_64_true_is_judged_in_float64(tmp_path):
     trainer(tmp_path, guard, precision="64-true").fit(BigRegression(), loader)
     assert [r.action for r in guard.history] == [None] * 4
     assert all(1e70 < r.loss < 1e90 and 1e39 < r.grad_norm < 1e42 for r in guard.history)
+
+
+def test_a_monitor_does_not_stop_a_run_the_guard_saved_on_an_epochs_last_batch(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    stop = EarlyStopping(monitor="nanguard/loss", check_on_train_epoch_end=True, patience=3)
+    t = trainer(tmp_path, guard, max_epochs=3, extra_callbacks=[stop])
+    t.fit(Classifier(), make_data(6, nan_batches=(5,)))  # the NaN in each epoch's last batch
+    assert t.current_epoch == 3 and not stop.stopped_epoch
+    assert [r.action for r in guard.history].count("skip") == 3
+    # The monitor read the last good step's loss, and the history keeps the truth.
+    assert math.isnan(guard.history[-1].loss)
+    assert float(t.callback_metrics["nanguard/loss"]) == pytest.approx(guard.history[-2].loss)

@@ -124,6 +124,29 @@ def test_nan_made_inside_the_step_before_the_model_is_input_nonfinite(tmp_path, 
     assert weights_finite(model)
 
 
+def test_nan_made_inside_a_later_micro_batch_is_the_dumped_one(tmp_path):
+    # Two micro-batches per step; the in-step standardisation of the second one of step 1
+    # divides by a zero std: the event names the argument, and the dump holds that call's.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(6)
+    data[3][0][:, 3] = 1.0
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for i, (x, y) in enumerate(data):
+            with guard.step(x, targets=y):
+                xn = (x - x.mean(0)) / x.std(0)
+                guard.backward(F.cross_entropy(model(xn), y) / 2)
+                if i % 2 == 1:
+                    opt.step()
+                    opt.zero_grad()
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (1, "input_nonfinite", "replay.args.0")
+    assert "model call 1 (micro-batch 1)" in event.message
+    dump = nanguard.load(guard.dumps[0])
+    assert np.isnan(dump.tensors["replay.args.0"][:, 3]).all()
+    assert not np.isnan(dump.tensors["inputs.1"]).any()  # the batch as the loader gave it
+
+
 @pytest.mark.parametrize("frozen", [False, True])
 def test_weights_non_finite_from_the_start_abort_at_once(tmp_path, frozen):
     # Fine-tuning from a checkpoint holding a NaN: there is no finite snapshot to roll back
@@ -449,6 +472,9 @@ SCHEDULERS = {
         torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.95)]),
     # anneals toward the group's "swa_lr", not from a base LR
     "swalr": lambda o: torch.optim.swa_utils.SWALR(o, swa_lr=0.05, anneal_epochs=3),
+    # anneals toward its eta_min floor: that floor is lowered too
+    "cosine_floor": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10,
+                                                                         eta_min=0.05),
 }
 
 
@@ -558,6 +584,10 @@ def test_bad_set_up_fails_loudly(tmp_path):
         return loss
 
     with pytest.raises(RuntimeError, match=r"step\(closure\).*LBFGS"), guard.step(x, targets=y):
+        lbfgs.step(closure)
+    # Also after guard.backward() in the step: the closure's own gradients would go unchecked.
+    with pytest.raises(RuntimeError, match=r"step\(closure\).*LBFGS"), guard.step(x, targets=y):
+        guard.backward(F.cross_entropy(model(x), y))
         lbfgs.step(closure)
     guard.close()
 
@@ -1548,3 +1578,92 @@ def test_a_parameter_without_gradient_has_a_zero_norm_not_a_nan(tmp_path):
         [*guard.history, nanguard.StepRecord(step=6, loss=1.0, grad_norm=1.0,
                                              layer_grad_norms=[n * 100 for n in norms])])
     assert grown is not None and grown["step"] == 6
+
+
+class MaskedAttention(torch.nn.Module):
+    """Older attention code: a causal mask of -inf kept as a frozen parameter."""
+
+    def __init__(self, t=6, d=8, classes=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.q, self.k = (torch.nn.Linear(3, d), torch.nn.Linear(d, d),
+                                    torch.nn.Linear(d, d))
+        self.head = torch.nn.Linear(d, classes)
+        self.mask = torch.nn.Parameter(torch.full((t, t), -math.inf).triu(1),
+                                       requires_grad=False)
+
+    def forward(self, x):
+        h = self.emb(x)
+        a = (self.q(h) @ self.k(h).transpose(1, 2)) / 3 + self.mask
+        return self.head((a.softmax(-1) @ h).mean(1))
+
+
+@pytest.mark.parametrize("mask_in_optimizer", [False, True])
+def test_a_frozen_parameter_holding_an_intended_inf_blocks_nothing(tmp_path, mask_in_optimizer):
+    model = MaskedAttention()
+    params = model.parameters() if mask_in_optimizer else (
+        p for p in model.parameters() if p.requires_grad)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, snapshot_every=5, dump_dir=str(tmp_path)) as guard:
+        for i in range(14):
+            x, y = torch.randn(8, 6, 3, generator=g), torch.randint(0, 4, (8,), generator=g)
+            if i == 12:
+                x[0, 0, 0] = math.nan
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y))
+                opt.step()
+    assert [(e.step, e.cause, e.action) for e in guard.events] == [
+        (12, "input_nonfinite", "skip")]
+    assert guard.snapshot_step == 10
+    assert torch.isinf(model.mask).sum() == 15  # the mask as it was
+
+
+def test_an_unrelated_error_on_a_step_with_bad_labels_still_reaches_the_loop(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.tensor([0, 0, 1, 2, 0, 1, 2, 0])
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for _ in range(2):  # the loss's gradient shows the output scores classes
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y))
+                opt.step()
+        bad = y.clone()
+        bad[0] = 5
+        opt.zero_grad()
+        with pytest.raises(ValueError, match="bug in my metric code"), guard.step(x, targets=bad):
+            guard.backward(F.cross_entropy(model(x), bad))  # the guard defused the 5 first
+            raise ValueError("bug in my metric code")
+        # The bad labels are still the step's event, and its update never comes.
+        assert [(e.step, e.cause) for e in guard.events] == [(2, "target_invalid")]
+        assert guard.step_count == 3 and bad[0] == 5
+
+
+def test_a_rejected_id_held_by_several_target_tensors_is_not_pinned_on_one(tmp_path):
+    class TwoTasks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Linear(4, 10), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return {"a": self.a(x), "b": self.b(x)}
+
+    model = TwoTasks()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    ya, yb = torch.tensor([0, 4, 9, 1, 2, 3, 4, 5]), torch.tensor([0, 1, 2, 3, 0, 4, 1, 2])
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    with guard.step(x, targets={"a": ya, "b": yb}):
+        out = model(x)  # head a (10 classes) is the logits the guard sees
+        loss = F.cross_entropy(out["a"], ya) + F.cross_entropy(out["b"], yb)  # raises
+        guard.backward(loss)
+        opt.step()
+    guard.close()
+    (event,) = guard.events
+    assert (event.cause, event.where) == ("target_invalid", "targets")
+    assert "targets.a, targets.b all hold the id 4" in event.message
+    assert "before nanguard saw the logits" not in event.message
