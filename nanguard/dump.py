@@ -46,7 +46,7 @@ class Dump:
         history: The steps up to and including the bad one, oldest first.
         tensors: Forensic tensors (batch inputs and targets, model output, localized tensors).
         meta: Format, environment versions, config, rank and anything else recorded.
-        state: Model (``model/...``) and optimizer (``optimizer/...``) state, when dumped.
+        state: Model (``model.*``) and optimizer (``optimizer.*``) state, when dumped.
 
     Example:
         >>> import nanguard
