@@ -146,6 +146,15 @@ def classify(
             f"Lower the learning rate (it was {_fmt(_lr_of(record, evidence))}) or set "
             "clip_grad_norm."
         )
+    if evidence.weights_nonfinite and not evidence.batch_seen:
+        # A loss-only fallback looks after the step's update: it cannot tell which wrote them.
+        return "weights_nonfinite", _name(evidence.weights_nonfinite), (
+            f"Step {s}: the weights or optimizer state are non-finite after the step "
+            f"({evidence.weights_nonfinite}). The loss-only check sees a step after its "
+            "update, so this step's batch or update may have written them (or something "
+            "before it); the batch was not recorded: check it for NaN/Inf. Only a finite "
+            "snapshot can restore the weights."
+        )
     if evidence.weights_nonfinite:
         return "weights_nonfinite", _name(evidence.weights_nonfinite), (
             f"Step {s}: the weights or optimizer state were already non-finite before the step "

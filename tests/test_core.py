@@ -209,6 +209,17 @@ def test_logit_overflow_message_also_covers_a_regression():
     assert "exp(x)/sum(exp(x))" in message and "division by ~0" in message
 
 
+def test_weights_found_non_finite_after_an_unseen_step_do_not_blame_outside_code():
+    # A loss-only fallback (Keras, own train_step) checks the weights after the update.
+    seen = Evidence(weights_nonfinite="dense/kernel: 64 NaN")
+    unseen = Evidence(weights_nonfinite="dense/kernel: 64 NaN", batch_seen=False)
+    _, _, before = classify(rec(2, loss=NAN), seen, [])
+    cause, where, after = classify(rec(2, loss=NAN), unseen, [])
+    assert "outside the training step" in before
+    assert (cause, where) == ("weights_nonfinite", "dense/kernel")
+    assert "outside the training step" not in after and "check it for NaN/Inf" in after
+
+
 def test_input_beats_everything_downstream():
     ev = Evidence(input_nonfinite="inputs.x: 2 NaN", target_invalid="targets: bad",
                   weights_nonfinite="w: 1 NaN")
