@@ -124,6 +124,7 @@ class NanGuard(keras.callbacks.Callback):
         self._snapshot: Snapshot | None = None
         self._metrics: MetricState | None = None  # the fallback's metrics before each step
         self._good_logs: dict[str, Any] = {}  # the fallback's logs of the last healthy step
+        self._keys_warned = False  # the fallback warned which log values it reads
         self._batch = 0
         self._batch_logs: dict[int, dict[str, float]] = {}
         self._epoch_grad_max = -math.inf  # the epoch's largest finite gradient norm
@@ -171,6 +172,7 @@ class NanGuard(keras.callbacks.Callback):
         self._snapshot = None
         self._metrics = None
         self._good_logs = {}
+        self._keys_warned = False
         self._batch_logs = {}
         self._epoch_grad_max = -math.inf
         self._blocking = True
@@ -187,16 +189,23 @@ class NanGuard(keras.callbacks.Callback):
         if reason is not None:
             warnings.warn(
                 f"nanguard cannot instrument this training step ({reason}); it falls back to "
-                "loss-only checks: a bad batch is seen after its update from logs['loss'], "
-                "and every skip or rollback restores the last snapshot. See docs/keras.md.",
+                "loss-only checks: a bad batch is seen after its update from the loss in the "
+                "step's logs, and every skip or rollback restores the last snapshot. "
+                "See docs/keras.md.",
                 RuntimeWarning,
                 stacklevel=2,
             )
             self._metrics = MetricState(model)
         else:
             self._instrument = StepInstrument(model, self.config.clip_grad_norm)
-        if getattr(model, "steps_per_execution", 1) > 1:
+        if _steps_per_execution(model) > 1:
             warnings.warn(
+                "With steps_per_execution > 1 and the loss-only fallback, nanguard sees only "
+                "the logs of each execution's last step, after every update of the execution "
+                "landed: it cannot skip a bad batch, and restoring the snapshot taken before "
+                "the execution undoes all of it, good batches included (a rollback). Use "
+                "steps_per_execution=1 to undo just the bad batch."
+                if self.fallback else
                 "With steps_per_execution > 1 nanguard still skips every bad update inside "
                 "the step, but sees (and records) only the last step of each execution.",
                 RuntimeWarning,
@@ -252,7 +261,7 @@ class NanGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         # Keyed by the execution's first batch: with steps_per_execution = k Keras calls
         # begin with batch b and end with b + k - 1 (or the epoch's last batch).
-        spe = max(1, int(getattr(self.model, "steps_per_execution", 1) or 1))
+        spe = _steps_per_execution(self.model)
         stats = self._batch_logs.pop(batch - batch % spe, None)
         if stats and logs is not None:
             logs.update(stats)
@@ -339,16 +348,17 @@ class NanGuard(keras.callbacks.Callback):
             batch: dict[str, Any] = extra
             can_skip = True
         else:
-            loss = logs.get("loss")
-            value = float(to_numpy(loss)) if loss is not None else float("nan")
+            logs = _flatten_logs(logs)  # as Keras hands them to callbacks
+            value, bad = self._judge_logs(logs)
             assert self._lr is not None
             record = StepRecord(step=step, loss=value, lr=self._lr.read())
-            bad = loss is not None and not finite(value)
             batch = {}
             # The update is already in the variables: only restoring a snapshot taken right
             # before this step is a skip. Otherwise the skip rung is passed over: an older
-            # snapshot is a rollback, and without one nothing can undo the update.
-            can_skip = self._snapshot is not None and self._snapshot.step == step
+            # snapshot is a rollback, and without one nothing can undo the update. With
+            # steps_per_execution > 1 that snapshot predates the execution's good batches.
+            can_skip = (self._snapshot is not None and self._snapshot.step == step
+                        and _steps_per_execution(self.model) == 1)
             if bad and can_skip:
                 # Undo this step's own update first, so the probe judges the state the step
                 # started from (a NaN loss leaves NaN weights that it did not find there).
@@ -370,6 +380,47 @@ class NanGuard(keras.callbacks.Callback):
             else:
                 logs = self._recovered_logs(logs)
         return logs
+
+    def _judge_logs(self, logs: dict[str, Any]) -> tuple[float, bool]:
+        """The fallback's reading of a step's (flattened) logs: the loss it records, and
+        whether the step is bad (a judged value, any element of it, is NaN/Inf).
+
+        Judged and recorded: ``logs["loss"]`` (its mean when it is not a scalar); without
+        that key, the values whose name ends in ``loss`` (``d_loss + g_loss``, ``total_loss``:
+        their sum is recorded); without those, every floating value is judged and the first
+        in Keras's (sorted) order recorded. Metrics beside a loss are not judged (a custom
+        metric may be NaN on purpose). Without a ``loss`` key the guard warns once, naming
+        the values it reads.
+        """
+        leaves: dict[str, np.ndarray] = {}
+        for key, value in logs.items():
+            a = _host(value)
+            if a is not None:
+                leaves[key] = a
+        loss_like = (["loss"] if "loss" in leaves
+                     else [k for k in leaves if k.lower().endswith("loss")])
+        judged = loss_like or list(leaves)
+        named = loss_like or list(leaves)[:1]
+        bad = not all(np.isfinite(leaves[k]).all() for k in judged)
+        value = math.fsum(float(leaves[k].astype(np.float64).mean()) if leaves[k].size
+                          else math.nan for k in named) if named else math.nan
+        if "loss" not in leaves and not self._keys_warned:
+            self._keys_warned = True
+            if leaves:
+                how = " + ".join(f"logs[{k!r}]" for k in named)
+                which = " + ".join(f"logs[{k!r}]" for k in judged)
+                text = (f"the guard judges every step on {which} (any NaN/Inf makes it bad) "
+                        f"and records {how} as the step's loss")
+            else:
+                text = "the guard has nothing to judge: a non-finite step goes unseen"
+            warnings.warn(
+                "nanguard's loss-only fallback found no 'loss' in this train_step's logs "
+                f"(floating values: {sorted(leaves) or 'none'}; all keys: {sorted(logs)}): "
+                f"{text}. Return a 'loss' to choose what is recorded. See docs/keras.md.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return value, bad
 
     def _recovered_logs(self, logs: dict[str, Any]) -> dict[str, Any]:
         """The fallback's logs for a step the guard acted on, rebuilt after its metrics
@@ -448,13 +499,46 @@ class NanGuard(keras.callbacks.Callback):
             self._inner = None
 
 
+def _flatten_logs(logs: Any) -> dict[str, Any]:
+    """A step's logs as Keras hands them to callbacks (``pythonify_logs``): nested dicts
+    (``{"compile_metrics": {"accuracy": ...}}`` from a step returning
+    ``{m.name: m.result() for m in self.metrics}``) flattened in sorted key order, tensors
+    moved to the host, scalars as Python floats."""
+    out: dict[str, Any] = {}
+    for key, value in sorted(dict(logs or {}).items()):
+        if isinstance(value, dict):
+            out.update(_flatten_logs(value))
+            continue
+        try:
+            if keras.ops.is_tensor(value) or isinstance(value, keras.Variable):
+                value = to_numpy(value, 2**62)
+            value = float(value)
+        except Exception:  # a vector, a string: kept as it is
+            pass
+        out[key] = value
+    return out
+
+
+def _host(value: Any) -> np.ndarray | None:
+    """A log value as a host array when it is floating, else None (not judged)."""
+    try:
+        if isinstance(value, (float, int, np.ndarray, np.generic)):
+            a = np.asarray(value)  # already on the host (_flatten_logs)
+        else:
+            a = to_numpy(value, 2**62)
+    except Exception:  # not a tensor or a number: nothing to judge
+        return None
+    return a if a.dtype.kind in "fc" else None
+
+
 def _all_finite(value: Any) -> bool:
     """A log value holds no NaN/Inf (values that are not numbers count as finite)."""
-    try:
-        a = to_numpy(value)
-    except Exception:  # not a tensor or a number: nothing to judge
-        return True
-    return a.dtype.kind not in "fc" or bool(np.isfinite(a).all())
+    a = _host(value)
+    return a is None or bool(np.isfinite(a).all())
+
+
+def _steps_per_execution(model: Any) -> int:
+    return max(1, int(getattr(model, "steps_per_execution", 1) or 1))
 
 
 def _step_key(model: Any) -> tuple[Any, ...]:

@@ -1108,6 +1108,144 @@ def test_fallback_puts_the_metrics_back_and_later_callbacks_see_no_nan(
     assert all_finite(model)
 
 
+class GuideStep(keras.Sequential):
+    """The train_step of Keras's "Customizing what happens in fit()" guide: its logs are
+    ``{m.name: m.result() for m in self.metrics}``, so the compiled metrics come nested
+    under ``compile_metrics``."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(y=y, y_pred=y_pred)
+        self.optimizer.apply(tape.gradient(loss, self.trainable_variables),
+                             self.trainable_variables)
+        for m in self.metrics:
+            m.update_state(loss) if m.name == "loss" else m.update_state(y, y_pred)
+        return {m.name: m.result() for m in self.metrics}
+
+
+def test_fallback_recovers_nested_compile_metrics_of_the_guide_step(tmp_path):
+    # The NaN batch is the epoch's last: its NaN mae (nested under "compile_metrics") must
+    # reach neither a later callback nor History (before: both got nan).
+    x, y = data()
+    y = np.random.default_rng(1).normal(size=(64, 1)).astype("float32")
+    x[48, 0] = np.nan  # batch 3
+    model = GuideStep([keras.Input((8,)), keras.layers.Dense(8, activation="relu"),
+                       keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.05), "mse", metrics=["mae"])
+    guard, rec = NanGuard(dump_dir=str(tmp_path), snapshot_every=1), Recorder()
+    with pytest.warns(RuntimeWarning, match="loss-only"):
+        hist = model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                         callbacks=[guard, rec, keras.callbacks.TerminateOnNaN()])
+    assert [(e.step, e.action) for e in guard.events] == [(3, "skip")]
+    assert len(rec.logs) == 4 and "compile_metrics" not in rec.logs[3]
+    for name in ("loss", "mae"):
+        assert np.isfinite(rec.logs[3][name])
+        assert rec.logs[3][name] == pytest.approx(rec.logs[2][name])
+        assert hist.history[name][0] == pytest.approx(rec.logs[2][name])
+    assert all_finite(model)
+
+
+class NoLossKey(keras.Sequential):
+    """A train_step whose logs have no "loss": ``keys`` name its values, each a multiple of
+    the batch's loss (a GAN's ``d_loss``/``g_loss``, a ``total_loss``, an ``error``)."""
+
+    keys: tuple[str, ...] = ()
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(x, y, self(x, training=True))
+        self.optimizer.apply(tape.gradient(loss, self.trainable_variables),
+                             self.trainable_variables)
+        return {key: loss * (i + 1) for i, key in enumerate(self.keys)}
+
+
+@pytest.mark.parametrize(("keys", "recorded"), [
+    (("d_loss", "g_loss"), "logs['d_loss'] + logs['g_loss']"),
+    (("total_loss",), "logs['total_loss']"),
+    (("error", "zeta"), "logs['error']")])
+def test_fallback_without_a_loss_key_is_still_guarded(tmp_path, keys, recorded):
+    # Before: no "loss" key, no check at all: NaN recorded every step, no event, NaN weights.
+    x, y = data(n=96)
+    x[37, 0] = np.nan  # batch 2
+    model = NoLossKey([keras.Input((8,)), keras.layers.Dense(8, activation="relu"),
+                       keras.layers.Dense(3)])
+    model.keys = keys
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard, rec = NanGuard(dump_dir=str(tmp_path), snapshot_every=1), Recorder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[guard, rec, keras.callbacks.TerminateOnNaN()])
+    said = [str(w.message) for w in caught if "no 'loss'" in str(w.message)]
+    assert len(said) == 1 and recorded in said[0]  # once, naming what it reads
+    assert all(repr(k) in said[0] for k in keys)
+    assert [(e.step, e.action) for e in guard.events] == [(2, "skip")]
+    expected = sum(rec.logs[0][k] for k in keys if k.endswith("loss")) or rec.logs[0][keys[0]]
+    assert guard.history[0].loss == pytest.approx(expected)
+    assert all(math.isfinite(r.loss) for i, r in enumerate(guard.history) if i != 2)
+    assert len(rec.logs) == 6 and np.isfinite([lg[k] for lg in rec.logs for k in keys]).all()
+    assert all_finite(model)
+
+
+class VectorLoss(keras.Sequential):
+    """A train_step that returns the unreduced per-sample loss."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = keras.losses.sparse_categorical_crossentropy(
+                y, self(x, training=True), from_logits=True)
+        self.optimizer.apply(tape.gradient(loss, self.trainable_variables),
+                             self.trainable_variables)
+        return {"loss": loss}
+
+
+def test_fallback_reads_an_unreduced_loss(tmp_path):
+    # Before: float() of the vector raised a TypeError out of fit.
+    x, y = data(n=96)
+    x[37, 0] = np.nan  # batch 2: one sample's loss is NaN
+    model = VectorLoss([keras.Input((8,)), keras.layers.Dense(8, activation="relu"),
+                        keras.layers.Dense(3)])
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard, rec = NanGuard(dump_dir=str(tmp_path), snapshot_every=1), Recorder()
+    with pytest.warns(RuntimeWarning, match="loss-only"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[guard, rec])
+    assert [(e.step, e.action) for e in guard.events] == [(2, "skip")]
+    assert np.shape(rec.logs[0]["loss"]) == (16,)
+    assert guard.history[0].loss == pytest.approx(float(np.mean(rec.logs[0]["loss"])))
+    assert all_finite(model)
+
+
+def test_fallback_with_steps_per_execution_calls_its_restore_a_rollback(tmp_path):
+    # The snapshot before an execution of 4 batches predates its 3 good ones: restoring it is
+    # a rollback, and the warning says so (before: a "skip", and the instrumented step's
+    # warning that bad updates are still kept out inside the step).
+    x, y = data(n=128)
+    x[16, 0] = np.nan  # batch 1 of the first execution (batches 0-3)
+    model = delegating_model()
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=4)
+    before = weights(model)
+    guard, rec = NanGuard(dump_dir=str(tmp_path), snapshot_every=1), Recorder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[guard, rec])
+    said = " ".join(str(w.message) for w in caught if "steps_per_execution" in str(w.message))
+    assert "loss-only fallback" in said and "rollback" in said
+    assert "still skips" not in said
+    assert [(e.step, e.action) for e in guard.events] == [(0, "rollback")]
+    assert same(rec.after[0][0], before)  # the whole first execution was undone
+    assert all_finite(model)
+
+
 def test_fallback_without_a_snapshot_aborts_instead_of_a_skip_that_does_nothing(tmp_path):
     # BatchNormalization's moving variance is NaN before fit: no snapshot is ever finite.
     x, y = data(n=64)

@@ -232,6 +232,38 @@ SCRIPT = textwrap.dedent(
         "batch_logs": [[float(lg["loss"]), float(lg["accuracy"])] for lg in rec.logs],
         "history": [h.history["loss"], h.history["accuracy"]],
     }
+
+    # 12. loss-only fallback, the Keras guide's torch train_step: its logs nest the compiled
+    # metrics under "compile_metrics"; the NaN last batch's mae reaches no later callback
+    import torch
+
+    class Guide(keras.Sequential):
+        def train_step(self, data):
+            x, y = data
+            self.zero_grad()
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(y=y, y_pred=y_pred)
+            loss.backward()
+            tw = list(self.trainable_weights)
+            with torch.no_grad():
+                self.optimizer.apply([v.value.grad for v in tw], tw)
+            for mt in self.metrics:
+                mt.update_state(loss) if mt.name == "loss" else mt.update_state(y, y_pred)
+            return {mt.name: mt.result() for mt in self.metrics}
+
+    keras.utils.set_random_seed(0)
+    m = Guide([keras.Input((8,)), keras.layers.Dense(8, activation="relu"),
+               keras.layers.Dense(1)])
+    m.compile(keras.optimizers.SGD(0.05), "mse", metrics=["mae"])
+    x = rng.normal(size=(64, 8)).astype("float32"); x[48, 0] = np.nan
+    g, rec = NanGuard(dump_dir=dump_dir, snapshot_every=1), Rec()
+    h = m.fit(x, rng.normal(size=(64, 1)).astype("float32"), batch_size=16, epochs=1,
+              shuffle=False, verbose=0, callbacks=[g, rec, keras.callbacks.TerminateOnNaN()])
+    out["guide"] = {
+        "events": [(e.step, e.action) for e in g.events],
+        "batch_logs": [[float(lg["loss"]), float(lg["mae"])] for lg in rec.logs],
+        "history": [h.history["loss"][0], h.history["mae"][0]],
+    }
     print("RESULT " + json.dumps(out))
     """
 )
@@ -277,4 +309,9 @@ def test_torch_backend_end_to_end(tmp_path):
     assert np.allclose(fallback["history"], [[logs[2][0], logs[6][0]],
                                              [logs[2][1], logs[6][1]]])
     assert min(fallback["history"][0]) > 0.1
+    guide = out["guide"]
+    assert guide["events"] == [[3, "skip"]]
+    logs = guide["batch_logs"]
+    assert len(logs) == 4 and np.isfinite(logs).all()
+    assert logs[3] == pytest.approx(logs[2]) and guide["history"] == pytest.approx(logs[2])
     assert out["scheduler"] == pytest.approx([0.1, 0.1] + [0.05] * 2 + [0.045] * 4, rel=1e-5)
