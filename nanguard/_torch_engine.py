@@ -136,13 +136,20 @@ def named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield from named_tensors(value, f"{prefix}.{i}")
 
 
-def to_numpy(t: torch.Tensor, limit: int = MAX_DUMP_BYTES) -> np.ndarray:
+def to_numpy(
+    t: torch.Tensor, limit: int = MAX_DUMP_BYTES, rows: tuple[int, int] | None = None
+) -> np.ndarray:
+    """A CPU numpy copy cut along the first dimension to ``limit`` bytes (bfloat16 and
+    float8 upcast to float32); ``rows = (batch, kept)``: a tensor of ``batch`` rows keeps its
+    first ``kept`` (the rows every tensor of the step keeps, see ``dump_rows``)."""
     t = t.detach()
+    if rows is not None and t.ndim and t.shape[0] == rows[0]:
+        t = t[: rows[1]]
     if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
         t = t.float()
     if t.ndim and t.numel() * t.element_size() > limit:
-        rows = max(1, limit // max(1, t[0].numel() * t.element_size()))
-        t = t[:rows]
+        keep = max(1, limit // max(1, t[0].numel() * t.element_size()))
+        t = t[:keep]
     return t.cpu().numpy().copy()
 
 
@@ -1085,6 +1092,7 @@ class TorchProbe:
         self.engine = engine
         self.replayed: dict[str, np.ndarray] = {}
         self.bad_call = 0  # the model call whose arguments were non-finite
+        self.rows: tuple[int, int] | None = None  # rows every batch tensor keeps in the dump
 
     def evidence(self, record: StepRecord) -> detector.Evidence:
         e = self.engine
@@ -1116,7 +1124,10 @@ class TorchProbe:
                 break
         else:
             ev.input_nonfinite = self._nonfinite_model_args(record.step)
-        from nanguard._torch_replay import localize_step
+        from nanguard._torch_replay import dump_rows, localize_step
+
+        calls = e.calls.calls_for(record.step) if e.calls is not None else []
+        self.rows = dump_rows(e, calls)
 
         earlier = ev.input_nonfinite or ev.target_invalid or ev.weights_nonfinite
         run = not (earlier or ev.update_nonfinite)
@@ -1126,7 +1137,8 @@ class TorchProbe:
             flag = torch.tensor([float(run)], device=e.params[0].device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             run = bool(flag.item())
-        self.replayed = localize_step(e, record, ev, run=run, start=self.bad_call)
+        self.replayed = localize_step(e, record, ev, run=run, start=self.bad_call,
+                                      rows=self.rows)
         if e.distributed:
             ev = agree_across_ranks(e, record, ev)
         return ev
@@ -1179,11 +1191,12 @@ class TorchProbe:
         e = self.engine
         out: dict[str, np.ndarray] = {}
         for name, t in named_tensors(e.inputs, "inputs"):
-            out[name] = to_numpy(t)
+            out[name] = to_numpy(t, rows=self.rows)
         for name, t in named_tensors(e.targets, "targets"):
-            out[name] = to_numpy(e.original_labels.get(id(t), (t, t, 0))[1])  # as the loader gave
+            # as the loader gave them
+            out[name] = to_numpy(e.original_labels.get(id(t), (t, t, 0))[1], rows=self.rows)
         if e.output is not None:
-            out["output"] = to_numpy(e.output)
+            out["output"] = to_numpy(e.output, rows=self.rows)
         out.update(self.replayed)
         return out
 

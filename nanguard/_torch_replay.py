@@ -98,12 +98,15 @@ def stats(t: torch.Tensor) -> dict[str, Any]:
     return out
 
 
-def _copy(t: torch.Tensor, limit: int) -> torch.Tensor:
-    """A detached CPU copy cut along the first dimension to at most ``limit`` bytes."""
+def _copy(t: torch.Tensor, limit: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """A detached CPU copy cut along the first dimension to at most ``limit`` bytes; with
+    ``rows = (batch, kept)`` (:func:`dump_rows`), a tensor of ``batch`` rows keeps ``kept``."""
     t = t.detach()
+    if rows is not None and t.ndim and t.shape[0] == rows[0]:
+        t = t[: rows[1]]
     if t.ndim and t.numel() * t.element_size() > limit:
-        rows = max(1, limit // max(1, t[0].numel() * t.element_size()))
-        t = t[:rows]
+        keep = max(1, limit // max(1, t[0].numel() * t.element_size()))
+        t = t[:keep]
     return t.to("cpu", copy=True)
 
 
@@ -578,7 +581,9 @@ def replay_call(
             )
             result.finding = f
             return result
-        del out, outs
+        logits_out = first_float_tensor(out)
+        out_dtype = logits_out.dtype if logits_out is not None else None
+        del out, outs, logits_out
         if not backward:
             return result
         if result.output_nonfinite:
@@ -597,6 +602,18 @@ def replay_call(
             )
             return result
         grads = call.output_grads
+        low = next((g.dtype for g in grads.values() if out_dtype is not None
+                    and g.is_floating_point() and g.element_size() < out_dtype.itemsize), None)
+        if low is not None and _nonfinite(list(grads.values())):
+            # The step's output was lower precision than the replay's: its forward (under
+            # autocast) may have overflowed where this one did not; the loss is not to blame.
+            result.notes.append(
+                f"backward not replayed: the recorded gradient of the model output is "
+                f"{_dtype_name(low)} and non-finite, while the replayed output is "
+                f"{_dtype_name(out_dtype)} and finite: the step ran in lower (mixed) "
+                "precision, which this replay does not reproduce"
+            )
+            return result
         if _nonfinite(list(grads.values())):
             result.finding = Finding(
                 LOSS,
@@ -684,15 +701,18 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
 
 
 def localize_step(
-    engine: Any, record: Any, evidence: Any, *, run: bool, start: int = 0
+    engine: Any, record: Any, evidence: Any, *, run: bool, start: int = 0,
+    rows: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """The probe's part: replay the bad step (when ``run``), fill ``evidence``, and return
     the arrays for the dump (the localized module's tensors, the recorded output gradient
     and CPU RNG state, and the call's arguments when they are not the step's inputs): those
-    of call ``start`` when the replay does not run (the call whose arguments were bad)."""
+    of call ``start`` when the replay does not run (the call whose arguments were bad).
+    ``evidence.details["replay_call"]`` says how to rebuild that call from the dump (see
+    :func:`_call_arrays`); ``rows`` is :func:`dump_rows`."""
     recorder: CallRecorder | None = getattr(engine, "calls", None)
     calls = recorder.calls_for(record.step) if recorder is not None else []
-    arrays = _call_arrays(engine, calls[start:])
+    arrays = _call_arrays(engine, calls, start, evidence, rows)
     if not run:
         return arrays
     if recorder is None or not calls:
@@ -744,7 +764,7 @@ def localize_step(
         evidence.details["replay"] = info
         return arrays
     if index:  # `nanguard replay` should rerun the call that went wrong
-        arrays = _call_arrays(engine, calls[index:])
+        arrays = _call_arrays(engine, calls, index, evidence, rows)
     info.update(found=f.module, phase=f.phase, hidden=f.hidden, call=index, note=f.note,
                 **f.summary)
     evidence.details["replay"] = info
@@ -770,28 +790,130 @@ def _grad_norm_owner(engine: Any, record: Any) -> str | None:
     return owner or f"<{type(engine.model).__name__}>"
 
 
-def _call_arrays(engine: Any, calls: Sequence[RecordedCall]) -> dict[str, np.ndarray]:
-    """What ``nanguard replay`` needs besides the inputs: the first call's RNG state, its
-    recorded output gradient, and its arguments when they differ from the step's inputs."""
-    if not calls:
-        return {}
-    call = calls[0]
-    out: dict[str, np.ndarray] = {"replay.rng_cpu": call.rng_cpu.numpy().copy()}
-    for i, g in sorted(call.output_grads.items()):
-        out[f"replay.output_grad.{i}"] = _as_numpy(_copy(g, GRAD_BYTES))
-    step_inputs = {id(t) for t in _tensors(engine.inputs)}
-    given = [*_tensors(call.args), *_tensors(call.kwargs)]
-    tensors_only = all(isinstance(a, torch.Tensor) for a in call.args) and all(
-        isinstance(v, torch.Tensor) for v in call.kwargs.values()
+ARG_BYTES = 64 * 2**20  # per argument of the model call kept in the dump
+UPCAST = (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)  # numpy lacks them
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _stored_itemsize(t: torch.Tensor) -> int:
+    return 4 if t.dtype in UPCAST else t.element_size()
+
+
+def dump_rows(engine: Any, calls: Sequence[RecordedCall]) -> tuple[int, int] | None:
+    """``(batch, kept)``: the tensors of the step's batch are cut to ``kept`` of their
+    ``batch`` rows, together, when one of them is over its dump limit, so that the inputs,
+    the targets, the output, each call's arguments and recorded output gradient keep the
+    same rows (a replay can pair them). ``batch`` is the first dimension of the first
+    tensor over its limit; tensors with another first dimension are cut on their own."""
+    from nanguard._torch_engine import MAX_DUMP_BYTES, named_tensors
+
+    pairs = [(t, MAX_DUMP_BYTES) for obj, name in
+             ((engine.inputs, "inputs"), (engine.targets, "targets"), (engine.output, "output"))
+             for _, t in named_tensors(obj, name)]
+    for call in calls:
+        pairs += [(t, ARG_BYTES) for t in _tensors((call.args, call.kwargs))]
+        pairs += [(g, GRAD_BYTES) for g in call.output_grads.values()]
+    pairs = [(t, lim) for t, lim in pairs if t.ndim and t.shape[0]]
+    over = [t for t, lim in pairs if t.numel() * _stored_itemsize(t) > lim]
+    if not over:
+        return None
+    batch = int(over[0].shape[0])
+    kept = min(
+        max(1, lim // max(1, t.numel() // batch * _stored_itemsize(t)))
+        for t, lim in pairs if t.shape[0] == batch
     )
-    # With several micro-batches `inputs.N` are the micro-batches, not the call's arguments.
-    accumulated = getattr(engine, "micro_batches", 1) > 1
-    if tensors_only and (accumulated or not all(id(t) in step_inputs for t in given)):
-        for i, a in enumerate(call.args):
-            out[f"replay.args.{i}"] = _as_numpy(_copy(a, 64 * 2**20))
-        for k, v in call.kwargs.items():
-            out[f"replay.kwargs.{k}"] = _as_numpy(_copy(v, 64 * 2**20))
+    return batch, min(batch, kept)
+
+
+def _call_arrays(
+    engine: Any, calls: Sequence[RecordedCall], index: int, evidence: Any,
+    rows: tuple[int, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """What ``nanguard replay`` needs besides the inputs, for call ``index`` of the step:
+    its RNG state, its recorded output gradient, and its arguments
+    (``replay.args.*``/``replay.kwargs.*``) unless the call was exactly the step's inputs as
+    the dump rebuilds them (``model(inputs)``, ``model(*inputs.N)``, ``model(**inputs.K)``).
+
+    ``evidence.details["replay_call"]`` gets how to rebuild the call: ``call`` (its index in
+    the step), ``micro_batches``, ``args``/``kwargs`` (each a tensor's name in the dump with
+    its dtype when the dump upcast it, a JSON value, a list/tuple/dict of those, or
+    ``unsupported`` with the type's name), ``autocast`` (``[device, dtype]`` pairs) and
+    ``output_grads`` (the dtypes of upcast output gradients).
+    """
+    micro = max(1, int(getattr(engine, "micro_batches", 1) or 1))
+    if index >= len(calls):
+        if micro > 1:  # no call to replay: the micro-batches are not one call's arguments
+            evidence.details["replay_call"] = {"micro_batches": micro}
+        return {}
+    call = calls[index]
+    out: dict[str, np.ndarray] = {"replay.rng_cpu": call.rng_cpu.numpy().copy()}
+    spec: dict[str, Any] = {"call": index, "micro_batches": micro}
+    grad_dtypes = {}
+    for i, g in sorted(call.output_grads.items()):
+        out[f"replay.output_grad.{i}"] = _as_numpy(_copy(g, GRAD_BYTES, rows))
+        if g.dtype in UPCAST:
+            grad_dtypes[str(i)] = _dtype_name(g.dtype)
+    if grad_dtypes:
+        spec["output_grads"] = grad_dtypes
+    if call.autocast:
+        spec["autocast"] = [[dev, _dtype_name(dtype)] for dev, dtype in call.autocast]
+    names = _input_names(engine, call) if micro == 1 else None
+    spec["args"] = [_encode(a, f"replay.args.{i}", out, rows, names)
+                    for i, a in enumerate(call.args)]
+    spec["kwargs"] = {str(k): _encode(v, f"replay.kwargs.{k}", out, rows, names)
+                      for k, v in call.kwargs.items()}
+    evidence.details["replay_call"] = spec
     return out
+
+
+def _input_names(engine: Any, call: RecordedCall) -> dict[int, str] | None:
+    """The dump names of the step's inputs by tensor id, when :func:`_dumped_call` rebuilds
+    exactly this call from them (same tensors, same positions or names); else None."""
+    from nanguard._torch_engine import named_tensors
+
+    named = list(named_tensors(engine.inputs, "inputs"))
+    if not named:
+        return None
+    names = {id(t): name for name, t in named}
+    if len(named) == 1 and named[0][0] == "inputs":
+        ok = not call.kwargs and len(call.args) == 1 and call.args[0] is named[0][1]
+        return names if ok else None
+    parts = {name[len("inputs."):]: t for name, t in named}
+    if all(k.isdigit() for k in parts):
+        ordered = [parts[k] for k in sorted(parts, key=int)]
+        ok = not call.kwargs and len(call.args) == len(ordered) and all(
+            a is t for a, t in zip(call.args, ordered, strict=False))
+    else:
+        ok = not call.args and set(map(str, call.kwargs)) == set(parts) and all(
+            v is parts[str(k)] for k, v in call.kwargs.items())
+    return names if ok else None
+
+
+def _encode(obj: Any, path: str, out: dict[str, np.ndarray], rows: tuple[int, int] | None,
+            names: dict[int, str] | None) -> dict[str, Any]:
+    """One argument of the model call as ``details["replay_call"]`` describes it; tensors go
+    into ``out`` under ``path`` (or are named by the input they are, ``names``)."""
+    if isinstance(obj, torch.Tensor):
+        if names is not None and id(obj) in names:
+            spec: dict[str, Any] = {"tensor": names[id(obj)]}
+        else:
+            out[path] = _as_numpy(_copy(obj, ARG_BYTES, rows))
+            spec = {"tensor": path}
+        if obj.dtype in UPCAST:
+            spec["dtype"] = _dtype_name(obj.dtype)
+        return spec
+    if obj is None or isinstance(obj, (bool, int, str)) or (
+            isinstance(obj, float) and math.isfinite(obj)):
+        return {"value": obj}
+    if isinstance(obj, (list, tuple)):
+        kind = "list" if isinstance(obj, list) else "tuple"
+        return {kind: [_encode(v, f"{path}.{i}", out, rows, names) for i, v in enumerate(obj)]}
+    if isinstance(obj, Mapping) and all(isinstance(k, str) for k in obj):
+        return {"dict": {k: _encode(v, f"{path}.{k}", out, rows, names) for k, v in obj.items()}}
+    return {"unsupported": type(obj).__name__}
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -838,6 +960,7 @@ def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> Rep
             f"the dump holds no model state ({dump.path}); replay needs an abort dump or "
             "one written with dump_state='always'"
         )
+    model = eager_module(model)  # a torch.compile wrapper: the dump holds eager names
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -860,28 +983,47 @@ def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> Rep
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(torch.from_numpy(np.array(state[k])).to(t.dtype))
-    args, kwargs = _dumped_call(dump.tensors)
+    details = getattr(dump.event, "details", None) or {}
+    spec = details.get("replay_call") if isinstance(details, Mapping) else None
+    spec = spec if isinstance(spec, Mapping) else {}
+    notes: list[str] = []
+    if "args" in spec or "kwargs" in spec:
+        args = tuple(_decode(a, dump.tensors, f"argument {i}")
+                     for i, a in enumerate(spec.get("args") or []))
+        kwargs = {k: _decode(v, dump.tensors, f"keyword argument '{k}'")
+                  for k, v in (spec.get("kwargs") or {}).items()}
+    elif int(spec.get("micro_batches") or 1) > 1:
+        raise ReplayInputError(
+            f"the step accumulated {spec['micro_batches']} micro-batches and no model call "
+            "was recorded in it, so the dump does not say which micro-batch to replay"
+        )
+    else:
+        args, kwargs = _dumped_call(dump.tensors)
     rng = dump.tensors.get("replay.rng_cpu")
+    grad_dtypes = spec.get("output_grads") or {}
     grads = {
-        int(k.rsplit(".", 1)[1]): torch.from_numpy(np.array(v))
+        int(k.rsplit(".", 1)[1]): _cast(torch.from_numpy(np.array(v)),
+                                        grad_dtypes.get(k.rsplit(".", 1)[1]))
         for k, v in dump.tensors.items()
         if k.startswith("replay.output_grad.")
     }
     call = RecordedCall(
         args, kwargs,
         torch.from_numpy(np.array(rng)) if rng is not None else torch.get_rng_state(),
-        None, [], True, grads,
+        None, _replay_autocast(spec.get("autocast"), model, notes), True, grads,
     )
     model.train(train)
     config = dump.meta.get("config", {})
     try:
-        return replay_call(
+        result = replay_call(
             model,
             call,
             allow_neg_inf=tuple(config.get("allow_neg_inf") or ()),
             logits_module=config.get("logits_module"),
             backward=bool(grads),
         )
+        result.notes[:0] = notes
+        return result
     except Exception as err:  # noqa: BLE001 - the user's model on the dumped call
         raise ReplayInputError(
             f"calling the model on the dumped batch raised {type(err).__name__}: "
@@ -907,3 +1049,62 @@ def _dumped_call(tensors: Mapping[str, np.ndarray]) -> tuple[tuple[Any, ...], di
     if parts:
         return (), {k: t(v) for k, v in parts.items()}
     raise ReplayInputError("the dump holds no inputs to replay (no 'inputs' tensors)")
+
+
+def _cast(t: torch.Tensor, dtype: Any) -> torch.Tensor:
+    """Back to the dtype the step had (the dump stores bfloat16 and float8 as float32)."""
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return t.to(getattr(torch, dtype))
+    return t
+
+
+def _decode(spec: Any, tensors: Mapping[str, np.ndarray], where: str) -> Any:
+    """One argument of the dumped call, from its ``details["replay_call"]`` description."""
+    if not isinstance(spec, Mapping):
+        raise ReplayInputError(f"the dump's description of the model call's {where} is "
+                               f"not readable: {spec!r}")
+    if "tensor" in spec:
+        name = spec["tensor"]
+        if name not in tensors:
+            raise ReplayInputError(
+                f"the dump lacks '{name}', the model call's {where} (left out when the dump "
+                "was written?)"
+            )
+        return _cast(torch.from_numpy(np.array(tensors[name])), spec.get("dtype"))
+    if "value" in spec:
+        return spec["value"]
+    if "list" in spec or "tuple" in spec:
+        items = [_decode(v, tensors, f"{where}[{i}]")
+                 for i, v in enumerate(spec.get("list", spec.get("tuple")) or [])]
+        return items if "list" in spec else tuple(items)
+    if "dict" in spec:
+        return {k: _decode(v, tensors, f"{where}['{k}']") for k, v in spec["dict"].items()}
+    raise ReplayInputError(
+        f"the step's model call took its {where} as a {spec.get('unsupported', '?')}, which a "
+        "dump cannot hold, so replay cannot rebuild the call"
+    )
+
+
+def _replay_autocast(
+    recorded: Any, model: torch.nn.Module, notes: list[str]
+) -> list[tuple[str, torch.dtype]]:
+    """The step's autocast contexts for the replay, on the device the model is on: a step
+    that ran under CUDA autocast replays under CPU autocast on a CPU model (a note says so:
+    the two cast different operations)."""
+    param = next(iter(model.parameters()), None)
+    device = param.device.type if param is not None else "cpu"
+    out: dict[str, torch.dtype] = {}
+    for item in recorded or []:
+        try:
+            dev, name = str(item[0]), str(item[1])
+        except (TypeError, IndexError):
+            continue
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            continue
+        if dev != device:
+            notes.append(f"the step ran under {dev} autocast ({name}); replayed under "
+                         f"{device} autocast, which casts other operations")
+            dev = device
+        out[dev] = dtype
+    return list(out.items())

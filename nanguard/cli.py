@@ -162,7 +162,8 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(str(err)) from err
     mode = "eval" if args.eval else "train"
     out.write(
-        f"replayed step {dump.event.step} of {args.path} on {type(model).__name__} "
+        f"replayed step {dump.event.step} of {args.path} on "
+        f"{type(getattr(model, '_orig_mod', model)).__name__} "
         f"({mode} mode; the dump says: {dump.event.cause}"
         + (f" in '{dump.event.where}'" if dump.event.where else "") + ")\n"
     )

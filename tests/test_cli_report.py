@@ -64,6 +64,38 @@ FACTORY = textwrap.dedent(
 
     def build_needs_two():
         return NeedsTwo(torch.nn.Linear(4, 8), Exp(), torch.nn.Linear(8, 2))
+
+
+    class Scaled(torch.nn.Sequential):
+        def forward(self, x, scale=1.0):
+            return super().forward(x * getattr(scale, "v", scale))
+
+
+    def build_scaled():
+        torch.manual_seed(0)
+        return Scaled(torch.nn.Linear(4, 8), Exp(), torch.nn.Linear(8, 2))
+
+
+    def build_bf16():
+        return build().to(torch.bfloat16)
+
+
+    def build_compiled():
+        return torch.compile(build(), backend="eager")
+
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = torch.nn.Linear(1024, 2), Exp(), torch.nn.Linear(2, 2)
+
+        def forward(self, x, mask):
+            return self.fc2((self.act(self.fc1(x)) * mask).sum(1))
+
+
+    def build_masked():
+        torch.manual_seed(0)
+        return Masked()
     """
 )
 
@@ -244,3 +276,139 @@ def test_replay_of_a_non_finite_input_does_not_blame_the_loss(factory, tmp_path,
     out = capsys.readouterr().out
     assert "backward not replayed: the forward's output is already non-finite" in out
     assert "<loss>" not in out and "the model output is non-finite" in out
+
+
+def test_replay_of_a_model_called_on_part_of_a_dict_batch(factory, tmp_path, capsys):
+    model = build_from(factory)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path / "d"), dump_state="always") as guard:
+        for scale in (1.0, 300.0):
+            batch = {"x": torch.randn(8, 4, generator=g) * scale,
+                     "attention_mask": torch.ones(8, 4), "labels": torch.randint(0, 2, (8,))}
+            opt.zero_grad()
+            with guard.step(batch, targets=batch["labels"]):
+                guard.backward(F.cross_entropy(model(batch["x"]), batch["labels"]))
+                opt.step()
+    assert [e.cause for e in guard.events] == ["activation_nonfinite"]
+    dump = nanguard.load(guard.dumps[-1])
+    assert dump.event.details["replay_call"]["args"] == [{"tensor": "replay.args.0"}]
+    assert main(["replay", guard.dumps[-1], "--model", f"{factory}:build"]) == 0
+    assert "first bad module: 1 (forward)" in capsys.readouterr().out
+
+
+def _accumulate(model, dump_dir, scale_arg):
+    """Two micro-batches per step, the model called with a non-tensor argument; the
+    second micro-batch of step 1 overflows."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(dump_dir), dump_state="always") as guard:
+        for i in range(4):
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+            x = x * (600.0 if i == 3 else 1.0)
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x, scale=scale_arg), y) / 2)
+                if i % 2 == 1:
+                    opt.step()
+                    opt.zero_grad()
+    return guard
+
+
+def test_replay_of_an_accumulated_step_with_a_non_tensor_argument(factory, tmp_path, capsys):
+    guard = _accumulate(build_from(factory, "build_scaled"), tmp_path / "d", 0.5)
+    (event,) = guard.events
+    assert (event.step, event.cause) == (1, "activation_nonfinite")
+    dump = nanguard.load(guard.dumps[0])
+    spec = dump.event.details["replay_call"]
+    assert (spec["call"], spec["micro_batches"]) == (1, 2)
+    assert spec["kwargs"] == {"scale": {"value": 0.5}}
+    assert abs(dump.tensors["replay.args.0"]).max() > 100  # the second micro-batch alone
+    assert main(["replay", guard.dumps[0], "--model", f"{factory}:build_scaled"]) == 0
+    assert "first bad module: 1 (forward)" in capsys.readouterr().out
+
+
+def test_replay_of_a_call_with_an_argument_a_dump_cannot_hold_says_so(factory, tmp_path,
+                                                                     capsys):
+    import types
+
+    guard = _accumulate(build_from(factory, "build_scaled"), tmp_path / "d",
+                        types.SimpleNamespace(v=0.5))
+    assert main(["replay", guard.dumps[0], "--model", f"{factory}:build_scaled"]) == 2
+    err = _one_line_error(capsys)
+    assert "keyword argument 'scale' as a SimpleNamespace" in err
+    assert "cannot rebuild the call" in err
+
+
+def test_replay_of_a_bfloat16_model_feeds_it_bfloat16(factory, tmp_path, capsys):
+    model = build_from(factory, "build_bf16")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path / "d"), dump_state="always") as guard:
+        for scale in (1.0, 300.0):
+            x = (torch.randn(8, 4, generator=g) * scale).to(torch.bfloat16)
+            y = torch.randint(0, 2, (8,), generator=g)
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x).float(), y))
+                opt.step()
+    assert [e.cause for e in guard.events] == ["activation_nonfinite"]
+    dump = nanguard.load(guard.dumps[-1])
+    assert dump.tensors["inputs"].dtype.name == "float32"  # numpy has no bfloat16
+    assert dump.event.details["replay_call"]["args"] == [
+        {"tensor": "inputs", "dtype": "bfloat16"}]
+    assert main(["replay", guard.dumps[-1], "--model", f"{factory}:build_bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "first bad module: 1 (forward)" in out
+    assert "bfloat16" in out
+
+
+def test_replay_of_an_autocast_step_runs_under_the_same_autocast(factory, tmp_path, capsys):
+    model = build_from(factory)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path / "d"), dump_state="always") as guard:
+        for scale in (1.0, 1e5):  # 1e5 overflows float16 (65504) in the first Linear
+            x, y = torch.randn(8, 4, generator=g) * scale, torch.randint(0, 2, (8,), generator=g)
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                with torch.autocast("cpu", dtype=torch.float16):
+                    out = model(x)
+                guard.backward(F.cross_entropy(out.float(), y))
+                opt.step()
+    assert [(e.cause, e.where) for e in guard.events] == [("activation_nonfinite", "0")]
+    dump = nanguard.load(guard.dumps[-1])
+    assert dump.event.details["replay_call"]["autocast"] == [["cpu", "float16"]]
+    assert main(["replay", guard.dumps[-1], "--model", f"{factory}:build"]) == 0
+    out = capsys.readouterr().out
+    assert "first bad module: 0 (forward)" in out  # float32 would overflow later, in the exp
+    assert "<loss>" not in out
+
+
+def test_replay_of_a_torch_compiled_model(factory, tmp_path, capsys):
+    guard = train(build_from(factory, "build_compiled"), tmp_path / "d", [1.0, 300.0])
+    assert [e.cause for e in guard.events] == ["activation_nonfinite"]
+    assert main(["replay", guard.dumps[-1], "--model", f"{factory}:build_compiled"]) == 0
+    assert "first bad module: 1 (forward)" in capsys.readouterr().out
+
+
+def test_replay_of_a_batch_over_the_dump_limit_keeps_the_same_rows_everywhere(
+        factory, tmp_path, capsys):
+    model = build_from(factory, "build_masked")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(260, 64, 1024, generator=torch.Generator().manual_seed(0))  # 65 MiB
+    x[0] *= 1000.0
+    y = torch.randint(0, 2, (260,))
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path / "d"), dump_state="always")
+    with guard.step(x, targets=y):
+        mask = (x.abs().mean(-1, keepdim=True) < 1e9).float()  # made in the step
+        guard.backward(F.cross_entropy(model(x, mask), y))
+        opt.step()
+    guard.close()
+    del x, mask
+    assert [e.cause for e in guard.events] == ["activation_nonfinite"]
+    dump = nanguard.load(guard.dumps[-1])
+    rows = {k: v.shape[0] for k, v in dump.tensors.items()
+            if k.startswith(("inputs", "targets", "output", "replay.args", "replay.output_grad"))}
+    assert set(rows.values()) == {256}, rows  # 64 MiB of 256 KiB rows
+    assert main(["replay", guard.dumps[-1], "--model", f"{factory}:build_masked"]) == 0
+    assert "first bad module: act (forward)" in capsys.readouterr().out

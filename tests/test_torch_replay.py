@@ -283,3 +283,19 @@ def test_the_loss_backward_itself_is_named(tmp_path):
     ev = guard.events[-1]
     assert (ev.cause, ev.where) == ("grad_nonfinite", "<loss>")
     guard.close()
+
+
+def test_a_lower_precision_non_finite_output_gradient_does_not_blame_the_loss():
+    """A float16 (autocast) step replayed in float32: its NaN output gradient came from a
+    forward that overflowed in float16, which the float32 replay does not reproduce."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    grad = torch.full((8, 2), float("nan"), dtype=torch.float16)
+    call = RecordedCall((torch.randn(8, 4),), {}, torch.get_rng_state(), None, [], True,
+                        {0: grad})
+    result = replay_call(model, call, backward=True)
+    assert result.finding is None
+    assert any("float16" in n and "mixed" in n for n in result.notes), result.notes
+    # The same gradient in the output's own precision is the loss's doing.
+    call.output_grads = {0: grad.float()}
+    assert replay_call(model, call, backward=True).finding.module == "<loss>"
