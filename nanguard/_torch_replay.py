@@ -21,7 +21,7 @@ import fnmatch
 import functools
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -176,6 +176,9 @@ class CallRecorder:
         self._step: int | None = None
         self._pending: RecordedCall | None = None
         self._open: list[bool] = []  # per model call still running: is it a redirect?
+        # Set by an adapter whose framework calls the model to run something else through
+        # its __call__ (the Lightning callback: DDP's forward redirection).
+        self.is_redirect: Callable[[Any], bool] | None = None
         self._handles: list[Any] = []
 
     def attach(self, post_hook: bool = True) -> None:
@@ -210,7 +213,7 @@ class CallRecorder:
     def _before(self, module: Any, args: Any, kwargs: Any) -> None:
         e = self.engine
         self._pending = None
-        redirect = _redirected(module)
+        redirect = self.is_redirect is not None and self.is_redirect(module)
         self._open.append(redirect)
         if self.paused or not e.in_step or redirect:
             return
@@ -233,7 +236,7 @@ class CallRecorder:
 
     def after(self, output: Any) -> bool:
         """The model returned: keep the gradient that will reach its logits. Returns whether
-        the call was a strategy's redirect (see :func:`_redirected`), not the model's own.
+        the call was a framework's redirect (``is_redirect``), not the model's own.
 
         Only the logits' (:func:`first_float_tensor`): the other outputs are mostly made
         from them or on their way (a loss computed inside ``forward``, hidden states), and
@@ -257,16 +260,6 @@ class CallRecorder:
         self.grad_bytes += size
         logits.register_hook(functools.partial(_keep_grad, call, i))
         return False
-
-
-def _redirected(module: Any) -> bool:
-    """Whether this call of the model runs another of its methods through its own
-    ``__call__``: Lightning's DDP, FSDP and DeepSpeed strategies call the wrapped
-    LightningModule with ``forward`` swapped for ``training_step`` (``_ForwardRedirection``),
-    so that call's arguments are the batch and its index and its output is the loss. The
-    model's own call (``self(x)``) runs inside it."""
-    forward = module.__dict__.get("forward")
-    return forward is not None and "_ForwardRedirection" in getattr(forward, "__qualname__", "")
 
 
 def _index_of(t: torch.Tensor | None, tensors: Sequence[torch.Tensor]) -> int | None:

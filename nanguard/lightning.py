@@ -199,6 +199,8 @@ class NanGuard(_CallbackBase):
             ignore_index=self.ignore_index,
         )
         engine.attach()
+        if engine.calls is not None:
+            engine.calls.is_redirect = _redirected
         self._engine = engine
         self._handles = [opt.register_step_post_hook(self._after_step) for opt in engine.optimizers]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -446,6 +448,16 @@ class NanGuard(_CallbackBase):
         assert self._engine is not None
         # A checkpoint of an older version also holds "lr_scale": not needed, ignored.
         self._engine.session.load_state_dict(state.get("session", {}))
+
+
+def _redirected(module: Any) -> bool:
+    """Whether this call of the LightningModule runs another of its methods through its own
+    ``__call__``: the DDP, FSDP and DeepSpeed strategies call the wrapped module with
+    ``forward`` swapped for ``training_step`` (``_ForwardRedirection``), so that call's
+    arguments are the batch and its index and its output is the loss. The model's own call
+    (``self(x)``) runs inside it; the guard's hooks ignore the outer one."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and "_ForwardRedirection" in getattr(forward, "__qualname__", "")
 
 
 def _no_clipping(*args: Any, **kwargs: Any) -> None:
