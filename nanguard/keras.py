@@ -30,8 +30,8 @@ from nanguard._keras_step import HEAD, STATS_KEY, StepInstrument
 from nanguard.config import ACTIONS, GuardConfig
 from nanguard.detector import finite
 from nanguard.dump import environment
-from nanguard.events import Event, StepRecord
-from nanguard.session import GuardSession, Verdict
+from nanguard.events import StepRecord
+from nanguard.session import GuardSession, Readout, Verdict
 
 __all__ = ["LOG_NAMES", "NanGuard"]
 
@@ -43,7 +43,7 @@ SUPPORTED_BACKENDS = ("tensorflow", "torch")
 _H = {name: i for i, name in enumerate(HEAD)}
 
 
-class NanGuard(keras.callbacks.Callback):
+class NanGuard(Readout, keras.callbacks.Callback):
     """Keeps ``model.fit`` alive when a training step goes non-finite.
 
     Attached to ``fit``, it instruments the model's compiled training step (no subclassing):
@@ -132,30 +132,11 @@ class NanGuard(keras.callbacks.Callback):
         self._snapshot_complete = True  # False: the model had no variables before step 0
         self._cache: tuple[tuple[Any, ...], StepInstrument, Any, LearningRate] | None = None
 
-    # -- what users read ---------------------------------------------------------------
-    @property
-    def history(self) -> list[StepRecord]:
-        """The last ``history_size`` steps, oldest first."""
-        return list(self.session.history)
+    # -- what users read (history, events, step_count, amp_skips, snapshot_step) ----------
+    def _live_session(self) -> GuardSession:
+        return self.session
 
-    @property
-    def events(self) -> list[Event]:
-        """Every event of the last ``fit``, oldest first."""
-        return list(self.session.events)
-
-    @property
-    def step_count(self) -> int:
-        """Index of the next step."""
-        return self.session.step
-
-    @property
-    def amp_skips(self) -> int:
-        """Steps the ``LossScaleOptimizer`` skipped itself in the current (or last) fit."""
-        return self.session.amp_skips
-
-    @property
-    def snapshot_step(self) -> int | None:
-        """The step whose starting state the last snapshot holds."""
+    def _snapshot_at(self) -> int | None:
         return None if self._snapshot is None else self._snapshot.step
 
     # -- Keras hooks -------------------------------------------------------------------

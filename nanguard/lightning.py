@@ -22,8 +22,8 @@ except ImportError as err:  # pragma: no cover - exercised without torch install
 
 from nanguard._torch_engine import TorchEngine, check_ignore_index
 from nanguard.config import ACTIONS, GuardConfig
-from nanguard.events import Event, StepRecord
-from nanguard.session import Verdict
+from nanguard.events import StepRecord
+from nanguard.session import GuardSession, Readout, Verdict
 
 __all__ = ["NanGuard"]
 
@@ -71,7 +71,7 @@ else:
     _CallbackBase = _callback_base()
 
 
-class NanGuard(_CallbackBase):
+class NanGuard(Readout, _CallbackBase):
     """Keeps ``Trainer.fit`` alive when a training step goes non-finite.
 
     Each optimizer step it records the loss (from the training step's output), the
@@ -149,30 +149,11 @@ class NanGuard(_CallbackBase):
         self._restored = False  # this fit's state came from a checkpoint
         self.dumps: list[str] = []
 
-    # -- what users read ---------------------------------------------------------------
-    @property
-    def history(self) -> list[StepRecord]:
-        """The last ``history_size`` optimizer steps, oldest first."""
-        return [] if self._engine is None else list(self._engine.session.history)
+    # -- what users read (history, events, step_count, amp_skips, snapshot_step) ----------
+    def _live_session(self) -> GuardSession | None:
+        return None if self._engine is None else self._engine.session
 
-    @property
-    def events(self) -> list[Event]:
-        """Every event of the current (or last) fit, oldest first."""
-        return [] if self._engine is None else list(self._engine.session.events)
-
-    @property
-    def step_count(self) -> int:
-        """Index of the next optimizer step."""
-        return 0 if self._engine is None else self._engine.session.step
-
-    @property
-    def amp_skips(self) -> int:
-        """Optimizer steps the AMP GradScaler skipped itself in the current (or last) fit."""
-        return 0 if self._engine is None else self._engine.session.amp_skips
-
-    @property
-    def snapshot_step(self) -> int | None:
-        """The step whose starting state the last snapshot holds."""
+    def _snapshot_at(self) -> int | None:
         snap = None if self._engine is None else self._engine.snapshot
         return None if snap is None else snap.step
 

@@ -68,6 +68,51 @@ class Verdict:
             raise NonFiniteTrainingError(self.event, self.dump_path)
 
 
+class Readout:
+    """What users read on every adapter's guard: ``history``, ``events`` and the counters.
+
+    An adapter says where its run's session is (None before its first run) and which step
+    its last snapshot holds; the views are the same everywhere.
+    """
+
+    def _live_session(self) -> GuardSession | None:
+        raise NotImplementedError
+
+    def _snapshot_at(self) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def history(self) -> list[StepRecord]:
+        """The last ``history_size`` (optimizer) steps of the current or last run, oldest
+        first."""
+        session = self._live_session()
+        return [] if session is None else list(session.history)
+
+    @property
+    def events(self) -> list[Event]:
+        """Every event of the current or last run, oldest first."""
+        session = self._live_session()
+        return [] if session is None else list(session.events)
+
+    @property
+    def step_count(self) -> int:
+        """Index of the next (optimizer) step."""
+        session = self._live_session()
+        return 0 if session is None else session.step
+
+    @property
+    def amp_skips(self) -> int:
+        """Steps the mixed-precision loss scaler skipped itself (overflowing scaled
+        gradients): the scaler's, not nanguard events."""
+        session = self._live_session()
+        return 0 if session is None else session.amp_skips
+
+    @property
+    def snapshot_step(self) -> int | None:
+        """The step whose starting state the last snapshot holds."""
+        return self._snapshot_at()
+
+
 class GuardSession:
     """History, ladder counters, events and dumps of one guarded run.
 

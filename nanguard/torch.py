@@ -17,15 +17,15 @@ except ImportError as err:  # pragma: no cover - exercised without torch install
 
 from nanguard._torch_engine import TorchEngine, check_targets
 from nanguard.config import ACTIONS, GuardConfig
-from nanguard.events import Event, NonFiniteTrainingError, StepRecord
-from nanguard.session import Verdict
+from nanguard.events import NonFiniteTrainingError
+from nanguard.session import GuardSession, Readout, Verdict
 
 __all__ = ["NanGuard"]
 
 log = logging.getLogger("nanguard")
 
 
-class NanGuard:
+class NanGuard(Readout):
     """Keeps a plain PyTorch training loop alive when a step goes non-finite.
 
     Every step it records the loss, the model output's min and max, the global gradient
@@ -130,30 +130,11 @@ class NanGuard:
         ]
         self.dumps: list[str] = []
 
-    # -- what users read ---------------------------------------------------------------
-    @property
-    def history(self) -> list[StepRecord]:
-        """The last ``history_size`` steps, oldest first."""
-        return list(self._engine.session.history)
+    # -- what users read (history, events, step_count, amp_skips, snapshot_step) ----------
+    def _live_session(self) -> GuardSession:
+        return self._engine.session
 
-    @property
-    def events(self) -> list[Event]:
-        """Every event of the run, oldest first."""
-        return list(self._engine.session.events)
-
-    @property
-    def step_count(self) -> int:
-        """Index of the next step."""
-        return self._engine.session.step
-
-    @property
-    def amp_skips(self) -> int:
-        """Steps the ``scaler`` skipped itself (overflowing scaled gradients)."""
-        return self._engine.session.amp_skips
-
-    @property
-    def snapshot_step(self) -> int | None:
-        """The step whose starting state the last snapshot holds."""
+    def _snapshot_at(self) -> int | None:
         snap = self._engine.snapshot
         return None if snap is None else snap.step
 
