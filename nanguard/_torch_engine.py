@@ -456,6 +456,10 @@ class TorchEngine:
         # update was last applied; read only when an update_nonfinite event names one.
         self.measured_lrs: list[Any] = []
         self.update_lrs: list[Any] = []
+        # (inputs, targets) of the last step whose update went in, held (references only)
+        # until that update is found finite: an update_nonfinite event, caught a step late,
+        # dumps the batch of the step it is about.
+        self.last_batch: tuple[Any, Any] | None = None
         self.distributed = False
         self.any_rank_bad: bool | None = None
         self.any_rank_loss_bad: bool | None = None
@@ -554,6 +558,7 @@ class TorchEngine:
         self.original_labels: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self.scored: torch.Tensor | None = None  # this step's scores_classes, when computed
         self.verdict: Verdict | None = None
+        self.stepped: set[int] = set()  # ids of the optimizers that stepped in this step
 
     def begin_step(self, inputs: Any = None, targets: Any = None) -> None:
         if _group_sizes(self.optimizers) != self.groups_seen:  # add_param_group since
@@ -853,9 +858,11 @@ class TorchEngine:
         if keep_open:
             return
         self.micro_batches = 0
-        self.inputs = self.targets = self.batch_targets = self.output = None
         for t, original, _ in self.original_labels.values():  # maybe a view of a dataset
             t.copy_(original)
+        applied = self.pending_update_ok is not None  # this step's update, to be checked
+        self.last_batch = (self.inputs, self.targets) if applied else None
+        self.inputs = self.targets = self.batch_targets = self.output = None
         self.original_labels = {}
         self.labels_rejected = None
         if self.calls is not None:
@@ -1146,15 +1153,23 @@ class TorchProbe:
     def _nonfinite_model_args(self, step: int) -> str | None:
         """NaN/Inf in what the model was called with while the batch given to the guard is
         finite: code inside the step (a per-batch normalisation by a zero std) made them."""
-        calls = self.engine.calls.calls_for(step) if self.engine.calls is not None else []
-        origin = ("no batch was given to the guard" if self.engine.inputs is None else
-                  "the batch given to the guard is finite, so the code in the step before "
-                  "the model call made them")
+        e = self.engine
+        calls = e.calls.calls_for(step) if e.calls is not None else []
+        if e.inputs is None:
+            origin = "no batch was given to the guard"
+        elif any(_describe_nonfinite(n, t) for n, t in named_tensors(e.targets, "targets")):
+            origin = ("the inputs given to the guard are finite but its targets are not: the "
+                      "model is called with data the guard was given as targets")
+        else:
+            origin = ("the batch given to the guard is finite, so the code in the step before "
+                      "the model call made them")
         for k, call in enumerate(calls):
             # Named as the dump stores that call's arguments (see localize_step's `start`).
             named = [(f"replay.args.{i}", a) for i, a in enumerate(call.args)]
             named += [(f"replay.kwargs.{key}", v) for key, v in call.kwargs.items()]
-            which = f" of the step's model call {k} (micro-batch {k})" if k else ""
+            which = f" of the step's model call {k}" if k else ""
+            if k and e.micro_batches > 1:
+                which += f" (micro-batch {k})"
             for path, arg in named:
                 for name, t in named_tensors(arg, path):
                     found = _describe_nonfinite(name, t)
@@ -1190,6 +1205,17 @@ class TorchProbe:
     def tensors(self) -> dict[str, np.ndarray]:
         e = self.engine
         out: dict[str, np.ndarray] = {}
+        if e.update_was_bad:
+            # The event is the previous step's update, found now: its batch, not this
+            # step's (whose output the broken weights made). None when the loop refilled
+            # the same tensors in place (a static input buffer): they hold this step's data.
+            last = e.last_batch
+            inputs, targets = last if last is not None and _distinct(last, e) else (None, None)
+            for name, t in named_tensors(inputs, "inputs"):
+                out[name] = to_numpy(t)
+            for name, t in named_tensors(targets, "targets"):
+                out[name] = to_numpy(t)
+            return out
         for name, t in named_tensors(e.inputs, "inputs"):
             out[name] = to_numpy(t, rows=self.rows)
         for name, t in named_tensors(e.targets, "targets"):
@@ -1202,6 +1228,15 @@ class TorchProbe:
 
     def state(self) -> dict[str, np.ndarray]:
         return self.engine.state_arrays()
+
+
+def _distinct(batch: tuple[Any, Any], engine: TorchEngine) -> bool:
+    """Whether an earlier step's ``batch`` still holds its own data: none of its tensors
+    shares memory with the current step's batch."""
+    now = {t.data_ptr() for obj in (engine.inputs, engine.targets)
+           for _, t in named_tensors(obj, "") if t.numel()}
+    return not any(t.numel() and t.data_ptr() in now
+                   for obj in batch for _, t in named_tensors(obj, ""))
 
 
 def agree_across_ranks(

@@ -8,8 +8,8 @@ import io
 import json
 import os
 import platform
-import re
 import secrets
+import urllib.parse
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +21,6 @@ from nanguard.events import Event, StepRecord
 FORMAT = "nanguard-dump"
 FORMAT_VERSION = 1
 SUFFIX = ".nanguard.zip"
-_NAME_OK = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 
 class DumpError(Exception):
@@ -108,7 +107,7 @@ def write_dump(
                     if data is None:
                         left_out.append(f"{prefix}/{name}")
                     else:
-                        zf.writestr(f"{prefix}/{_safe(name)}.npy", data)
+                        zf.writestr(f"{prefix}/{_entry(name)}.npy", data)
             full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
             if left_out:
                 full_meta["left_out"] = left_out
@@ -186,7 +185,7 @@ def load(path: str | os.PathLike[str], *, arrays: bool = True) -> Dump:
             for name in zf.namelist() if arrays else ():
                 prefix, _, rest = name.partition("/")
                 if prefix in groups and rest.endswith(".npy"):
-                    groups[prefix][rest[:-4]] = np.load(
+                    groups[prefix][urllib.parse.unquote(rest[:-4])] = np.load(
                         io.BytesIO(zf.read(name)), allow_pickle=False
                     )
     except DumpError:
@@ -228,8 +227,11 @@ def tensor_summary(array: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def _safe(name: str) -> str:
-    return _NAME_OK.sub("_", name).strip("_") or "tensor"
+def _entry(name: str) -> str:
+    """A tensor's name as its archive entry: percent-encoded (``/``, spaces, non-ASCII
+    module names...), so that ``load`` gives back the exact name and two names never share
+    an entry."""
+    return urllib.parse.quote(name, safe="._-")
 
 
 def _npy(array: Any) -> bytes | None:

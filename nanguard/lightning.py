@@ -30,6 +30,9 @@ __all__ = ["NanGuard"]
 log = logging.getLogger("nanguard")
 
 TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+# The per-step names logged through pl_module.log (docs/lightning.md, "Logged names").
+STEP_KEYS = ("nanguard/loss", "nanguard/grad_norm", "nanguard/logits_min",
+             "nanguard/logits_max", "nanguard/lr")
 
 
 def _callback_base() -> type:
@@ -260,7 +263,9 @@ class NanGuard(Readout, _CallbackBase):
         engine = self._engine
         if engine is None:
             return
-        inputs, targets = _split_batch(batch)
+        # A list of training loaders: Lightning's CombinedLoader gives a list of batches.
+        per_loader = isinstance(getattr(trainer, "train_dataloader", None), (list, tuple))
+        inputs, targets = _split_batch(batch, per_loader)
         if not engine.in_step:
             self._stepped = False
             engine.begin_step(inputs, targets)
@@ -362,31 +367,38 @@ class NanGuard(Readout, _CallbackBase):
 
     @staticmethod
     def _monitored(trainer: pl.Trainer) -> bool:
-        """Whether callbacks may read ``callback_metrics`` right after this step: the epoch's
-        last batch (EarlyStopping, ModelCheckpoint at the epoch's end) or a batch after which
-        validation runs (``val_check_interval``). The step's values are logged then too, so
-        ``monitor="nanguard/loss"`` finds them whatever ``log_every_n_steps`` is."""
+        """Whether callbacks may read ``callback_metrics`` right after this step, so the
+        step's values are logged whatever ``log_every_n_steps`` is:
+
+        - every step, when a callback (``ModelCheckpoint``, ``EarlyStopping``) or a
+          ``ReduceLROnPlateau`` schedule monitors one of the per-step names: it may read them
+          at any step (``every_n_train_steps``, ``interval="step"``);
+        - the epoch's last batch and the run's last step (``max_steps``, a stop requested by
+          a callback): ``EarlyStopping`` and ``ModelCheckpoint`` run at the end;
+        - a batch after which validation runs, counted as Lightning counts it
+          (``val_check_interval``; across epochs with ``check_val_every_n_epoch=None``).
+        """
+        monitors = [getattr(cb, "monitor", None) for cb in getattr(trainer, "callbacks", [])]
+        monitors += [getattr(c, "monitor", None)
+                     for c in getattr(trainer, "lr_scheduler_configs", None) or []]
+        if any(m in STEP_KEYS for m in monitors if isinstance(m, str)):
+            return True
         loop = trainer.fit_loop.epoch_loop
-        if loop.batch_progress.is_last_batch:
+        if loop.batch_progress.is_last_batch or trainer.should_stop:
+            return True
+        if 0 < trainer.max_steps <= trainer.global_step + 1:
             return True
         every = trainer.val_check_batch
+        idx = loop.total_batch_idx if trainer.check_val_every_n_epoch is None else loop.batch_idx
         return (isinstance(every, int) and every > 0 and trainer.enable_validation
-                and (loop.batch_idx + 1) % every == 0)
+                and (idx + 1) % every == 0)
 
     def _log(self, pl_module: pl.LightningModule, rec: StepRecord) -> None:
         # Through pl_module.log like the user's own metrics: they reach the loggers and
         # `callback_metrics` (docs/lightning.md, "Logged names").
-        pl_module.log_dict(
-            {
-                "nanguard/loss": rec.loss,
-                "nanguard/grad_norm": rec.grad_norm,
-                "nanguard/logits_min": rec.logits_min,
-                "nanguard/logits_max": rec.logits_max,
-                "nanguard/lr": rec.lr,
-            },
-            on_step=True,
-            on_epoch=False,
-        )
+        values = (rec.loss, rec.grad_norm, rec.logits_min, rec.logits_max, rec.lr)
+        pl_module.log_dict(dict(zip(STEP_KEYS, values, strict=True)), on_step=True,
+                           on_epoch=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The run's counters through ``pl_module.log``, once per epoch: they reach
@@ -445,8 +457,13 @@ def _no_clipping(*args: Any, **kwargs: Any) -> None:
     """Stands in for ``configure_gradient_clipping`` on a step whose gradients were dropped."""
 
 
-def _split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of a batch: ``(x, y)`` pairs and dicts with a label key."""
+def _split_batch(batch: Any, per_loader: bool = False) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch: ``(x, y)`` pairs and dicts with a label key.
+    ``per_loader``: the training loaders were a list, and the batch is one batch per loader
+    (``inputs.i`` and ``targets.i`` in dumps are loader ``i``'s)."""
+    if per_loader and isinstance(batch, (list, tuple)):
+        parts = [_split_batch(b) for b in batch]
+        return [x for x, _ in parts], [y for _, y in parts]
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return batch[0], batch[1]
     if isinstance(batch, Mapping):

@@ -91,7 +91,9 @@ def decide(
     why = ("weights or optimizer state non-finite" if corrupt
            else f"{config.max_skips} skips" if can_skip else "the update is already applied")
     lower = "lower_lr" in actions
-    rung = has_snapshot if "rollback" in actions else lower
+    # Without rollback, lower_lr stands in for it (the update kept out, the rate lowered):
+    # not when the weights are already non-finite, which only a snapshot can undo.
+    rung = has_snapshot if "rollback" in actions else lower and not corrupt
     if "rollback" in actions and not has_snapshot:
         why += "; no finite snapshot to roll back to"
     if state.rollbacks < config.max_rollbacks and rung:
@@ -102,8 +104,9 @@ def decide(
         )
     if "abort" in actions:
         return Decision("abort", False, f"{why}, {state.rollbacks} rollbacks: abort"), state
-    if actions and can_skip:
-        # The ladder is spent but the user asked for protection: keep the update out.
+    if actions and can_skip and not corrupt:
+        # The ladder is spent but the user asked for protection: keep the update out. (Not
+        # when the weights are already non-finite: a skip would not undo that.)
         return Decision("skip", False, f"{why}; no rung left, skipping"), state
     if actions:
         return Decision("log", False, f"{why}; no rung left that can undo it, logged"), state

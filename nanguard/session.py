@@ -86,7 +86,7 @@ class Readout:
         """The last ``history_size`` (optimizer) steps of the current or last run, oldest
         first."""
         session = self._live_session()
-        return [] if session is None else list(session.history)
+        return [] if session is None else session.recent()
 
     @property
     def events(self) -> list[Event]:
@@ -152,14 +152,23 @@ class GuardSession:
 
     def reset(self) -> None:
         """Forget the run: a new ``fit`` starts from step 0 with fresh counters."""
+        # The detector looks back further than a small history_size: the gradient norm's
+        # growth and the snapshots' calm check read up to LAYER_WINDOW steps. Users and
+        # dumps see the last history_size of them (recent()).
         self.history: collections.deque[StepRecord] = collections.deque(
-            maxlen=self.config.history_size
+            maxlen=max(self.config.history_size, detector.LAYER_WINDOW)
         )
         self.ladder = policy.LadderState()
         self.events: list[Event] = []
         self.dumps_written = 0
         self.amp_skips = 0
         self.step = 0
+
+    def recent(self, until: int | None = None) -> list[StepRecord]:
+        """The last ``history_size`` steps, oldest first (``guard.history``, dumps);
+        ``until``: those up to and including that step."""
+        kept = [r for r in self.history if until is None or r.step <= until]
+        return kept[-self.config.history_size:]
 
     def snapshot_due(self, last_snapshot_step: int | None) -> bool:
         """Whether to snapshot before the step about to start.
@@ -317,7 +326,9 @@ class GuardSession:
             path = write_dump(
                 self.config.dump_dir,
                 event,
-                list(self.history),
+                # up to and including the event's step (an update caught a step late is
+                # the step before the one that found it: details["detected_at_step"])
+                self.recent(until=event.step),
                 tensors,
                 self.meta(),
                 state,

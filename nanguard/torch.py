@@ -120,6 +120,7 @@ class NanGuard(Readout):
             )
         self._engine = TorchEngine(self.config, model, optimizers, framework="torch",
                                    ignore_index=ignore_index)
+        _take_over(optimizers)
         self._engine.attach()
         self.optimizer = optimizer
         self._handles = [
@@ -164,6 +165,13 @@ class NanGuard(Readout):
             )
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"guard.backward needs the loss tensor. Received: loss={loss!r}")
+        if self._engine.verdict is not None:
+            raise RuntimeError(
+                "guard.backward(loss) was called after an optimizer already stepped in this "
+                "guard.step(): this loss's gradients would go unchecked. Give each update "
+                "its own guard.step() (a GAN's discriminator and generator phases, each "
+                "critic iteration), or run every backward before the first optimizer.step()."
+            )
         self._engine.add_loss(loss)
         if self.scaler is not None:
             self.scaler.scale(loss).backward(**kwargs)
@@ -236,6 +244,13 @@ class NanGuard(Readout):
                 f"({type(optimizer).__name__} computes the gradients inside step(), after "
                 "the guard's check would run). Use an optimizer stepped without a closure."
             )
+        if id(optimizer) in engine.stepped:
+            raise RuntimeError(
+                f"{type(optimizer).__name__}.step() ran twice in one guard.step(): nanguard "
+                "checks one update per optimizer per step. Give each update its own "
+                "guard.step() (each critic iteration of a WGAN, say)."
+            )
+        engine.stepped.add(id(optimizer))
         if engine.verdict is not None:
             return
         if engine.loss is None:
@@ -260,7 +275,29 @@ class NanGuard(Readout):
         rec = verdict.record
         if rec.step % self.config.log_every == 0 and log.isEnabledFor(logging.DEBUG):
             log.debug("nanguard %r", rec)
+        if verdict.decision.action == "abort":
+            # The guarded run ends here: leave the optimizer and the model unhooked, so the
+            # code after the error (a retry with a new guard, an evaluation) runs plainly.
+            self._remove_hooks()
         verdict.raise_if_abort()
+
+
+def _take_over(optimizers: list[Any]) -> None:
+    """An earlier guard still hooked on one of these optimizers (an exception or a re-run
+    notebook cell skipped its ``close()``) would refuse every step outside its own
+    ``guard.step()``: its hooks are removed, with a warning."""
+    for opt in optimizers:
+        for hook in list(getattr(opt, "_optimizer_step_pre_hooks", {}).values()):
+            other = getattr(hook, "__self__", None)
+            if isinstance(other, NanGuard) and other._handles:
+                other._remove_hooks()
+                warnings.warn(
+                    f"An earlier NanGuard on this {type(opt).__name__} was still open (its "
+                    "close() was not called); its hooks were removed and the new guard "
+                    "takes over.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
 
 def _about_class_ids(exc: BaseException) -> bool:

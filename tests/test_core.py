@@ -116,10 +116,15 @@ def test_without_a_snapshot_the_rollback_rung_is_passed_over():
 
     no_snap = first(GuardConfig(), has_snapshot=False)
     assert no_snap.action == "abort" and "no finite snapshot" in no_snap.reason
-    assert first(GuardConfig(actions=("skip", "rollback")), has_snapshot=False).action == "skip"
-    # lower_lr without rollback restores nothing, so it needs no snapshot
+    # Non-finite weights and no snapshot: neither a skip nor lower_lr undoes them.
+    assert first(GuardConfig(actions=("skip", "rollback")), has_snapshot=False).action == "log"
     assert first(GuardConfig(actions=("lower_lr", "abort")), has_snapshot=False).action == (
-        "lower_lr")
+        "abort")
+    # lower_lr without rollback restores nothing, so on a bad step with finite weights it
+    # needs no snapshot
+    ok = decide(LadderState(), GuardConfig(actions=("lower_lr", "abort")), step=0, bad=True,
+                has_snapshot=False)[0]
+    assert ok.action == "lower_lr"
 
 
 def test_a_step_whose_update_cannot_be_kept_out_is_never_a_skip():
@@ -143,6 +148,19 @@ def test_missing_rungs_are_passed_over():
     lower_only = GuardConfig(actions=("skip", "lower_lr"), max_skips=0, max_rollbacks=1)
     first = _climb(lower_only, [True])[0][0]
     assert (first.action, first.lower_lr) == ("lower_lr", True)
+
+
+def test_non_finite_weights_without_rollback_are_logged_not_called_skipped():
+    # Only a snapshot undoes weights that are already non-finite: without the rollback rung,
+    # neither a skip nor lower_lr can, so the step is an abort (if allowed) or logged.
+    for actions in (("skip",), ("skip", "lower_lr"), ("lower_lr",)):
+        d = decide(LadderState(), GuardConfig(actions=actions), step=0, bad=True,
+                   corrupt=True)[0]
+        assert (d.action, d.lower_lr) == ("log", False), actions
+        assert "no rung left that can undo it" in d.reason
+    d = decide(LadderState(), GuardConfig(actions=("skip", "lower_lr", "abort")), step=0,
+               bad=True, corrupt=True)[0]
+    assert d.action == "abort"
 
 
 @given(
@@ -256,9 +274,12 @@ def test_session_counts_steps_and_keeps_bounded_history(tmp_path):
     for i in range(10):
         v = s.conclude(rec(i, loss=NAN if i == 7 else 1.0), probe=None)
         assert (v.action is None) == (i != 7)
-    assert [r.step for r in s.history] == [6, 7, 8, 9]
-    assert s.history[1]["action"] == "skip" and s.history[1].cause == "loss_nonfinite"
+    assert [r.step for r in s.recent()] == [6, 7, 8, 9]  # what guard.history shows
+    assert s.recent()[1]["action"] == "skip" and s.recent()[1].cause == "loss_nonfinite"
     assert s.step == 10
+    for i in range(10, 200):  # the detector's own window is bounded too
+        s.conclude(rec(i), probe=None)
+    assert len(s.history) == 64 and len(s.recent()) == 4
     assert len(list(tmp_path.iterdir())) == 1
 
 

@@ -42,6 +42,21 @@ def test_round_trip(tmp_path):
     assert d.meta["format"] == "nanguard-dump" and d.meta["framework"] == "test"
 
 
+def test_tensor_names_come_back_exactly(tmp_path):
+    # Module and batch keys users write: non-ASCII, '/', spaces, a leading '_', '%'. Each must
+    # come back under its own name (they used to collapse into one mangled entry).
+    names = ["model.heads.中文.weight", "model.heads.日本語.weight", "model.α", "model.β",
+             "inputs.a/b", "inputs.a b", "inputs._x", "inputs.100%", "inputs.x"]
+    tensors = {n: np.full(2, i, dtype=np.float32) for i, n in enumerate(names)}
+    event = Event(step=0, cause="input_nonfinite", where=names[1], message="m", action="skip")
+    path = write_dump(str(tmp_path), event, [], tensors, {"framework": "test"}, tensors)
+    d = nanguard.load(path)
+    assert sorted(d.tensors) == sorted(names) and sorted(d.state) == sorted(names)
+    assert all(d.tensors[n][0] == i for i, n in enumerate(names))
+    with zipfile.ZipFile(path) as zf:
+        assert all(n.isascii() for n in zf.namelist())
+
+
 def test_no_pickle_anywhere(tmp_path):
     path = make_dump(tmp_path)
     with zipfile.ZipFile(path) as zf:

@@ -6,6 +6,7 @@ import copy
 import csv
 import math
 
+import numpy as np
 import pytest
 
 pytest.importorskip("lightning")
@@ -510,6 +511,11 @@ def test_the_last_update_of_an_epoch_is_checked_before_checkpoints_see_it(tmp_pa
     assert (event.step, event.cause, event.action) == (spike_at, "update_nonfinite", "rollback")
     assert "it was 3e+37" in event.message or "it was 3e+38" in event.message
     assert guard.history[spike_at].action == "rollback"
+    dump = nanguard.load(guard.dumps[0])  # that step's batch and history, no output
+    assert dump.history[-1].step == spike_at and "output" not in dump.tensors
+    b = spike_at % 6
+    x = make_data(6).dataset.tensors[0][b * BATCH:(b + 1) * BATCH]
+    assert np.array_equal(dump.tensors["inputs"], x.numpy())
 
 
 class ValInTheWindow(Classifier):
@@ -698,3 +704,91 @@ def test_a_monitor_does_not_stop_a_run_the_guard_saved_on_an_epochs_last_batch(t
     # The monitor read the last good step's loss, and the history keeps the truth.
     assert math.isnan(guard.history[-1].loss)
     assert float(t.callback_metrics["nanguard/loss"]) == pytest.approx(guard.history[-2].loss)
+
+
+class PlateauOnStep(Classifier):
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+        return {"optimizer": opt, "lr_scheduler": {
+            "scheduler": sched, "monitor": "nanguard/loss", "interval": "step"}}
+
+
+@pytest.mark.parametrize("how", ["early_stop_at_max_steps", "plateau_per_step",
+                                 "checkpoint_every_n_steps"])
+def test_a_monitor_of_a_step_name_finds_it_on_any_step(tmp_path, how):
+    # Monitors read callback_metrics on steps outside the logging cadence (default 50): at
+    # the end of a run cut by max_steps, on every step (a plateau schedule per step), every
+    # n steps (checkpoints). Each must find the name, with that step's value.
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model: Classifier = Classifier()
+    extra: list[pl.Callback] = []
+    kwargs: dict = {"max_steps": 5}
+    if how == "early_stop_at_max_steps":
+        extra = [EarlyStopping(monitor="nanguard/loss")]
+    elif how == "plateau_per_step":
+        model, kwargs = PlateauOnStep(), {}
+    else:
+        ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="nanguard/loss",
+                               every_n_train_steps=2, save_top_k=-1)
+        extra, kwargs = [ckpt], {"max_steps": 5, "enable_checkpointing": True}
+    t = trainer(tmp_path, guard, extra_callbacks=extra, **kwargs)
+    t.fit(model, make_data(6))
+    assert float(t.callback_metrics["nanguard/loss"]) == pytest.approx(guard.history[-1].loss)
+    if how == "checkpoint_every_n_steps":  # after steps 1 and 3, ranked by their own losses
+        scores = sorted(float(v) for v in ckpt.best_k_models.values())
+        assert scores == pytest.approx(sorted(guard.history[i].loss for i in (1, 3)))
+
+
+class ValidatingClassifier(Classifier):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+class ReadsBeforeValidation(pl.Callback):
+    """A callback of the user's that reads the stats when validation starts."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, float | None]] = []
+
+    def on_validation_start(self, trainer, pl_module):
+        value = trainer.callback_metrics.get("nanguard/loss")
+        self.seen.append((trainer.global_step, None if value is None else float(value)))
+
+
+def test_validation_counted_across_epochs_sees_the_last_good_step(tmp_path):
+    # check_val_every_n_epoch=None: validation every 5 batches counted over the run (after
+    # run batches 4, 9, 14), so batch 9 is epoch 1's batch 1. A NaN there is a skipped step,
+    # and what the validation reads is the last good step's loss, not a NaN nor a stale one.
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    reader = ReadsBeforeValidation()
+    t = trainer(tmp_path, guard, max_epochs=2, extra_callbacks=[reader], num_sanity_val_steps=0,
+                val_check_interval=5, check_val_every_n_epoch=None)
+    t.fit(ValidatingClassifier(), make_data(8, nan_batches=(1,)), make_data(2))
+    history = guard.history
+    assert [r.action for r in history].count("skip") == 2  # batch 1 of each epoch
+    assert [step for step, _ in reader.seen] == [5, 10, 15]
+    expected = [history[4].loss, history[8].loss, history[14].loss]  # 9 was skipped
+    assert [value for _, value in reader.seen] == pytest.approx(expected)
+
+
+class TwoLoaders(Classifier):
+    def training_step(self, batch, batch_idx):
+        return sum(super(TwoLoaders, self).training_step(b, batch_idx) for b in batch)
+
+
+def test_a_list_of_training_loaders_is_one_batch_per_loader(tmp_path):
+    # Lightning hands the step [(xa, ya), (xb, yb)]: loader 1's NaN is the batch's own, in
+    # inputs.1, not a NaN "made by the step's code" in what the guard took as targets.
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    t = trainer(tmp_path, guard)
+    t.fit(TwoLoaders(), [make_data(4), make_data(4, nan_batches=(2,))])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (2, "input_nonfinite", "inputs.1")
+    assert "made them" not in event.message
+    dump = nanguard.load(guard.dumps[0])
+    assert {"inputs.0", "inputs.1", "targets.0", "targets.1"} <= set(dump.tensors)
+    assert np.isnan(dump.tensors["inputs.1"]).sum() == 1
+    assert not np.isnan(dump.tensors["inputs.0"]).any()

@@ -124,6 +124,29 @@ def test_nan_made_inside_the_step_before_the_model_is_input_nonfinite(tmp_path, 
     assert weights_finite(model)
 
 
+def test_nan_in_what_the_guard_took_as_targets_is_not_blamed_on_the_step(tmp_path):
+    # The model is called (on its second call of the step) with data given to the guard as
+    # "targets": the message must not claim the batch is finite, nor call the second call of
+    # a step without gradient accumulation a micro-batch.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(4)
+    extra = [torch.randn(16, 8) for _ in data]
+    extra[2][0, 1] = math.nan
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for (x, y), x2 in zip(data, extra, strict=True):
+            opt.zero_grad()
+            with guard.step(x, targets=(y, x2)):
+                loss = F.cross_entropy(model(x), y) + model(x2).pow(2).mean()
+                guard.backward(loss)
+                opt.step()
+    (event,) = guard.events
+    assert (event.step, event.cause) == (2, "input_nonfinite")
+    assert "model call 1" in event.message and "micro-batch" not in event.message
+    assert "the batch given to the guard is finite" not in event.message
+    assert "its targets are not" in event.message
+
+
 def test_nan_made_inside_a_later_micro_batch_is_the_dumped_one(tmp_path):
     # Two micro-batches per step; the in-step standardisation of the second one of step 1
     # divides by a zero std: the event names the argument, and the dump holds that call's.
@@ -311,6 +334,37 @@ def test_update_that_overflows_is_caught_and_rolled_back(tmp_path):
     assert math.isfinite(guard.history[4].grad_norm)
     assert weights_finite(model)
     assert guard.history[6].action is None
+    # The dump is step 4's: its batch (not step 5's, which found it), no output (step 4's
+    # was finite and is not kept), history up to step 4; the event says when it was found.
+    dump = nanguard.load(guard.dumps[0])
+    x4, y4 = batches(7)[4]
+    assert sorted(dump.tensors) == ["inputs", "targets"]
+    assert np.array_equal(dump.tensors["inputs"], x4.numpy())
+    assert np.array_equal(dump.tensors["targets"], y4.numpy())
+    assert [h.step for h in dump.history][-1] == 4
+    assert dump.event.details["detected_at_step"] == 5
+
+
+def test_a_late_update_event_leaves_out_a_batch_refilled_in_place(tmp_path):
+    # A loop that copies each batch into one static buffer: when the update check of step 4
+    # is read at step 5, the buffer holds step 5's data; the dump must not pass it off as
+    # step 4's.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    bx, by = torch.zeros(16, 8), torch.zeros(16, dtype=torch.long)
+    for i, (x, y) in enumerate(batches(7)):
+        opt.param_groups[0]["lr"] = 3e38 if i == 4 else 1e-2
+        bx.copy_(x)
+        by.copy_(y)
+        opt.zero_grad()
+        with guard.step(bx, targets=by):
+            guard.backward(F.cross_entropy(model(bx), by) * 100.0)
+            opt.step()
+    guard.close()
+    (event,) = guard.events
+    assert (event.step, event.cause) == (4, "update_nonfinite")
+    assert nanguard.load(guard.dumps[0]).tensors == {}
 
 
 @pytest.mark.parametrize("how", ["close", "check_last_update", "context"])
@@ -341,7 +395,9 @@ def test_the_last_update_is_checked_before_the_model_is_used(tmp_path, how):
     assert (event.step, event.cause, event.action) == (3, "update_nonfinite", "rollback")
     assert "it was 3e+38" in event.message  # the LR of the step that overflowed
     assert [r.action for r in guard.history] == [None, None, None, "rollback"]
-    assert nanguard.load(guard.dumps[0]).event.step == 3
+    dump = nanguard.load(guard.dumps[0])
+    assert dump.event.step == 3
+    assert np.array_equal(dump.tensors["inputs"], data[3][0].numpy())  # the last step's batch
     guard.close()
 
 
@@ -1667,3 +1723,126 @@ def test_a_rejected_id_held_by_several_target_tensors_is_not_pinned_on_one(tmp_p
     assert (event.cause, event.where) == ("target_invalid", "targets")
     assert "targets.a, targets.b all hold the id 4" in event.message
     assert "before nanguard saw the logits" not in event.message
+
+
+def test_without_rollback_an_overflowed_update_is_logged_not_called_skipped(tmp_path):
+    # actions=("skip",): the bad update is found a step late, when it is in the weights
+    # already; nothing on the ladder can undo that, and the history must not say "skip".
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+
+    def boost(i):
+        opt.param_groups[0]["lr"] = 3e38 if i == 3 else 1e-2
+
+    guard = NanGuard(model, opt, actions=("skip",), dump_dir=str(tmp_path))
+    run(guard, model, opt, batches(6), loss_fn=lambda o, y: F.cross_entropy(o, y) * 100.0,
+        before_step=boost)
+    guard.close()
+    assert not weights_finite(model)
+    assert [r.action for r in guard.history][4:] == ["log", "log"]
+    assert guard.events[0].cause == "update_nonfinite" and guard.events[0].action == "log"
+    assert "skipped" not in guard.events[0].message
+
+
+def test_an_abort_leaves_the_optimizer_unhooked(tmp_path):
+    # The loop's guard.close() is skipped by the abort: the optimizer must still work after
+    # it, for a plain step and for a retry under a new guard.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(4)
+    data[1][0][0, 0] = math.nan
+    guard = NanGuard(model, opt, actions=("abort",), dump_dir=str(tmp_path))
+    with pytest.raises(nanguard.NonFiniteTrainingError):
+        run(guard, model, opt, data)
+    x, y = data[0]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # no "outside guard.step()" error from the dead guard
+    retry = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(retry, model, opt, [data[0], data[2]])
+    retry.close()
+    assert [r.action for r in retry.history] == [None, None]
+
+
+def test_a_new_guard_takes_over_from_one_left_open(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    old = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(old, model, opt, batches(2))  # never closed (a notebook cell run again)
+    with pytest.warns(RuntimeWarning, match="earlier NanGuard"):
+        new = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(new, model, opt, batches(3))
+    assert len(new.history) == 3 and len(old.history) == 2
+    with pytest.raises(RuntimeError, match="closed"):
+        old.step()
+    new.close()
+
+
+def test_a_second_update_in_one_step_is_an_error(tmp_path):
+    # Two backward/step pairs in one guard.step() (n_critic=2): the second would go
+    # unchecked, so it is refused, as is stepping one optimizer twice.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (x, y), (x2, y2) = batches(2)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    with (pytest.raises(RuntimeError, match="after an optimizer already stepped"),
+          guard.step(x, targets=y)):
+        guard.backward(F.cross_entropy(model(x), y))
+        opt.step()
+        guard.backward(F.cross_entropy(model(x2), y2))
+    opt.zero_grad()
+    with (pytest.raises(RuntimeError, match="ran twice in one guard.step"),
+          guard.step(x, targets=y)):
+        guard.backward(F.cross_entropy(model(x), y))
+        opt.step()
+        F.cross_entropy(model(x2), y2).backward()
+        opt.step()
+    guard.close()
+
+
+def test_a_small_history_size_keeps_detection_and_dumps_whole(tmp_path):
+    # history_size cuts what users and dumps see, not what the detector looks back over:
+    # snapshot timing and the growth before an explosion are the same at 1 as at 256.
+    def diverge(history_size):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                    torch.nn.Linear(16, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        guard = NanGuard(model, opt, history_size=history_size, snapshot_every=5,
+                         actions=("skip", "rollback", "lower_lr"),
+                         dump_dir=str(tmp_path / str(history_size)))
+        x = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+        y = x.sum(1, keepdim=True)
+        for s in range(20):
+            xb, yb = x[s * 8:(s + 1) * 8], y[s * 8:(s + 1) * 8]
+            opt.param_groups[0]["lr"] = 0.01 * 1.8 ** s  # a runaway warm-up
+            opt.zero_grad()
+            with guard.step(xb, targets=yb):
+                guard.backward(F.mse_loss(model(xb), yb))
+                opt.step()
+            if guard.events:
+                break
+        guard.close()
+        return guard
+
+    small, large = diverge(1), diverge(256)
+    assert [(e.step, e.cause) for e in small.events] == [(e.step, e.cause) for e in large.events]
+    assert small.events[0].cause == "grad_explosion"
+    assert small.snapshot_step == large.snapshot_step
+    assert len(small.history) == 1
+    assert [h.step for h in nanguard.load(small.dumps[0]).history] == [small.events[0].step]
+
+
+def test_a_late_update_event_with_history_size_1_dumps_its_step(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+
+    def boost(i):
+        opt.param_groups[0]["lr"] = 3e38 if i == 3 else 1e-2
+
+    guard = NanGuard(model, opt, history_size=1, dump_dir=str(tmp_path))
+    run(guard, model, opt, batches(6), loss_fn=lambda o, y: F.cross_entropy(o, y) * 100.0,
+        before_step=boost)
+    guard.close()
+    assert guard.events[0].cause == "update_nonfinite"
+    assert [h.step for h in nanguard.load(guard.dumps[0]).history] == [3]
