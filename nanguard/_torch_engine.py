@@ -1146,6 +1146,11 @@ class TorchProbe:
             run = bool(flag.item())
         self.replayed = localize_step(e, record, ev, run=run, start=self.bad_call,
                                       rows=self.rows)
+        if math.isfinite(record.loss) and not math.isfinite(record.grad_norm):
+            grads = [p.grad for p in e.params if p.grad is not None]
+            if grads and all_finite([_sparse_values(g) if g.layout != torch.strided else g
+                                     for g in grads]):
+                ev.details["grad_entries_finite"] = True  # only their float32 norm overflowed
         if e.distributed:
             ev = agree_across_ranks(e, record, ev)
         return ev

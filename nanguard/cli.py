@@ -308,7 +308,8 @@ def _table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 def _ls(args: argparse.Namespace, out: TextIO) -> int:
     folder = args.dir
     if not os.path.isdir(folder):
-        raise DumpError(f"no such directory: {folder}")
+        what = "not a directory" if os.path.exists(folder) else "no such directory"
+        raise DumpError(f"{what}: {folder}")
     names = sorted(n for n in os.listdir(folder) if n.endswith(SUFFIX))
     rows = []
     for name in names:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -78,8 +79,8 @@ class GuardConfig:
         set_(self, "actions", _check_actions(self.actions))
         if self.clip_grad_norm is not None:
             clip = self.clip_grad_norm
-            if not _is_real(clip) or not clip > 0:
-                raise _fail("clip_grad_norm", clip, "expected None or a number > 0")
+            if not _is_real(clip) or not 0 < clip < math.inf:
+                raise _fail("clip_grad_norm", clip, "expected None or a finite number > 0")
             set_(self, "clip_grad_norm", float(clip))
         for name, minimum in (("snapshot_every", 1), ("max_skips", 0), ("max_rollbacks", 0),
                               ("max_dumps", 0), ("history_size", 1), ("log_every", 1)):

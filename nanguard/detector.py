@@ -123,8 +123,8 @@ def classify(
     trend = ""
     if grew is not None:
         trend = (
-            f" The gradient norm rose from {_fmt(grew[0])} to {_fmt(grew[1])} over the last "
-            f"{grew[2]} steps before it: the learning rate is likely too high."
+            f" The gradient norm rose from a median of {_fmt(grew[0])} to {_fmt(grew[1])} over "
+            f"the last {grew[2]} steps before it: the learning rate is likely too high."
         )
 
     if evidence.input_nonfinite:
@@ -195,17 +195,28 @@ def classify(
     if grew is not None:
         return "grad_explosion", evidence.grad_where or evidence.activation, (
             f"Step {s}: the loss is finite ({_fmt(record.loss)}) but the gradients became "
-            f"non-finite after the gradient norm grew from {_fmt(grew[0])} to {_fmt(grew[1])} "
-            f"over the last {grew[2]} steps: exploding gradients. Set clip_grad_norm "
-            "(e.g. 1.0), lower the learning rate, or add normalisation."
+            f"non-finite after the gradient norm grew from a median of {_fmt(grew[0])} to "
+            f"{_fmt(grew[1])} over the last {grew[2]} steps: exploding gradients. Set "
+            "clip_grad_norm (e.g. 1.0), lower the learning rate, or add normalisation."
+        )
+    if not finite(record.grad_norm) and evidence.details.get("grad_entries_finite"):
+        return "grad_nonfinite", evidence.grad_where or evidence.activation, (
+            f"Step {s}: the loss is finite ({_fmt(record.loss)}) and every gradient entry is "
+            "finite, but they are so large that their L2 norm overflows (float32 past about "
+            f"1.8e19){_at(evidence.grad_where)}: the inputs or the learning rate are far too "
+            "large for this model. Scale or normalise the inputs, or lower the learning rate."
         )
     if not finite(record.grad_norm):
+        near_exp = (f" The model output reached {_fmt(peak)}, near {limit:.1f} where exp "
+                    "overflows: a naive softmax (exp(x)/sum(exp(x))) overflows in its "
+                    "backward first; compute the loss from the logits with a fused, stable "
+                    "function." if peak > 0.9 * limit else "")
         return "grad_nonfinite", evidence.grad_where or evidence.activation, (
             f"Step {s}: the loss is finite ({_fmt(record.loss)}) but the gradients are "
             f"non-finite{_at(evidence.grad_where)}, with no growth before: an operation's "
             "backward is unstable (sqrt, "
             "pow or log at 0, a division by ~0 in a custom layer). Make that operation safe "
-            "near 0, for example by adding an epsilon."
+            "near 0, for example by adding an epsilon." + near_exp
         )
     return "update_nonfinite", None, (
         f"Step {s}: the gradients were finite (norm {_fmt(record.grad_norm)}) but the optimizer "

@@ -90,6 +90,10 @@ def decide(
         )
     why = ("weights or optimizer state non-finite" if corrupt
            else f"{config.max_skips} skips" if can_skip else "the update is already applied")
+    if "abort" in actions and "skip" not in actions and "rollback" not in actions:
+        # The contract's rule 4: a bad step aborts when neither skip nor rollback is allowed
+        # (lower_lr acts with a rollback; alone with abort it has nothing to act with).
+        return Decision("abort", False, "neither skip nor rollback allowed: abort"), state
     lower = "lower_lr" in actions
     # Without rollback, lower_lr stands in for it (the update kept out, the rate lowered):
     # not when the weights are already non-finite, which only a snapshot can undo.

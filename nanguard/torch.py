@@ -188,6 +188,15 @@ class NanGuard(Readout):
         """
         try:
             if self._handles and not self._engine.in_step:
+                if self._engine.open:
+                    warnings.warn(
+                        f"guard.close() with a step still open: {self._engine.micro_batches} "
+                        "guard.step() context(s) since the last optimizer.step() (gradient "
+                        "accumulation) were never followed by one, so that step was not "
+                        "checked and is not counted.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
                 self.check_last_update()
         finally:
             self._remove_hooks()

@@ -91,6 +91,9 @@ def test_ls_lists_one_line_per_dump(tmp_path, capsys):
 def test_ls_missing_dir_exits_2(tmp_path, capsys):
     assert main(["ls", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert main(["ls", str(tmp_path / "a_file")]) == 2
+    assert "not a directory" in capsys.readouterr().err
 
 
 def test_console_script_and_module_are_the_same_program(tmp_path):

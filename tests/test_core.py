@@ -25,6 +25,7 @@ NAN = math.nan
         ("actions", ("skip", "skip")),
         ("clip_grad_norm", 0),
         ("clip_grad_norm", -1.0),
+        ("clip_grad_norm", math.inf),
         ("snapshot_every", 0),
         ("max_skips", -1),
         ("max_rollbacks", -2),
@@ -122,7 +123,7 @@ def test_without_a_snapshot_the_rollback_rung_is_passed_over():
         "abort")
     # lower_lr without rollback restores nothing, so on a bad step with finite weights it
     # needs no snapshot
-    ok = decide(LadderState(), GuardConfig(actions=("lower_lr", "abort")), step=0, bad=True,
+    ok = decide(LadderState(), GuardConfig(actions=("lower_lr",)), step=0, bad=True,
                 has_snapshot=False)[0]
     assert ok.action == "lower_lr"
 
@@ -148,6 +149,17 @@ def test_missing_rungs_are_passed_over():
     lower_only = GuardConfig(actions=("skip", "lower_lr"), max_skips=0, max_rollbacks=1)
     first = _climb(lower_only, [True])[0][0]
     assert (first.action, first.lower_lr) == ("lower_lr", True)
+
+
+def test_neither_skip_nor_rollback_allowed_aborts_at_once():
+    # The contract: "after max_rollbacks rollbacks, or on a bad step when neither skip nor
+    # rollback is allowed: abort", also with lower_lr in actions.
+    for actions in (("abort",), ("lower_lr", "abort")):
+        d = decide(LadderState(), GuardConfig(actions=actions), step=0, bad=True)[0]
+        assert (d.action, d.lower_lr) == ("abort", False), actions
+    # Without abort, lower_lr alone still stands in for the missing rollback.
+    d = decide(LadderState(), GuardConfig(actions=("lower_lr",)), step=0, bad=True)[0]
+    assert (d.action, d.lower_lr) == ("lower_lr", True)
 
 
 def test_non_finite_weights_without_rollback_are_logged_not_called_skipped():
@@ -183,7 +195,8 @@ def test_ladder_invariants(bad, max_skips, max_rollbacks, actions):
     if "abort" in actions:
         first_abort = next((i for i, d in enumerate(decisions) if d.action == "abort"), None)
         if first_abort is not None:
-            assert state.rollbacks == max_rollbacks or not ({"rollback", "lower_lr"} & actions)
+            assert (state.rollbacks == max_rollbacks or not ({"rollback", "lower_lr"} & actions)
+                    or not ({"skip", "rollback"} & actions))
 
 
 def rec(step, loss=1.0, lmin=-1.0, lmax=1.0, g=1.0, action=None):
@@ -225,6 +238,22 @@ def test_logit_overflow_message_also_covers_a_regression():
     # cannot tell, so the message names the loss's own faults too.
     _, _, message = classify(rec(5, loss=math.inf, lmin=220.0, lmax=600.0), Evidence(), [])
     assert "exp(x)/sum(exp(x))" in message and "division by ~0" in message
+
+
+def test_grad_nonfinite_messages_say_what_the_numbers_show():
+    # Finite entries whose float32 norm overflows: not an unstable backward op.
+    huge = Evidence(details={"grad_entries_finite": True})
+    cause, _, message = classify(rec(5, g=math.inf), huge, [])
+    assert cause == "grad_nonfinite"
+    assert "every gradient entry is finite" in message and "sqrt" not in message
+    # Logits near exp's limit: a naive softmax overflows in its backward first.
+    _, _, near = classify(rec(5, g=NAN, lmax=86.6), Evidence(), [])
+    _, _, far = classify(rec(5, g=NAN, lmax=20.0), Evidence(), [])
+    assert "naive softmax" in near and "naive softmax" not in far
+    # A growth is quoted as the median it grew from.
+    grown = [rec(i, g=1.0) for i in range(7)] + [rec(7, g=1e6)]
+    _, _, msg = classify(rec(8, g=NAN), Evidence(), grown)
+    assert "from a median of 1 to 1e+06" in msg
 
 
 def test_weights_found_non_finite_after_an_unseen_step_do_not_blame_outside_code():

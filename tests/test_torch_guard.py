@@ -1846,3 +1846,35 @@ def test_a_late_update_event_with_history_size_1_dumps_its_step(tmp_path):
     guard.close()
     assert guard.events[0].cause == "update_nonfinite"
     assert [h.step for h in nanguard.load(guard.dumps[0]).history] == [3]
+
+
+def test_finite_gradients_whose_norm_overflows_are_not_blamed_on_an_unstable_op(tmp_path):
+    # Raw features of about 1e10 on a linear model: every gradient entry is finite (about
+    # 1e20) but their float32 L2 norm overflows. The step is still bad (the norm is what
+    # clip_grad_norm_ and the contract read), but the message must say what the numbers show.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(16, 4) * 1e10
+    y = torch.randn(16, 1)
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard, guard.step(x, targets=y):
+        guard.backward(F.mse_loss(model(x), y))
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+    (event,) = guard.events
+    assert event.cause == "grad_nonfinite" and math.isinf(guard.history[0].grad_norm)
+    assert event.details["grad_entries_finite"] is True
+    assert "every gradient entry is finite" in event.message and "sqrt" not in event.message
+
+
+def test_closing_with_an_accumulation_step_open_warns(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (x, y), (x2, y2) = batches(2)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(guard, model, opt, [(x, y)])
+    with guard.step(x2, targets=y2):  # a micro-batch whose optimizer.step() never comes
+        guard.backward(F.cross_entropy(model(x2), y2))
+    with pytest.warns(RuntimeWarning, match="step still open: 1 guard.step"):
+        guard.close()
+    assert guard.step_count == 1
