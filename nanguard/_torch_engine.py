@@ -460,6 +460,7 @@ class TorchEngine:
         # until that update is found finite: an update_nonfinite event, caught a step late,
         # dumps the batch of the step it is about.
         self.last_batch: tuple[Any, Any] | None = None
+        self.last_versions: dict[int, int] = {}  # id -> ._version of its tensors then
         self.distributed = False
         self.any_rank_bad: bool | None = None
         self.any_rank_loss_bad: bool | None = None
@@ -534,6 +535,7 @@ class TorchEngine:
         self.session.world_size = dist.get_world_size()
 
     def detach(self) -> None:
+        self.last_batch = None
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -559,6 +561,7 @@ class TorchEngine:
         self.scored: torch.Tensor | None = None  # this step's scores_classes, when computed
         self.verdict: Verdict | None = None
         self.stepped: set[int] = set()  # ids of the optimizers that stepped in this step
+        self.updated = False  # this step's own update went into the weights (after_update)
 
     def begin_step(self, inputs: Any = None, targets: Any = None) -> None:
         if _group_sizes(self.optimizers) != self.groups_seen:  # add_param_group since
@@ -726,6 +729,8 @@ class TorchEngine:
             # The fast flag can be a false alarm (an L2 norm past float range): confirm.
             self.update_was_bad = not all_finite(self.trained_params())
         self.pending_update_ok = None
+        if not self.update_was_bad:
+            self.last_batch = None  # its update is finite: the batch is not needed
         n_head = len(stats)
         self.any_rank_bad = bool(values[5]) if self.distributed else None
         self.any_rank_loss_bad = bool(values[6]) if self.distributed else None
@@ -821,9 +826,15 @@ class TorchEngine:
         """After an applied update: check, without a transfer, that the weights stayed finite."""
         if self.verdict is not None and self.verdict.action is not None:
             return
+        touched = [p.detach() for p in self.params if p.grad is not None]
+        if not touched:  # nothing moved (a Lightning step whose training_step returned None)
+            return
         with torch.no_grad():  # the parameters the update touched: those with a gradient
-            self.pending_update_ok = maybe_finite(
-                [p.detach() for p in self.params if p.grad is not None])
+            flag = maybe_finite(touched)
+        if self.pending_update_ok is not None:  # an earlier update's check, still unread
+            flag = flag & self.pending_update_ok.to(flag.device)
+        self.pending_update_ok = flag
+        self.updated = True
         self.update_lrs = self.measured_lrs
 
     def check_last_update(self) -> Verdict | None:
@@ -841,6 +852,7 @@ class TorchEngine:
         elif bad:  # the fast flag can be a false alarm (a sum past float range)
             bad = not all_finite(self.trained_params())
         if not bad or not self.session.history:
+            self.last_batch = None
             return None
         self.update_was_bad = True
         try:
@@ -860,8 +872,12 @@ class TorchEngine:
         self.micro_batches = 0
         for t, original, _ in self.original_labels.values():  # maybe a view of a dataset
             t.copy_(original)
-        applied = self.pending_update_ok is not None  # this step's update, to be checked
-        self.last_batch = (self.inputs, self.targets) if applied else None
+        if self.updated:  # this step's update, to be checked: keep its batch until then
+            self.last_batch = (self.inputs, self.targets)
+            self.last_versions = {id(t): t._version for obj in self.last_batch
+                                  for _, t in named_tensors(obj, "")}
+        elif self.pending_update_ok is None:  # no update left unchecked (an earlier
+            self.last_batch = None            # one stays with its own batch)
         self.inputs = self.targets = self.batch_targets = self.output = None
         self.original_labels = {}
         self.labels_rejected = None
@@ -1214,12 +1230,11 @@ class TorchProbe:
             # The event is the previous step's update, found now: its batch, not this
             # step's (whose output the broken weights made). None when the loop refilled
             # the same tensors in place (a static input buffer): they hold this step's data.
-            last = e.last_batch
-            inputs, targets = last if last is not None and _distinct(last, e) else (None, None)
-            for name, t in named_tensors(inputs, "inputs"):
-                out[name] = to_numpy(t)
-            for name, t in named_tensors(targets, "targets"):
-                out[name] = to_numpy(t)
+            inputs, targets = e.last_batch or (None, None)
+            for obj, prefix in ((inputs, "inputs"), (targets, "targets")):
+                for name, t in named_tensors(obj, prefix):
+                    if t._version == e.last_versions.get(id(t)):  # not written since
+                        out[name] = to_numpy(t)
             return out
         for name, t in named_tensors(e.inputs, "inputs"):
             out[name] = to_numpy(t, rows=self.rows)
@@ -1233,15 +1248,6 @@ class TorchProbe:
 
     def state(self) -> dict[str, np.ndarray]:
         return self.engine.state_arrays()
-
-
-def _distinct(batch: tuple[Any, Any], engine: TorchEngine) -> bool:
-    """Whether an earlier step's ``batch`` still holds its own data: none of its tensors
-    shares memory with the current step's batch."""
-    now = {t.data_ptr() for obj in (engine.inputs, engine.targets)
-           for _, t in named_tensors(obj, "") if t.numel()}
-    return not any(t.numel() and t.data_ptr() in now
-                   for obj in batch for _, t in named_tensors(obj, ""))
 
 
 def agree_across_ranks(

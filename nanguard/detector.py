@@ -200,17 +200,21 @@ def classify(
             "clip_grad_norm (e.g. 1.0), lower the learning rate, or add normalisation."
         )
     if not finite(record.grad_norm) and evidence.details.get("grad_entries_finite"):
+        reached = (f" (the model output reached {_fmt(peak)})"
+                   if evidence.logits_seen and logits_finite else "")
         return "grad_nonfinite", evidence.grad_where or evidence.activation, (
             f"Step {s}: the loss is finite ({_fmt(record.loss)}) and every gradient entry is "
             "finite, but they are so large that their L2 norm overflows (float32 past about "
-            f"1.8e19){_at(evidence.grad_where)}: the inputs or the learning rate are far too "
-            "large for this model. Scale or normalise the inputs, or lower the learning rate."
+            f"1.8e19){_at(evidence.grad_where)}. Something in the forward is far too large "
+            f"for this model: the inputs, a layer's output{reached}, or, after some training, "
+            "the learning rate. Scale or normalise the inputs, bound the layer (an exp, a "
+            "pow), or lower the learning rate."
         )
     if not finite(record.grad_norm):
         near_exp = (f" The model output reached {_fmt(peak)}, near {limit:.1f} where exp "
                     "overflows: a naive softmax (exp(x)/sum(exp(x))) overflows in its "
                     "backward first; compute the loss from the logits with a fused, stable "
-                    "function." if peak > 0.9 * limit else "")
+                    "function." if 0.9 * limit < peak <= limit else "")
         return "grad_nonfinite", evidence.grad_where or evidence.activation, (
             f"Step {s}: the loss is finite ({_fmt(record.loss)}) but the gradients are "
             f"non-finite{_at(evidence.grad_where)}, with no growth before: an operation's "

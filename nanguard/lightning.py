@@ -263,8 +263,10 @@ class NanGuard(Readout, _CallbackBase):
         engine = self._engine
         if engine is None:
             return
-        # A list of training loaders: Lightning's CombinedLoader gives a list of batches.
-        per_loader = isinstance(getattr(trainer, "train_dataloader", None), (list, tuple))
+        # Several training loaders (a list or a dict): Lightning's CombinedLoader gives one
+        # batch per loader, in a list or a dict.
+        per_loader = isinstance(getattr(trainer, "train_dataloader", None),
+                                (list, tuple, Mapping))
         inputs, targets = _split_batch(batch, per_loader)
         if not engine.in_step:
             self._stepped = False
@@ -459,11 +461,15 @@ def _no_clipping(*args: Any, **kwargs: Any) -> None:
 
 def _split_batch(batch: Any, per_loader: bool = False) -> tuple[Any, Any]:
     """``(inputs, targets)`` of a batch: ``(x, y)`` pairs and dicts with a label key.
-    ``per_loader``: the training loaders were a list, and the batch is one batch per loader
-    (``inputs.i`` and ``targets.i`` in dumps are loader ``i``'s)."""
+    ``per_loader``: the training loaders were a list or a dict, and the batch is one batch
+    per loader (``inputs.i``/``targets.i``, or ``inputs.<name>``/``targets.<name>``, in dumps
+    are that loader's)."""
     if per_loader and isinstance(batch, (list, tuple)):
         parts = [_split_batch(b) for b in batch]
         return [x for x, _ in parts], [y for _, y in parts]
+    if per_loader and isinstance(batch, Mapping):
+        split = {k: _split_batch(b) for k, b in batch.items()}
+        return {k: x for k, (x, _) in split.items()}, {k: y for k, (_, y) in split.items()}
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return batch[0], batch[1]
     if isinstance(batch, Mapping):

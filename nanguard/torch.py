@@ -120,8 +120,8 @@ class NanGuard(Readout):
             )
         self._engine = TorchEngine(self.config, model, optimizers, framework="torch",
                                    ignore_index=ignore_index)
-        _take_over(optimizers)
         self._engine.attach()
+        _take_over(optimizers)
         self.optimizer = optimizer
         self._handles = [
             handle

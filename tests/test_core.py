@@ -250,6 +250,9 @@ def test_grad_nonfinite_messages_say_what_the_numbers_show():
     _, _, near = classify(rec(5, g=NAN, lmax=86.6), Evidence(), [])
     _, _, far = classify(rec(5, g=NAN, lmax=20.0), Evidence(), [])
     assert "naive softmax" in near and "naive softmax" not in far
+    # Past the limit with a finite loss, no naive softmax read it (its forward would be Inf).
+    _, _, past = classify(rec(5, g=NAN, lmax=290.0), Evidence(), [])
+    assert "naive softmax" not in past
     # A growth is quoted as the median it grew from.
     grown = [rec(i, g=1.0) for i in range(7)] + [rec(7, g=1e6)]
     _, _, msg = classify(rec(8, g=NAN), Evidence(), grown)

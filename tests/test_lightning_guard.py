@@ -792,3 +792,45 @@ def test_a_list_of_training_loaders_is_one_batch_per_loader(tmp_path):
     assert {"inputs.0", "inputs.1", "targets.0", "targets.1"} <= set(dump.tensors)
     assert np.isnan(dump.tensors["inputs.1"]).sum() == 1
     assert not np.isnan(dump.tensors["inputs.0"]).any()
+
+
+class SkipsBatch4(LrSpike):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 4:
+            return None  # Lightning's own way to skip a batch
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_overflowed_update_is_named_across_a_step_that_returned_none(tmp_path):
+    # Step 3's update overflows; step 4's training_step returns None (Lightning still steps
+    # the optimizer, with no gradients); step 5 finds the update. The event is step 3's
+    # update_nonfinite with step 3's batch, not a weights_nonfinite blamed on outside code.
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = SkipsBatch4(spike_at=3)
+    trainer(tmp_path, guard, num_sanity_val_steps=0).fit(model, make_data(8))
+    assert_finite(model)
+    event = guard.events[0]
+    assert (event.step, event.cause) == (3, "update_nonfinite")
+    dump = nanguard.load(guard.dumps[0])
+    x3 = make_data(8).dataset.tensors[0][3 * BATCH:4 * BATCH]
+    assert np.array_equal(dump.tensors["inputs"], x3.numpy())
+
+
+class NamedLoaders(Classifier):
+    def training_step(self, batch, batch_idx):
+        return sum(super(NamedLoaders, self).training_step(b, batch_idx)
+                   for b in batch.values())
+
+
+def test_a_dict_of_training_loaders_is_split_per_loader(tmp_path):
+    # {"a": loader, "b": loader}: each loader's (x, y) is split into inputs.<name> and
+    # targets.<name> (they used to be all "inputs", labels included).
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    trainer(tmp_path, guard).fit(NamedLoaders(), {"a": make_data(4),
+                                                  "b": make_data(4, nan_batches=(2,))})
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (2, "input_nonfinite", "inputs.b")
+    dump = nanguard.load(guard.dumps[0])
+    assert {"inputs.a", "inputs.b", "targets.a", "targets.b"} == {
+        k for k in dump.tensors if k.startswith(("inputs", "targets"))}
+    assert dump.tensors["targets.b"].dtype == np.int64

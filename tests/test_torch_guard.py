@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -1878,3 +1879,67 @@ def test_closing_with_an_accumulation_step_open_warns(tmp_path):
     with pytest.warns(RuntimeWarning, match="step still open: 1 guard.step"):
         guard.close()
     assert guard.step_count == 1
+
+
+def test_a_late_update_dump_keeps_its_batch_across_a_step_that_never_measured(tmp_path):
+    # Step 2's update overflows; step 3 raises (an out-of-memory the loop goes on from) before
+    # any measurement; step 4 finds the bad update. The dump is step 2's batch (batch i is
+    # filled with i), and once read the batch is not held any longer.
+    model = mlp(n_in=6, n_out=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    for i in range(6):
+        x, y = torch.full((4, 6), float(i)), torch.full((4,), i % 3)
+        opt.zero_grad()
+        try:
+            with guard.step(x, targets=y):
+                if i == 3:
+                    raise MemoryError("simulated")
+                guard.backward(F.cross_entropy(model(x), y))
+                opt.param_groups[0]["lr"] = math.inf if i == 2 else 0.1
+                opt.step()
+        except MemoryError:
+            pass
+    event = guard.events[0]
+    assert (event.step, event.cause, event.details["detected_at_step"]) == (
+        2, "update_nonfinite", 4)
+    assert (nanguard.load(guard.dumps[0]).tensors["inputs"] == 2.0).all()
+    guard.check_last_update()  # step 5's update is finite: nothing is held for it
+    assert guard._engine.last_batch is None
+    guard.close()
+
+
+def test_a_late_update_dump_keeps_a_tensor_passed_unchanged_every_step(tmp_path):
+    # Contrastive training: the labels tensor arange(B) is made once and passed every step.
+    # Unchanged, it is still the culprit step's; only tensors refilled in place are left out.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    labels = torch.arange(8)
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for i in range(6):
+            x = torch.full((8, 6), float(i)) + torch.randn(8, 6) * 0.1
+            opt.zero_grad()
+            with guard.step(x, targets=labels):
+                guard.backward(F.cross_entropy(model(x), labels))
+                opt.param_groups[0]["lr"] = math.inf if i == 3 else 0.1
+                opt.step()
+    event = guard.events[0]
+    assert (event.step, event.cause) == (3, "update_nonfinite")
+    dump = nanguard.load(guard.dumps[0])
+    assert sorted(dump.tensors) == ["inputs", "targets"]
+    assert abs(float(dump.tensors["inputs"].mean()) - 3.0) < 0.1
+    assert dump.tensors["targets"].tolist() == list(range(8))
+
+
+def test_a_constructor_that_fails_does_not_take_over(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    old = NanGuard(model, opt, dump_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no takeover warning either
+        with pytest.raises(ValueError, match="logits_module"):
+            NanGuard(model, opt, logits_module="no_such_head", dump_dir=str(tmp_path))
+    run(old, model, opt, batches(2))  # the first guard still guards
+    assert len(old.history) == 2
+    old.close()
