@@ -5,11 +5,13 @@ Nothing here runs on a good step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import keras
 import numpy as np
+from keras import ops
 
 from nanguard import detector
 from nanguard._keras_state import (
@@ -74,11 +76,29 @@ def check_targets(heads: list[tuple[Head, np.ndarray, np.ndarray | None]]) -> st
         if head.ignore_class is not None:
             bad &= t != head.ignore_class
         if bad.any():
-            index = int(np.flatnonzero(bad.reshape(-1))[0])
-            first = t.reshape(-1)[index].item()
-            return (f"{head.name}: {int(bad.sum())} class id(s) outside [0, {n}), the first is "
-                    f"{first:g} at index {index}")
+            return _describe_labels(head.name, t, bad, n)
     return None
+
+
+def _describe_labels(name: str, t: np.ndarray, bad: np.ndarray, n: int) -> str:
+    """The bad class ids of one output's targets: how many, and the first by its batch row
+    (and its position in that row for sequence or image labels, ``(B, T)``, ``(B, H, W)``;
+    a trailing axis of 1 is not a position). A negative id is usually padding: the loss
+    can be told to ignore it."""
+    at = np.argwhere(bad)[0]
+    first = t[tuple(at)].item()
+    where = f"batch row {int(at[0])}"
+    inner = [int(i) for i, size in zip(at[1:], t.shape[1:], strict=True) if size != 1]
+    if len(inner) == 1:
+        where += f", position {inner[0]}"
+    elif inner:
+        where += f", position {tuple(inner)}"
+    text = (f"{name}: {int(bad.sum())} class id(s) outside [0, {n}), the first is {first:g} "
+            f"({where})")
+    if first < 0 and float(first).is_integer():
+        text += (f"; if {first:g} marks positions your loss ignores (padding), compile with "
+                 f"keras.losses.SparseCategoricalCrossentropy(ignore_class={first:g})")
+    return text
 
 
 def localize(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.ndarray] | None:
@@ -186,6 +206,86 @@ def clean_loss_bad_grads(record: StepRecord) -> bool:
     return detector.finite(record.loss) and not detector.finite(record.grad_norm)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def step_gradients(model: Any, batch: Mapping[str, Any]) -> list[Any] | None:
+    """The gradients of the batch's loss, computed again on the host's request (slow path).
+
+    Forward in training mode, as the step ran it, inside a ``keras.StatelessScope`` so that
+    nothing the replay writes (BatchNormalization's moving statistics, the compiled loss's
+    per-output loss means, a dropout seed) reaches the variables. None when the backend has
+    no gradient here or the replay fails (it must never break training).
+    """
+    x = batch.get("x")
+    if x is None:
+        return None
+    y, sample_weight = batch.get("y"), batch.get("sample_weight")
+    variables = list(model.trainable_variables)
+    kwargs = {"training": True} if getattr(model, "_call_has_training_arg", True) else {}
+    backend = keras.backend.backend()
+    grads: list[Any]
+    try:
+        with keras.StatelessScope():
+            if backend == "tensorflow":
+                import tensorflow as tf
+
+                with tf.GradientTape() as tape:
+                    y_pred = model(x, **kwargs)
+                    loss = model.compute_loss(x=x, y=y, y_pred=y_pred,
+                                              sample_weight=sample_weight)
+                # An Embedding's IndexedSlices made dense, as the norm the step took.
+                grads = [None if g is None else tf.convert_to_tensor(g)
+                         for g in tape.gradient(loss, variables)]
+            elif backend == "torch":
+                import torch
+
+                with torch.enable_grad():
+                    y_pred = model(x, **kwargs)
+                    loss = model.compute_loss(x=x, y=y, y_pred=y_pred,
+                                              sample_weight=sample_weight)
+                    grads = list(torch.autograd.grad(loss, [v.value for v in variables],
+                                                     allow_unused=True))
+            else:
+                return None
+    except Exception:  # noqa: BLE001 - optional forensic detail
+        return None
+    return [g for g in grads if g is not None]
+
+
+def overflowing_norm(model: Any, batch: Mapping[str, Any]) -> dict[str, object]:
+    """Whether a finite loss's non-finite gradient norm comes from non-finite gradients or
+    from finite ones too large for a float32 L2 norm (entries beyond ~1.8e19 overflow their
+    squares: the guard calls that non-finite, as torch's ``clip_grad_norm_`` does).
+
+    Returns ``details`` for the event: ``grad_entries_finite`` (True: every entry of the
+    recomputed gradients is finite and their float32 norm overflows; False: some entry is
+    NaN/Inf) and ``grad_norm_float64`` (their norm in float64) when True; empty when the
+    gradients could not be recomputed or their norm came out finite this time.
+    """
+    grads = step_gradients(model, batch)
+    if not grads:
+        return {}
+    squares = []
+    try:
+        for g in grads:  # on the device: a few numbers per gradient come to the host
+            g = ops.cast(g, "float32")
+            if not bool(ops.convert_to_numpy(ops.all(ops.isfinite(g)))):
+                return {"grad_entries_finite": False}
+            # max(|g|)**2 * sum((g / max(|g|))**2): the squares without overflowing float32.
+            peak = float(ops.convert_to_numpy(ops.max(ops.abs(g)))) if ops.size(g) else 0.0
+            if peak > 0:
+                scaled = float(ops.convert_to_numpy(ops.sum(ops.square(g / peak))))
+                squares.append(peak * peak * scaled)
+    except Exception:  # noqa: BLE001 - optional forensic detail
+        return {}
+    total = math.fsum(squares)
+    # The step sums the squares in float32 (TensorFlow's l2_loss halves them first).
+    if total <= FLOAT32_MAX / 2:
+        return {}
+    return {"grad_entries_finite": True, "grad_norm_float64": math.sqrt(total)}
+
+
 def grad_norm_owner(model: Any, record: StepRecord) -> str | None:
     """The layer owning the first variable (in backward order) whose gradient norm is
     non-finite: where the gradients overflowed. ``layer_grad_norms`` follow
@@ -272,9 +372,11 @@ class KerasProbe:
         if buffers:  # restored from the snapshot when the step is skipped
             ev.details["nonfinite_buffers"] = [v.path for v in buffers[:20]]
         logits_bad = not (detector.finite(record.logits_min) and detector.finite(record.logits_max))
+        clean = not (ev.input_nonfinite or ev.target_invalid or ev.weights_nonfinite)
         if clean_loss_bad_grads(record):
             ev.grad_where = grad_norm_owner(self.model, record)
-        clean = not (ev.input_nonfinite or ev.target_invalid or ev.weights_nonfinite)
+            if clean and self.replay:
+                ev.details.update(overflowing_norm(self.model, self.batch))
         if self.replay and clean and logits_bad and self.batch.get("x") is not None:
             self.localized = localize(self.model, self.batch["x"])
             if self.localized is not None:

@@ -14,7 +14,10 @@ These instance attributes are patched while a guarded ``fit`` runs, never the cl
   ``LossScaleOptimizer`` does), then one check that the weights stayed finite.
 - ``model._loss_tracker.update_state`` (and the per-output loss means of a multi-output
   model): leaves out a bad batch's loss, so one skipped batch does not turn Keras's running
-  mean (``logs["loss"]``, ``logs["a_loss"]``) into NaN for the epoch.
+  mean (``logs["loss"]``, ``logs["a_loss"]``) into NaN for the epoch, nor counts a skipped
+  batch whose loss is finite (its gradients or another output's labels were not). Keras
+  updates these means before ``optimizer.apply``, where the step's verdict is taken: the
+  updates wait until then and count the batch with weight 0 when the step is bad.
 
 The same code runs traced (TensorFlow graph) and eagerly (``run_eagerly=True``, torch).
 """
@@ -88,6 +91,8 @@ class _Capture:
         self.labels_ok: Any = None
         self.heads: list[tuple[Head, Any, Any]] = []
         self.grad: tuple[Any, ...] | None = None
+        # The loss means' updates waiting for `apply`'s verdict: (update, values, weight).
+        self.tracked: list[tuple[Callable[..., Any], Any, Any]] = []
 
 
 class StepInstrument:
@@ -123,7 +128,7 @@ class StepInstrument:
         self._patch(model, "compute_loss", self._compute_loss(model.compute_loss))
         self._patch(self.optimizer, "apply", self._apply(self.optimizer.apply))
         if self.tracker is not None:
-            self._patch(self.tracker, "update_state", self._track(self.tracker.update_state))
+            self._patch(self.tracker, "update_state", self._track(self.tracker))
         loss = self.compile_loss
         if loss is not None:
             if getattr(loss, "built", False):
@@ -152,6 +157,10 @@ class StepInstrument:
             self.cap = cap = _Capture()
             try:
                 logs = orig(data)
+                if cap.tracked:  # no `apply` in the step (no trainable weights)
+                    self._flush(cap, ops.cast(True, "bool"))
+                    # Keras's step returns these results: read them again, with this batch
+                    logs = self.model.get_metrics_result()
             finally:
                 self.cap = None
             if cap.loss is None or cap.grad is None:
@@ -213,7 +222,7 @@ class StepInstrument:
                                                                                 entry.loss)))
             self._heads_wrapped.append((i, entry))
         for metric in getattr(self.compile_loss, "metrics", []):  # "a_loss", "b_loss", ...
-            self._patch(metric, "update_state", self._track(metric.update_state))
+            self._patch(metric, "update_state", self._track(metric))
 
     def _head_loss(self, orig: Callable[..., Any], head: Head) -> Callable[..., Any]:
         def loss(y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
@@ -251,6 +260,8 @@ class StepInstrument:
         def apply(grads: Any, trainable_variables: Any = None) -> Any:
             cap = self.cap
             if cap is None or cap.loss is None or cap.grad is not None:
+                if cap is not None and cap.tracked:
+                    self._flush(cap, ops.cast(True, "bool"))
                 return orig(grads, trainable_variables)
             grads = list(grads)
             tvs = (list(trainable_variables) if trainable_variables is not None
@@ -278,6 +289,10 @@ class StepInstrument:
                 # own business: let it see them, skip the update and lower its scale.
                 amp_skip = ops.logical_and(loss_ok, ops.logical_not(ops.isfinite(total)))
                 go = ops.logical_or(go, amp_skip)
+            # A bad step's batch leaves Keras's loss means as they were before it (also when
+            # the ladder lets its update through); a LossScaleOptimizer's own skip counts, as
+            # it does without the guard.
+            self._flush(cap, ops.logical_or(good, amp_skip))
             if self.clip is not None:
                 factor = ops.minimum(1.0, self.clip / (total + 1e-6))
                 grads = [None if g is None else g * ops.cast(factor, g.dtype) for g in grads]
@@ -294,16 +309,31 @@ class StepInstrument:
 
         return apply
 
-    def _track(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+    def _track(self, metric: Any) -> Callable[..., Any]:
+        orig = metric.update_state
+
         def update_state(values: Any, sample_weight: Any = None) -> Any:
-            if self.cap is None:
+            cap = self.cap
+            if cap is None:
                 return orig(values, sample_weight=sample_weight)
             ok = ops.all(ops.isfinite(values))
             values = ops.where(ok, values, ops.zeros_like(values))
             weight = ops.cast(1 if sample_weight is None else sample_weight, "float32")
-            return orig(values, sample_weight=weight * ops.cast(ok, "float32"))
+            weight = weight * ops.cast(ok, "float32")
+            if cap.grad is None:  # before `apply`: counted once the step is judged
+                cap.tracked.append((orig, values, weight))
+                return None
+            return orig(values, sample_weight=weight)
 
         return update_state
+
+    @staticmethod
+    def _flush(cap: _Capture, keep: Any) -> None:
+        """The loss means' updates of the step, the batch weighted 0 unless ``keep``: a
+        mean with weight 0 adds 0 to its total and its count, so it stays as it was."""
+        for update, values, weight in cap.tracked:
+            update(values, sample_weight=weight * ops.cast(keep, "float32"))
+        cap.tracked = []
 
     def _pack(self, cap: _Capture) -> Any:
         assert cap.grad is not None

@@ -14,7 +14,9 @@ try:
     import keras
 except ImportError as err:  # pragma: no cover - exercised without keras installed
     raise ImportError(
-        "nanguard.keras needs Keras 3. Install it with: pip install 'nanguard[keras]'"
+        f"nanguard.keras needs Keras 3 and its backend (import keras failed: {err}). Install "
+        "them with: pip install 'nanguard[keras]' (Keras with TensorFlow), or set "
+        "KERAS_BACKEND to a backend you have installed (torch)"
     ) from err
 
 from nanguard import policy

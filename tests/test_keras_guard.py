@@ -117,6 +117,17 @@ def test_missing_keras_names_the_extra():
     assert "pip install 'nanguard[keras]'" in out
 
 
+def test_keras_without_its_backend_says_so():
+    # Keras installed, TensorFlow (its default backend) not: the error names the cause.
+    code = ("import sys; sys.modules['tensorflow'] = None\n"
+            "try:\n import nanguard.keras\nexcept ImportError as e: print(e)")
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True, env=env).stdout
+    assert "pip install 'nanguard[keras]'" in out and "tensorflow" in out
+    assert "KERAS_BACKEND" in out
+
+
 def test_uncompiled_model_is_a_clear_error():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     guard = NanGuard()
@@ -184,8 +195,8 @@ def test_labels_out_of_range_become_a_target_invalid_event(tmp_path):
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
     (event,) = guard.events
     assert (event.step, event.cause, event.action) == (2, "target_invalid", "skip")
-    assert "the first is 7" in event.message
-    assert "index 5" in event.message
+    assert "the first is 7 (batch row 5)" in event.message
+    assert "ignore_class" not in event.message  # a positive id is no padding
     assert "Step 2" in event.message
     assert len(guard.history) == 4
     assert all_finite(model)
@@ -663,6 +674,126 @@ def test_labels_the_loss_ignores_are_not_invalid(tmp_path):
     assert all_finite(model)
 
 
+def test_a_bad_sequence_label_is_named_by_its_batch_row_and_position(tmp_path):
+    # Tagging (B, T) labels padded with -1: the first bad id is named by its row in the batch
+    # and its position in that row (not a flat index into B * T), with the loss option that
+    # ignores it.
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(1, 30, (64, 10)), rng.integers(0, 5, (64, 10))
+    y[40, 7:] = -1  # row 8 of batch 1
+    model = keras.Sequential([keras.Input((10,), dtype="int32"), keras.layers.Embedding(30, 8),
+                              keras.layers.Dense(5, name="tag")])
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (1, "target_invalid", "targets")
+    assert "3 class id(s) outside [0, 5), the first is -1 (batch row 8, position 7)" in (
+        event.message)
+    assert "SparseCategoricalCrossentropy(ignore_class=-1)" in event.message
+
+
+# -- Keras's running means leave a skipped batch out ------------------------------------------
+
+def _fit_loss_logs(build, x, y, mode, guard=None):
+    model = build()
+    model.compile(**model.compile_args, run_eagerly=mode == "eager",
+                  jit_compile=mode == "xla")
+    hist = model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0,
+                     callbacks=[guard] if guard else [])
+    return model, {k: v[0] for k, v in hist.history.items() if not k.startswith("nanguard")}
+
+
+def _sqrt_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, use_bias=False),
+                              keras.layers.Lambda(lambda z: ops.sqrt(ops.abs(z)))])
+    # lr 0: the weights never move, so the batches of two runs are comparable
+    model.compile_args = {"optimizer": keras.optimizers.SGD(0.0), "loss": "mse"}
+    return model
+
+
+def _two_heads_model():
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((8,), name="feat"), keras.Input((4,), name="aux")
+    h = keras.layers.Dense(16, activation="relu")(keras.layers.Concatenate()([a, b]))
+    model = keras.Model({"feat": a, "aux": b}, {"cls": keras.layers.Dense(5, name="cls")(h),
+                                                "reg": keras.layers.Dense(1, name="reg")(h)})
+    model.compile_args = {
+        "optimizer": keras.optimizers.SGD(0.0),
+        "loss": {"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                 "reg": "mse"},
+        "loss_weights": {"cls": 1.0, "reg": 0.5}, "metrics": {"cls": ["accuracy"]}}
+    return model
+
+
+@pytest.mark.parametrize("mode", ["graph", "eager", "xla"])
+def test_a_skipped_batch_with_a_finite_loss_is_left_out_of_the_loss_means(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    keep = np.r_[0:64, 96:128]  # batch 2 left out
+    # Finite loss, NaN gradients (sqrt at 0): skipped, so its loss must not be in `loss`.
+    x = rng.normal(size=(128, 4)).astype("float32")
+    x[64:96] = 0.0
+    y = (rng.normal(size=(128, 1)) * 100).astype("float32")
+    guard = NanGuard(dump_dir=str(tmp_path))
+    _, guarded = _fit_loss_logs(_sqrt_model, x, y, mode, guard)
+    _, without = _fit_loss_logs(_sqrt_model, x[keep], y[keep], mode)
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (2, "grad_nonfinite", "skip")
+    assert np.isfinite(guard.history[2].loss)
+    assert guarded["loss"] == pytest.approx(without["loss"], rel=1e-6)
+    assert event.details["grad_entries_finite"] is False  # the sqrt's NaN, not an overflow
+    assert "backward is unstable" in event.message
+
+    # A bad label in one head: the total loss is NaN, the other head's loss is finite and
+    # must be left out of `reg_loss` too.
+    xa, xb = rng.normal(size=(128, 8)).astype("float32"), rng.normal(size=(128, 4)).astype(
+        "float32")
+    yc, yr = rng.integers(0, 5, 128), rng.normal(size=(128, 1)).astype("float32")
+    yc[70] = 7
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model, guarded = _fit_loss_logs(_two_heads_model, {"feat": xa, "aux": xb},
+                                    {"cls": yc, "reg": yr}, mode, guard)
+    _, without = _fit_loss_logs(_two_heads_model, {"feat": xa[keep], "aux": xb[keep]},
+                                {"cls": yc[keep], "reg": yr[keep]}, mode)
+    assert [(e.step, e.cause, e.where) for e in guard.events] == [
+        (2, "target_invalid", "targets.cls")]
+    for name in ("loss", "cls_loss", "reg_loss"):
+        assert guarded[name] == pytest.approx(without[name], rel=1e-6), name
+    # Compiled metrics still count the skipped batch (docs/keras.md): its bad label is a miss.
+    pred = np.argmax(model.predict({"feat": xa, "aux": xb}, verbose=0)["cls"], -1)
+    assert guarded["cls_accuracy"] == pytest.approx(np.mean(pred == yc), abs=1e-6)
+
+
+def test_finite_gradients_whose_norm_overflows_are_told_apart(tmp_path):
+    # Raw inputs ~1e10: every gradient entry is finite (~1e20) but their float32 L2 norm
+    # overflows. Still a bad step (as torch's clip_grad_norm_ would see it), but the event
+    # says the entries are finite instead of blaming an unstable backward.
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(64, 4)) * 1e10).astype("float32")
+    y = x.sum(1, keepdims=True)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="lin")])
+    model.compile(keras.optimizers.SGD(1e-30), "mse")
+    before = weights(model)
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert [(e.step, e.cause, e.where) for e in guard.events] == [
+        (0, "grad_nonfinite", "lin"), (1, "grad_nonfinite", "lin")]
+    first = guard.events[0]
+    assert first.details["grad_entries_finite"] is True
+    assert "every gradient entry is finite" in first.message
+    assert "unstable" not in first.message
+    # the norm of the step's gradients, recomputed in float64 (about 4.9e20)
+    xb, yb = x[:32].astype("float64"), y[:32].astype("float64")
+    residual = xb @ before[0].astype("float64") + before[1] - yb
+    kernel, bias = 2 * xb.T @ residual / 32, 2 * residual.mean()
+    expected = math.sqrt(float(np.square(kernel).sum()) + bias**2)
+    assert first.details["grad_norm_float64"] == pytest.approx(expected, rel=1e-3)
+    assert nanguard.load(guard.dumps[0]).event.details["grad_entries_finite"] is True
+    assert same(before, weights(model))
+
+
 # -- learning rate: schedules in checkpoints, schedulers next to the guard -------------------
 
 LOAD_AND_TRAIN = """
@@ -794,7 +925,7 @@ def test_multi_output_labels_are_checked_per_output(tmp_path):
     (event,) = guard.events
     assert (event.step, event.cause, event.where, event.action) == (
         1, "target_invalid", "targets.a", "skip")
-    assert "the first is 3 at index 5" in event.message
+    assert "the first is 3 (batch row 5)" in event.message
     assert all_finite(model)
     for name in ("loss", "a_loss", "b_loss", "reg_loss"):  # the skipped batch is left out
         assert np.isfinite(hist.history[name]).all()

@@ -264,6 +264,71 @@ SCRIPT = textwrap.dedent(
         "batch_logs": [[float(lg["loss"]), float(lg["mae"])] for lg in rec.logs],
         "history": [h.history["loss"][0], h.history["mae"][0]],
     }
+
+    # 13. a skipped batch whose loss is finite (sqrt at 0: NaN gradients; a bad label in the
+    # other head) is left out of `loss` and of the per-output loss means: each run's
+    # epoch means against a run without that batch (lr 0, the weights never move)
+    def sqrt_model():
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, use_bias=False),
+                              keras.layers.Lambda(lambda z: ops.sqrt(ops.abs(z)))])
+        m.compile(keras.optimizers.SGD(0.0), "mse")
+        return m
+
+    def two_heads():
+        keras.utils.set_random_seed(0)
+        a = keras.Input((8,), name="feat")
+        h = keras.layers.Dense(16, activation="relu")(a)
+        m = keras.Model(a, {"cls": keras.layers.Dense(5, name="cls")(h),
+                            "reg": keras.layers.Dense(1, name="reg")(h)})
+        m.compile(keras.optimizers.SGD(0.0), loss_weights={"cls": 1.0, "reg": 0.5}, loss={
+            "cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "reg": "mse"})
+        return m
+
+    def means(build, x, y, guard=None):
+        h = build().fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0,
+                        callbacks=[guard] if guard else [])
+        return {k: v[0] for k, v in h.history.items() if not k.startswith("nanguard")}
+
+    keep = np.r_[0:64, 96:128]
+    x = rng.normal(size=(128, 4)).astype("float32"); x[64:96] = 0.0
+    y = (rng.normal(size=(128, 1)) * 100).astype("float32")
+    g = NanGuard(dump_dir=dump_dir)
+    tracked = {"sqrt": [means(sqrt_model, x, y, g), means(sqrt_model, x[keep], y[keep])],
+               "sqrt_events": [(e.step, e.cause, e.details.get("grad_entries_finite"))
+                               for e in g.events]}
+    x = rng.normal(size=(128, 8)).astype("float32")
+    y = {"cls": rng.integers(0, 5, 128), "reg": rng.normal(size=(128, 1)).astype("float32")}
+    y["cls"][70] = 7
+    g = NanGuard(dump_dir=dump_dir)
+    tracked["heads"] = [means(two_heads, x, y, g),
+                        means(two_heads, x[keep], {k: v[keep] for k, v in y.items()})]
+    tracked["heads_events"] = [(e.step, e.cause, e.where) for e in g.events]
+    out["tracked"] = tracked
+
+    # 14. finite gradients (~1e20) whose float32 L2 norm overflows: still bad, but told apart
+    # from non-finite ones
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, name="lin")])
+    m.compile(keras.optimizers.SGD(1e-30), "mse")
+    x = (rng.normal(size=(32, 4)) * 1e10).astype("float32")
+    g = NanGuard(dump_dir=dump_dir)
+    m.fit(x, x.sum(1, keepdims=True), batch_size=32, epochs=1, verbose=0, callbacks=[g])
+    out["overflow"] = [(e.step, e.cause, e.details.get("grad_entries_finite"),
+                        e.details.get("grad_norm_float64", 0.0) > 1e20,
+                        "every gradient entry is finite" in e.message) for e in g.events]
+
+    # 15. (B, T) labels padded with -1: the first bad one by batch row and position
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((10,), dtype="int32"), keras.layers.Embedding(30, 8),
+                          keras.layers.Dense(5)])
+    m.compile(keras.optimizers.SGD(0.05),
+              keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    y = rng.integers(0, 5, (64, 10)); y[40, 7:] = -1
+    g = NanGuard(dump_dir=dump_dir)
+    m.fit(rng.integers(1, 30, (64, 10)), y, batch_size=32, epochs=1, shuffle=False, verbose=0,
+          callbacks=[g])
+    out["sequence_label"] = [(e.step, e.cause, e.message) for e in g.events]
     print("RESULT " + json.dumps(out))
     """
 )
@@ -315,3 +380,16 @@ def test_torch_backend_end_to_end(tmp_path):
     assert len(logs) == 4 and np.isfinite(logs).all()
     assert logs[3] == pytest.approx(logs[2]) and guide["history"] == pytest.approx(logs[2])
     assert out["scheduler"] == pytest.approx([0.1, 0.1] + [0.05] * 2 + [0.045] * 4, rel=1e-5)
+    tracked = out["tracked"]
+    assert tracked["sqrt_events"] == [[2, "grad_nonfinite", False]]
+    assert tracked["sqrt"][0]["loss"] == pytest.approx(tracked["sqrt"][1]["loss"], rel=1e-6)
+    assert tracked["heads_events"] == [[2, "target_invalid", "targets.cls"]]
+    guarded, without = tracked["heads"]
+    assert set(guarded) == set(without) == {"loss", "cls_loss", "reg_loss"}
+    for name in guarded:
+        assert guarded[name] == pytest.approx(without[name], rel=1e-6), name
+    assert out["overflow"] == [[0, "grad_nonfinite", True, True, True]]
+    ((step, cause, message),) = out["sequence_label"]
+    assert (step, cause) == (1, "target_invalid")
+    assert "the first is -1 (batch row 8, position 7)" in message
+    assert "SparseCategoricalCrossentropy(ignore_class=-1)" in message
