@@ -81,20 +81,12 @@ def check_targets(heads: list[tuple[Head, np.ndarray, np.ndarray | None]]) -> st
 
 
 def _describe_labels(name: str, t: np.ndarray, bad: np.ndarray, n: int) -> str:
-    """The bad class ids of one output's targets: how many, and the first by its batch row
-    (and its position in that row for sequence or image labels, ``(B, T)``, ``(B, H, W)``;
-    a trailing axis of 1 is not a position). A negative id is usually padding: the loss
-    can be told to ignore it."""
+    """The bad class ids of one output's targets (:func:`detector.describe_ids`). A
+    negative id is usually padding: the loss can be told to ignore it."""
     at = np.argwhere(bad)[0]
     first = t[tuple(at)].item()
-    where = f"batch row {int(at[0])}"
-    inner = [int(i) for i, size in zip(at[1:], t.shape[1:], strict=True) if size != 1]
-    if len(inner) == 1:
-        where += f", position {inner[0]}"
-    elif inner:
-        where += f", position {tuple(inner)}"
-    text = (f"{name}: {int(bad.sum())} class id(s) outside [0, {n}), the first is {first:g} "
-            f"({where})")
+    text = detector.describe_ids(name, int(bad.sum()), first, at, t.shape,
+                                 f"outside [0, {n})")
     if first < 0 and float(first).is_integer():
         text += (f"; if {first:g} marks positions your loss ignores (padding), compile with "
                  f"keras.losses.SparseCategoricalCrossentropy(ignore_class={first:g})")

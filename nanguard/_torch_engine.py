@@ -213,9 +213,9 @@ def _describe_ids(name: str, t: torch.Tensor, bad: torch.Tensor, what: str,
                   why: str | None = None) -> str | None:
     if not bool(bad.any()):
         return None
-    first = int(t[bad].reshape(-1)[0])
-    index = int(torch.nonzero(bad)[0][0])
-    head = f"{name}: {int(bad.sum())} class id(s) {what}, the first is {first} (batch row {index})"
+    at = torch.nonzero(bad)[0].tolist()
+    first = int(t[tuple(at)])
+    head = detector.describe_ids(name, int(bad.sum()), first, at, t.shape, what)
     if why is not None:
         return f"{head}; {why}"
     return (f"{head}; if {first} marks positions your loss ignores, pass ignore_index={first} "

@@ -91,6 +91,26 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def describe_ids(name: str, count: int, first: float, at: Sequence[int],
+                 shape: Sequence[int], what: str) -> str:
+    """How every adapter names a batch's bad class ids: how many, and the first by its batch
+    row (and its position in that row for sequence or image labels, ``(B, T)``,
+    ``(B, H, W)``; a trailing axis of 1 is not a position).
+
+    Example:
+        >>> describe_ids("targets", 3, -1, (8, 7), (32, 10), "outside [0, 5)")
+        'targets: 3 class id(s) outside [0, 5), the first is -1 (batch row 8, position 7)'
+    """
+    where = f"batch row {int(at[0])}"
+    inner = [int(i) for i, size in zip(at[1:], shape[1:], strict=True) if size != 1]
+    if len(inner) == 1:
+        where += f", position {inner[0]}"
+    elif inner:
+        where += f", position {tuple(inner)}"
+    shown = str(int(first)) if float(first).is_integer() else f"{first:g}"
+    return f"{name}: {count} class id(s) {what}, the first is {shown} ({where})"
+
+
 def classify(
     record: StepRecord, evidence: Evidence, history: Sequence[StepRecord]
 ) -> tuple[str, str | None, str]:

@@ -1448,7 +1448,7 @@ def test_a_bad_label_read_by_a_loss_inside_forward_is_a_target_invalid_skip(
     guard = lm_run(tmp_path, "dataclass", data, logits_module=logits_module)
     (event,) = guard.events
     assert (event.step, event.cause, event.where) == (3, "target_invalid", "targets")
-    assert f"the first is {VOCAB + 3} (batch row 1)" in event.message
+    assert f"the first is {VOCAB + 3} (batch row 1, position 2)" in event.message
     if logits_module is None:
         assert "logits_module=" in event.message  # what would let it check before the loss
     else:
