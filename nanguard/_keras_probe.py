@@ -214,32 +214,41 @@ def step_gradients(model: Any, batch: Mapping[str, Any]) -> list[Any] | None:
         return None
     y, sample_weight = batch.get("y"), batch.get("sample_weight")
     variables = list(model.trainable_variables)
+    trained = {id(v) for v in variables}
+    others = [v for v in model.variables if id(v) not in trained]
     kwargs = {"training": True} if getattr(model, "_call_has_training_arg", True) else {}
     backend = keras.backend.backend()
     grads: list[Any]
     try:
-        with keras.StatelessScope():
-            if backend == "tensorflow":
-                import tensorflow as tf
+        if backend == "tensorflow":
+            import tensorflow as tf
 
-                with tf.GradientTape() as tape:
+            values = [tf.convert_to_tensor(v.value) for v in variables]
+        elif backend == "torch":
+            values = [v.value for v in variables]
+        else:
+            return None
+        # Every variable mapped: a weight regularizer reads its variable through the scope's
+        # mapping (Layer._get_regularization_losses), and an unmapped one reads None.
+        mapping = [*zip(variables, values, strict=True), *((v, v.value) for v in others)]
+        if backend == "tensorflow":
+            with tf.GradientTape() as tape:
+                tape.watch(values)
+                with keras.StatelessScope(state_mapping=mapping):
                     y_pred = model(x, **kwargs)
                     loss = model.compute_loss(x=x, y=y, y_pred=y_pred,
                                               sample_weight=sample_weight)
-                # An Embedding's IndexedSlices made dense, as the norm the step took.
-                grads = [None if g is None else tf.convert_to_tensor(g)
-                         for g in tape.gradient(loss, variables)]
-            elif backend == "torch":
-                import torch
+            # An Embedding's IndexedSlices made dense, as the norm the step took.
+            grads = [None if g is None else tf.convert_to_tensor(g)
+                     for g in tape.gradient(loss, values)]
+        else:
+            import torch
 
-                with torch.enable_grad():
-                    y_pred = model(x, **kwargs)
-                    loss = model.compute_loss(x=x, y=y, y_pred=y_pred,
-                                              sample_weight=sample_weight)
-                    grads = list(torch.autograd.grad(loss, [v.value for v in variables],
-                                                     allow_unused=True))
-            else:
-                return None
+            with torch.enable_grad(), keras.StatelessScope(state_mapping=mapping):
+                y_pred = model(x, **kwargs)
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred,
+                                          sample_weight=sample_weight)
+                grads = list(torch.autograd.grad(loss, values, allow_unused=True))
     except Exception:  # noqa: BLE001 - optional forensic detail
         return None
     return [g for g in grads if g is not None]

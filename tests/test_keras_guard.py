@@ -794,6 +794,24 @@ def test_finite_gradients_whose_norm_overflows_are_told_apart(tmp_path):
     assert same(before, weights(model))
 
 
+def test_the_overflow_check_works_with_a_weight_regularizer(tmp_path):
+    # A regularizer reads its weight through the replay's stateless scope: every variable
+    # must be mapped there, or the recomputation fails and the message blames the backward.
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(64, 4)) * 1e10).astype("float32")
+    y = x.sum(1, keepdims=True)
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Dense(3, kernel_regularizer="l2", name="hidden"),
+                              keras.layers.Dense(1, name="lin")])
+    model.compile(keras.optimizers.SGD(1e-30), "mse")
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    first = guard.events[0]
+    assert first.cause == "grad_nonfinite"
+    assert first.details["grad_entries_finite"] is True
+    assert "every gradient entry is finite" in first.message
+
+
 # -- learning rate: schedules in checkpoints, schedulers next to the guard -------------------
 
 LOAD_AND_TRAIN = """
