@@ -318,6 +318,18 @@ SCRIPT = textwrap.dedent(
                         e.details.get("grad_norm_float64", 0.0) > 1e20,
                         "every gradient entry is finite" in e.message) for e in g.events]
 
+    # 14b. the same with a weight regularizer, which reads its variable through the
+    # recomputation's stateless scope
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((4,)),
+                          keras.layers.Dense(3, kernel_regularizer="l2", name="hidden"),
+                          keras.layers.Dense(1, name="lin")])
+    m.compile(keras.optimizers.SGD(1e-30), "mse")
+    g = NanGuard(dump_dir=dump_dir)
+    m.fit(x, x.sum(1, keepdims=True), batch_size=32, epochs=1, verbose=0, callbacks=[g])
+    out["overflow_regularized"] = [(e.step, e.cause, e.details.get("grad_entries_finite"))
+                                   for e in g.events][:1]
+
     # 15. (B, T) labels padded with -1: the first bad one by batch row and position
     keras.utils.set_random_seed(0)
     m = keras.Sequential([keras.Input((10,), dtype="int32"), keras.layers.Embedding(30, 8),
@@ -389,6 +401,7 @@ def test_torch_backend_end_to_end(tmp_path):
     for name in guarded:
         assert guarded[name] == pytest.approx(without[name], rel=1e-6), name
     assert out["overflow"] == [[0, "grad_nonfinite", True, True, True]]
+    assert out["overflow_regularized"] == [[0, "grad_nonfinite", True]]
     ((step, cause, message),) = out["sequence_label"]
     assert (step, cause) == (1, "target_invalid")
     assert "the first is -1 (batch row 8, position 7)" in message
