@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 success, 1 replay found nothing,
     2 bad input: an unreadable dump, a missing extra, a factory or model that does not fit).
     """
+    for stream in (sys.stdout, sys.stderr):
+        # Text from a dump or a file name may not encode (a lone surrogate, a non-UTF-8
+        # byte under a strict UTF-8 locale): escape it rather than fail mid-report.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -224,7 +231,7 @@ def render_report(dump: Dump, rows: int = HISTORY_ROWS) -> str:
     ev = dump.event
     meta = dump.meta
     lines = [
-        f"nanguard dump {dump.path}",
+        f"nanguard dump {_printable(dump.path)}",
         f"  cause   {ev.cause}  at step {ev.step}"
         + (f" (rank {ev.rank})" if meta.get("world_size", 1) > 1 else ""),
         f"  where   {ev.where or 'unknown'}",
@@ -319,7 +326,8 @@ def _ls(args: argparse.Namespace, out: TextIO) -> int:
         except DumpError as err:
             print(f"nanguard: skipping unreadable {_printable(path)}: {err}", file=sys.stderr)
             continue
-        rows.append((str(ev.step), ev.cause, ev.where or "-", _printable(path)))
+        rows.append((str(ev.step), _printable(ev.cause), _printable(ev.where or "-"),
+                     _printable(path)))
     if rows:
         out.write(_table(("step", "cause", "where", "file"), rows) + "\n")
     else:
@@ -327,10 +335,14 @@ def _ls(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _printable(path: str) -> str:
-    """A file name as any terminal can print it: bytes that are not UTF-8 (kept by Python as
-    surrogates) written as ``\\xNN``."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+def _printable(text: str) -> str:
+    """A file name (or a name from a dump) as one line any terminal can print: bytes that
+    are not UTF-8 (kept by Python as surrogates) written as ``\\xNN``, control characters
+    (a newline in a file name would forge a row) escaped."""
+    with contextlib.suppress(UnicodeEncodeError):  # a lone surrogate: escaped below
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 if __name__ == "__main__":  # pragma: no cover

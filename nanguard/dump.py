@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import secrets
+import stat
 import urllib.parse
 import zipfile
 from collections.abc import Mapping
@@ -163,6 +164,10 @@ def load(path: str | os.PathLike[str], *, arrays: bool = True) -> Dump:
     """
     p = os.fspath(path)
     try:
+        if not stat.S_ISREG(os.stat(p).st_mode):
+            # A FIFO, a device: opening one blocks or reads forever.
+            what = "is a directory" if os.path.isdir(p) else "not a regular file (a pipe?)"
+            raise DumpError(f"{what}, not a dump: {p}")
         with zipfile.ZipFile(p) as zf:
             names = set(zf.namelist())
             if "meta.json" not in names or "event.json" not in names:
@@ -177,6 +182,7 @@ def load(path: str | os.PathLike[str], *, arrays: bool = True) -> Dump:
                 )
             _check_meta(meta)
             event = Event.from_dict(json.loads(zf.read("event.json")))
+            _check_details(event.details)
             raw_history = json.loads(zf.read("history.json")) if "history.json" in names else []
             if not isinstance(raw_history, list):
                 raise ValueError("history.json is not a list")
@@ -185,7 +191,8 @@ def load(path: str | os.PathLike[str], *, arrays: bool = True) -> Dump:
             for name in zf.namelist() if arrays else ():
                 prefix, _, rest = name.partition("/")
                 if prefix in groups and rest.endswith(".npy"):
-                    groups[prefix][urllib.parse.unquote(rest[:-4])] = np.load(
+                    # read_array reads .npy only (np.load would open an .npz, or a pickle).
+                    groups[prefix][urllib.parse.unquote(rest[:-4])] = np.lib.format.read_array(
                         io.BytesIO(zf.read(name)), allow_pickle=False
                     )
     except DumpError:
@@ -194,6 +201,8 @@ def load(path: str | os.PathLike[str], *, arrays: bool = True) -> Dump:
         raise DumpError(f"no such dump: {p}") from err
     except IsADirectoryError as err:
         raise DumpError(f"is a directory, not a dump: {p}") from err
+    except PermissionError as err:
+        raise DumpError(f"cannot read the dump (permission denied): {p}") from err
     except (zipfile.BadZipFile, EOFError) as err:
         raise DumpError(f"not a nanguard dump (truncated or not a zip archive): {p}") from err
     except Exception as err:  # noqa: BLE001 - any other failure is a corrupt dump
@@ -207,6 +216,26 @@ def _check_meta(meta: dict[str, Any]) -> None:
                        ("rank", int), ("framework", str)):
         if name in meta and (not isinstance(meta[name], kind) or isinstance(meta[name], bool)):
             raise ValueError(f"meta.json: {name} has the wrong type: {meta[name]!r}")
+    names = meta.get("param_names")
+    if names is not None and not (isinstance(names, list)
+                                  and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"meta.json: param_names is not a list of names: {names!r}")
+
+
+def _check_details(details: Mapping[str, Any]) -> None:
+    """The structured details the reports read (``layer_growth``) have their shape."""
+    growth = details.get("layer_growth")
+    if growth is None:
+        return
+    top = growth.get("top", []) if isinstance(growth, dict) else None
+    if (not isinstance(growth, dict) or not growth.keys() >= _GROWTH_KEYS
+            or not isinstance(top, list)
+            or not all(isinstance(t, dict) and t.keys() >= _TOP_KEYS for t in top)):
+        raise ValueError(f"event.json: details.layer_growth is malformed: {growth!r}")
+
+
+_GROWTH_KEYS = frozenset({"first", "step", "from", "to", "ratio"})
+_TOP_KEYS = frozenset({"name", "step", "ratio"})
 
 
 def tensor_summary(array: np.ndarray) -> dict[str, Any]:
@@ -215,7 +244,8 @@ def tensor_summary(array: np.ndarray) -> dict[str, Any]:
     if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
         out["nan"] = int(np.isnan(array).sum())
         out["inf"] = int(np.isinf(array).sum())
-        fin = array[np.isfinite(array)]
+        # Complex values have no order: no min/max.
+        fin = array[np.isfinite(array)] if array.dtype.kind == "f" else array[:0]
         out["min"] = float(fin.min()) if fin.size else None
         out["max"] = float(fin.max()) if fin.size else None
     else:

@@ -7,12 +7,14 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
 import nanguard
 from nanguard.cli import main
+from nanguard.dump import write_dump
 from tests.test_dump import make_dump
 
 
@@ -121,7 +123,6 @@ def _script(name):
 def test_replay_material_is_left_out_of_the_human_table_only(tmp_path, capsys):
     import numpy as np
 
-    from nanguard.dump import write_dump
     from nanguard.events import Event
 
     path = write_dump(str(tmp_path), Event(3, "loss_nonfinite", None, "Step 3: bad."), [],
@@ -163,8 +164,48 @@ def test_ls_reads_no_arrays_and_prints_any_file_name(tmp_path, capsys, monkeypat
     def no_arrays(*args, **kwargs):
         raise AssertionError("ls decompressed an array")
 
-    monkeypatch.setattr(nanguard.dump.np, "load", no_arrays)
+    monkeypatch.setattr(nanguard.dump.np.lib.format, "read_array", no_arrays)
     assert main(["ls", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     out.encode("utf-8")  # printable on a strict UTF-8 terminal: no lone surrogates
     assert "caf\\xe9.nanguard.zip" in out and out.splitlines()[1].split()[0] == "5"
+
+
+def test_ls_keeps_one_line_per_dump_whatever_the_names(tmp_path, capsys):
+    path = make_dump(tmp_path, step=5)
+    forged = tmp_path / "run\n    99  loss_nonfinite  fc1  other.nanguard.zip"
+    os.rename(path, forged)
+    assert main(["ls", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and "run\\n" in lines[1] and lines[1].split()[0] == "5"
+
+
+def test_inspect_prints_text_that_does_not_encode(tmp_path):
+    # A strict UTF-8 stdout (any UTF-8 locale but C) cannot encode a lone surrogate: from a
+    # non-UTF-8 file name, or from the dump's JSON.
+    import zipfile
+
+    good = make_dump(tmp_path / "good")
+    odd = os.fsencode(tmp_path) + b"/run\xff.nanguard.zip"
+    with zipfile.ZipFile(good) as zin, open(odd, "wb") as fh, zipfile.ZipFile(fh, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name == "event.json":
+                data = json.dumps({**json.loads(data), "message": "x \ud800 y"}).encode()
+            zout.writestr(name, data)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-m", "nanguard", "inspect", odd],
+                          capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    out = done.stdout.decode()
+    assert "run\\xff.nanguard.zip" in out and "x \\ud800 y" in out
+
+
+def test_complex_tensors_are_summarised_without_an_order(tmp_path, capsys):
+    path = write_dump(str(tmp_path), nanguard.Event(0, "input_nonfinite", "inputs", "m"), [],
+                      {"inputs": np.array([1 + 2j, complex("nan")])}, {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["inspect", "--json", path]) == 0
+    summary = json.loads(capsys.readouterr().out)["tensors"]["inputs"]
+    assert summary["nan"] == 1 and summary["min"] is None and summary["max"] is None

@@ -144,7 +144,8 @@ def test_load_without_arrays_reads_the_event_only(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "empty", "foreign_zip", "missing",
-                                  "pickled_npy", "bad_json", "directory", "newer"])
+                                  "pickled_npy", "npz_member", "bad_json", "directory",
+                                  "fifo", "newer"])
 def test_unreadable_files_raise_dump_error(tmp_path, kind):
     good = make_dump(tmp_path / "good")
     path = tmp_path / f"x{SUFFIX}"
@@ -167,6 +168,16 @@ def test_unreadable_files_raise_dump_error(tmp_path, kind):
             for n in src.namelist():
                 zf.writestr(n, src.read(n))
             zf.writestr("tensors/evil.npy", buf.getvalue())
+    elif kind == "npz_member":  # np.load would hand back an open NpzFile, not an array
+        import io
+        buf = io.BytesIO()
+        np.savez(buf, a=np.zeros(2))
+        with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as zf:
+            for n in src.namelist():
+                zf.writestr(n, src.read(n))
+            zf.writestr("tensors/packed.npy", buf.getvalue())
+    elif kind == "fifo":  # opening it would block until a writer comes: never opened
+        os.mkfifo(path)
     elif kind == "bad_json":
         with zipfile.ZipFile(path, "w") as zf:
             zf.writestr("meta.json", '{"format": "nanguard-dump"')
@@ -213,12 +224,19 @@ def _rewrite(src, dst, member, change):
         ("meta.json", lambda m: m.update(world_size="2")),
         ("meta.json", lambda m: m.update(environment=["python"])),
         ("meta.json", lambda m: m.update(config=None)),
+        ("meta.json", lambda m: m.update(param_names=5)),
+        ("event.json", lambda e: e["details"].update(layer_growth=5)),
+        ("event.json", lambda e: e["details"].update(layer_growth={"first": "w"})),
+        ("event.json", lambda e: e["details"].update(
+            layer_growth={"first": "w", "step": 1, "from": 1.0, "to": 9.0, "ratio": 9.0,
+                          "top": [3]})),
     ],
 )
 def test_fields_of_the_wrong_type_give_dump_error(tmp_path, member, change):
     path = tmp_path / f"edited{SUFFIX}"
     _rewrite(make_dump(tmp_path / "good"), path, member, change)
-    with pytest.raises(nanguard.DumpError, match="wrong type|no 'message'|JSON object"):
+    with pytest.raises(nanguard.DumpError,
+                       match="wrong type|no 'message'|JSON object|not a list|malformed"):
         nanguard.load(path)
 
 
