@@ -310,11 +310,13 @@ class Snapshot:
 
     def __init__(self, step: int, model: torch.nn.Module, optimizers: list[Any]) -> None:
         self.step = step
-        self.model = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         # Buffers left out of state_dict (persistent=False) are state the forward writes too.
-        self.model.update({k: v.detach().to("cpu", copy=True)
-                           for k, v in model.named_buffers() if k not in self.model})
-        in_model = {id(v) for v in model.state_dict(keep_vars=True).values()}
+        live = _live_state(model)
+        self.model = {k: v.detach().to("cpu", copy=True) for k, v in live.items()}
+        # The live tensors too: a name can change while the tensor stays (pruning renames
+        # `weight` to `weight_orig`, Lightning's ModelPruning at an epoch's end).
+        self.refs = live
+        in_model = {id(v) for v in live.values()}
         # Parameters only an optimizer holds (a learnable loss weight), by their place.
         self.outside: dict[tuple[int, int], torch.Tensor] = {}
         # Optimizer state by parameter index: (CPU copy, device it lives on) per key.
@@ -333,17 +335,32 @@ class Snapshot:
         """Copy back only these buffers (``state_dict`` keys), as they were in the snapshot."""
         if not names:
             return
+        live = _live_state(model)
+        wanted = {id(live[name]) for name in names if name in live}
         with torch.no_grad():
-            live = _live_state(model)
-            for name in names:
-                if name in self.model:
-                    live[name].data.copy_(self.model[name])
+            for name, target in self._targets(model).items():
+                if id(target) in wanted:
+                    target.data.copy_(self.model[name])
+
+    def _targets(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Where each saved tensor goes back to: the same tensor if the model still holds it
+        (under any name), else the tensor of the same name (a buffer reassigned since). A
+        tensor the model no longer holds is left out; one added since keeps its value."""
+        live = _live_state(model)
+        held = {id(v) for v in live.values()}
+        targets = {}
+        for name, ref in self.refs.items():
+            if id(ref) in held:
+                targets[name] = ref
+            elif name in live and live[name].shape == self.model[name].shape:
+                targets[name] = live[name]
+        return targets
 
     def restore(self, model: torch.nn.Module, optimizers: list[Any]) -> None:
+        targets = self._targets(model)
         with torch.no_grad():
-            live = _live_state(model)
-            for name, v in self.model.items():
-                live[name].data.copy_(v)
+            for name, target in targets.items():
+                target.data.copy_(self.model[name])
         for k, (opt, saved) in enumerate(zip(optimizers, self.optim, strict=True)):
             for i, p in enumerate(_opt_params(opt)):
                 if (k, i) in self.outside:
@@ -447,6 +464,8 @@ class TorchEngine:
         self.snapshot: Snapshot | None = None
         self.logits_name = config.logits_module or "output"
         self._hook: Any = None
+        self._load_hooks: list[Any] = []
+        self.state_loaded = False  # a load_state_dict since the last snapshot
         self.calls: Any = None  # a _torch_replay.CallRecorder once attached
         self.reset_step()
         self.pending_update_ok: torch.Tensor | None = None
@@ -465,6 +484,7 @@ class TorchEngine:
         self.any_rank_bad: bool | None = None
         self.any_rank_loss_bad: bool | None = None
         self.warned_no_output = False
+        self.refusal_reported = False  # since the last snapshot taken (see take_snapshot)
         # The gradient the loss sent into the logits at the last step (when the logits are
         # the model's output): evidence whether the output scores classes (scores_classes).
         self.last_output_grad: torch.Tensor | None = None
@@ -519,6 +539,14 @@ class TorchEngine:
                 )
             module = modules[self.config.logits_module]
         self._hook = module.register_forward_hook(GuardHook(self, "_on_output"))
+        # The user loading a checkpoint mid-run (the best weights so far): a rollback must
+        # not go back past it to an older snapshot. The next step takes a fresh one.
+        loaded = GuardHook(self, "_state_loaded")
+        self._load_hooks = [self.model.register_load_state_dict_post_hook(loaded)]
+        for opt in self.optimizers:  # torch >= 2.2
+            register = getattr(opt, "register_load_state_dict_post_hook", None)
+            if register is not None:
+                self._load_hooks.append(register(loaded))
         from nanguard._torch_replay import CallRecorder
 
         self.calls = CallRecorder(self)
@@ -539,8 +567,14 @@ class TorchEngine:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        for handle in self._load_hooks:
+            handle.remove()
+        self._load_hooks = []
         if self.calls is not None:
             self.calls.detach()
+
+    def _state_loaded(self, *args: Any) -> None:
+        self.state_loaded = True
 
     # -- per step -----------------------------------------------------------------------
     def reset_step(self) -> None:
@@ -561,22 +595,24 @@ class TorchEngine:
         self.scored: torch.Tensor | None = None  # this step's scores_classes, when computed
         self.verdict: Verdict | None = None
         self.stepped: set[int] = set()  # ids of the optimizers that stepped in this step
+        self.state_corrupt = False  # a snapshot due now found weights or state non-finite
         self.updated = False  # this step's own update went into the weights (after_update)
 
     def begin_step(self, inputs: Any = None, targets: Any = None) -> None:
+        self.reset_step()
         if _group_sizes(self.optimizers) != self.groups_seen:  # add_param_group since
             self.set_optimizers(self.optimizers)
             self.session.extra_meta["param_names"] = [self.names[p] for p in self.params]
             # The last snapshot predates the new group: a rollback to it would mix states.
             self.take_snapshot(self.session.step)
-        self.reset_step()
         self.in_step = True
         self.micro_batches = 1
         self.inputs = inputs
         self.targets = self.batch_targets = targets
         self.refresh_distributed()
         last = None if self.snapshot is None else self.snapshot.step
-        if self.session.snapshot_due(last):
+        if self.state_loaded or self.session.snapshot_due(last):
+            self.state_loaded = False
             self.take_snapshot(self.session.step)
 
     @property
@@ -764,7 +800,7 @@ class TorchEngine:
             bad = self.any_rank_bad or None
         verdict = self.session.conclude(
             record, TorchProbe(self), bad=bad, update_nonfinite=self.update_was_bad,
-            has_snapshot=self.snapshot is not None,
+            corrupt=self.state_corrupt, has_snapshot=self.snapshot is not None,
         )
         self.carry_out(verdict)
         self.verdict = verdict
@@ -929,8 +965,16 @@ class TorchEngine:
                 if buf.is_floating_point() and not bool(torch.isfinite(buf).all())]
 
     def take_snapshot(self, step: int) -> bool:
+        """A snapshot, if the state is finite. If not, nothing else would notice: the per-step
+        checks read the gradients and the updated weights, not the optimizer state (Adam's
+        second moment overflowing float16, a corrupt optimizer checkpoint) nor frozen
+        parameters; so the step is concluded as bad (``corrupt``), once until a snapshot is
+        taken again."""
         if not self.weights_finite():
+            if not self.refusal_reported:
+                self.refusal_reported = self.state_corrupt = True
             return False
+        self.refusal_reported = False
         self.snapshot = Snapshot(step, self.model, self.optimizers)
         return True
 
@@ -1134,6 +1178,11 @@ class TorchProbe:
         if e.update_was_bad:
             ev.update_nonfinite = True
             ev.weights_nonfinite = self._first_nonfinite_state()
+            # Finite gradients keep the optimizer's state finite (a float32 norm overflows
+            # first): state that is not was so before the update, which only spread it.
+            state = self._first_nonfinite_optimizer_state()
+            if state:
+                ev.details["optimizer_state_nonfinite"] = state
             lr = e.lr_of(ev.weights_nonfinite.split(":")[0] if ev.weights_nonfinite else None)
             if lr is not None:
                 ev.details["lr_of_where"] = lr
@@ -1212,6 +1261,10 @@ class TorchProbe:
             if bool(p.detach().isnan().any()):
                 found = _describe_nonfinite(e.names.get(p, "?"), p.detach())
                 return f"{found}, a frozen parameter no optimizer steps; load a finite one"
+        return self._first_nonfinite_optimizer_state()
+
+    def _first_nonfinite_optimizer_state(self) -> str | None:
+        e = self.engine
         for opt in e.optimizers:
             for p, st in opt.state.items():
                 for key, value in st.items():

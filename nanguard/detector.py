@@ -158,6 +158,16 @@ def classify(
             f"Step {s}: the batch's targets are invalid ({evidence.target_invalid}). "
             "Check the labels: class ids must lie in [0, n_classes) and targets must be finite."
         )
+    state = evidence.details.get("optimizer_state_nonfinite")
+    if evidence.update_nonfinite and isinstance(state, str):
+        return "weights_nonfinite", _name(state), (
+            f"Step {s}: the optimizer's state was non-finite ({state}) and the update, made "
+            f"from finite gradients (norm {_fmt(record.grad_norm)}), carried it into the "
+            "weights. Finite gradients keep a float32 state finite, so it was non-finite "
+            "before the step (a corrupt optimizer checkpoint?), or it is a 16-bit state that "
+            "overflowed (keep the optimizer's state in float32). Only a finite snapshot can "
+            "restore it."
+        )
     if evidence.update_nonfinite:
         where = _name(evidence.weights_nonfinite)
         return "update_nonfinite", where, (

@@ -190,6 +190,10 @@ class NanGuard(Readout, _CallbackBase):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.dumps = []
+        if trainer.ckpt_path is None:
+            # Lightning loads callback state for validate/test/predict(ckpt_path=...) too:
+            # a fit that resumes nothing starts afresh.
+            self._pending_state = None
         self._restored = self._pending_state is not None
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
@@ -339,8 +343,8 @@ class NanGuard(Readout, _CallbackBase):
             self._clipping_off = pl_module
         trainer = pl_module.trainer
         record = verdict.record
-        monitored = self._monitored(trainer)
-        if monitored or self._flushes(trainer):
+        monitored = not trainer.barebones and self._monitored(trainer)
+        if monitored or (not trainer.barebones and self._flushes(trainer)):
             # A monitor reads callback_metrics right after this step: a step the guard kept
             # from the weights shows the last good step's values, so EarlyStopping
             # (check_finite) does not end the run the guard has just saved.
@@ -363,7 +367,9 @@ class NanGuard(Readout, _CallbackBase):
         the 0.4 to 1 ms per key per call of ``pl_module.log``; ``log_every`` thins them."""
         n = trainer.global_step + 1
         # Both set on the Trainer at run time by its connectors (untyped attributes).
-        every = max(int(getattr(trainer, "log_every_n_steps", 1)), 1)
+        every = int(getattr(trainer, "log_every_n_steps", 1))
+        if every <= 0:  # Trainer(log_every_n_steps=0): no step's values reach a logger
+            return False
         fast_dev_run = bool(getattr(trainer, "fast_dev_run", False))
         return fast_dev_run or (n % every == 0 and n % self.config.log_every == 0)
 
@@ -409,6 +415,8 @@ class NanGuard(Readout, _CallbackBase):
         if self._engine is None:
             return
         self._check_last_update()  # before ModelCheckpoint (Lightning runs it last) saves
+        if trainer.barebones:  # Trainer(barebones=True) turns pl_module.log off, with a warning
+            return
         for name, value in self._counters().items():
             pl_module.log(name, value, on_step=False, on_epoch=True,
                           sync_dist=trainer.world_size > 1)
@@ -442,7 +450,11 @@ class NanGuard(Readout, _CallbackBase):
     def _apply_state(self, state: Mapping[str, Any]) -> None:
         assert self._engine is not None
         # A checkpoint of an older version also holds "lr_scale": not needed, ignored.
-        self._engine.session.load_state_dict(state.get("session", {}))
+        session = self._engine.session
+        session.load_state_dict(state.get("session", {}))
+        # What a monitor reads after a resumed run's first bad step (see _finish).
+        self._last_good = next((r for r in reversed(session.history)
+                                if r.action in (None, "log")), None)
 
 
 def _redirected(module: Any) -> bool:

@@ -396,6 +396,7 @@ def _did(decision: policy.Decision, config: GuardConfig) -> str:
     if action == "abort":
         if "no finite snapshot" in decision.reason:
             return (" nanguard aborted the run: there is no finite snapshot to roll back to "
-                    "(none was taken: the weights were non-finite whenever one was due).")
+                    "(none was taken: the weights or the optimizer's state were non-finite "
+                    "whenever one was due).")
         return " nanguard aborted the run."
     return " nanguard let the step through (no rung of the ladder left)."

@@ -834,3 +834,94 @@ def test_a_dict_of_training_loaders_is_split_per_loader(tmp_path):
     assert {"inputs.a", "inputs.b", "targets.a", "targets.b"} == {
         k for k in dump.tensors if k.startswith(("inputs", "targets"))}
     assert dump.tensors["targets.b"].dtype == np.int64
+
+
+class Validates(Classifier):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+def test_a_fit_after_evaluating_a_checkpoint_starts_afresh(tmp_path):
+    # Lightning hands callbacks their checkpointed state for validate/test/predict too: only
+    # a fit that resumes from the checkpoint takes it.
+    first = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    t = trainer(tmp_path, first)
+    t.fit(Validates(), make_data(6, nan_batches=(1, 4)))
+    path = str(tmp_path / "run.ckpt")
+    t.save_checkpoint(path)
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps2"))
+    model = Validates()
+    t2 = trainer(tmp_path, guard)
+    t2.validate(model, make_data(2), ckpt_path=path)
+    t2.fit(model, make_data(6, nan_batches=(3,)))
+    assert [r.step for r in guard.history] == list(range(6))
+    assert [e.step for e in guard.events] == [3]
+    assert guard.state_dict()["session"]["ladder"]["total_bad"] == 1
+
+
+def test_nothing_is_logged_when_the_trainer_logs_no_steps(tmp_path):
+    logged = []
+
+    class Spy(NanGuard):
+        def _log(self, pl_module, rec):
+            logged.append(rec.step)
+            super()._log(pl_module, rec)
+
+    # log_every_n_steps=0: only the epoch's last step, which monitors read at its end.
+    trainer(tmp_path, Spy(dump_dir=str(tmp_path / "dumps")), log_every_n_steps=0).fit(
+        Classifier(), make_data(12))
+    assert logged == [11]
+
+    logged.clear()
+    guard = Spy(dump_dir=str(tmp_path / "dumps"))
+    t = pl.Trainer(barebones=True, max_epochs=1, callbacks=[guard], accelerator="cpu",
+                   devices=1, default_root_dir=tmp_path)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        t.fit(Classifier(), make_data(6, nan_batches=(2,)))
+    assert logged == []
+    assert not [w for w in seen if "self.log()" in str(w.message)]
+    assert [r.action for r in guard.history] == [None, None, "skip", None, None, None]
+
+
+def test_a_rollback_after_lightnings_pruning_renamed_the_weights(tmp_path):
+    from lightning.pytorch.callbacks import ModelPruning
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = Classifier()
+    pruning = ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=False)
+    t = trainer(tmp_path, guard, max_epochs=2, extra_callbacks=[pruning])
+    # Epoch 1 runs on `net.0.weight_orig` (+ mask); the snapshot named it `net.0.weight`.
+    t.fit(model, make_data(6, nan_batches=(1, 2, 3, 4)))
+    actions = [r.action for r in guard.history]
+    assert actions[6:] == [None, "skip", "skip", "skip", "rollback", None]
+    assert "net.0.weight_orig" in dict(model.named_parameters())
+    assert_finite(model)
+
+
+def test_a_resumed_runs_first_bad_step_shows_monitors_the_last_good_one(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    clean = list(make_data(4))
+    bad = [(x.clone(), y) for x, y in clean]
+    bad[0][0][0, 0] = math.nan
+
+    def run(max_epochs, batches, ckpt=None):
+        guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+        stop = EarlyStopping(monitor="nanguard/loss", patience=1000,
+                             check_on_train_epoch_end=False)
+        t = trainer(tmp_path, guard, max_epochs=max_epochs, extra_callbacks=[stop],
+                    val_check_interval=1)
+        t.fit(Validates(), loader_of(batches), make_data(1), ckpt_path=ckpt)
+        return t, guard
+
+    t, _ = run(1, clean)
+    path = str(tmp_path / "epoch0.ckpt")
+    t.save_checkpoint(path)
+    t, guard = run(2, bad, path)  # epoch 1 opens with a NaN batch
+    assert [r.action for r in guard.history] == [None] * 4 + ["skip", None, None, None]
+    assert not t.should_stop
+    assert float(t.callback_metrics["nanguard/loss"]) == pytest.approx(guard.history[-1].loss)

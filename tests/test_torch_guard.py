@@ -1943,3 +1943,142 @@ def test_a_constructor_that_fails_does_not_take_over(tmp_path):
     run(old, model, opt, batches(2))  # the first guard still guards
     assert len(old.history) == 2
     old.close()
+
+
+def test_rollback_reaches_weights_pruning_renamed_since_the_snapshot(tmp_path):
+    # torch.nn.utils.prune turns `0.weight` into the parameter `0.weight_orig` (the same
+    # tensor) and a `0.weight_mask` buffer: the rollback finds it under its new name.
+    prune = pytest.importorskip("torch.nn.utils.prune")
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    data = batches(10)
+    for i in (5, 6, 7, 8):
+        data[i][0][0, 0] = float("nan")
+    seen = {}
+
+    def before(i):
+        if i == 0:
+            seen["snapshot"] = model[0].weight.detach().clone()
+        if i == 2:
+            prune.l1_unstructured(model[0], "weight", amount=0.5)
+        if i == 9:  # right after the rollback
+            seen["restored"] = model[0].weight_orig.detach().clone()
+
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, data, before_step=before)
+    assert [r.action for r in guard.history][5:] == ["skip", "skip", "skip", "rollback", None]
+    assert torch.equal(seen["restored"], seen["snapshot"])  # bit for bit, under its new name
+    assert weights_finite(model)
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "in_place"])
+def test_optimizer_state_gone_inf_is_found_when_a_snapshot_is_taken(tmp_path, how):
+    # An Inf in Adam's second moment (a corrupt optimizer checkpoint; a float16 state that
+    # overflowed): the update of that weight is m / sqrt(inf) = 0 from then on, the weights
+    # stay finite, and no per-step check reads the state. The next snapshot finds it (right
+    # after a load_state_dict, else when one is due): weights_nonfinite, rolled back at once.
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    found_at = 6 if how == "load_state_dict" else 8
+    seen = {}
+
+    def corrupt(i):
+        if i == 4:
+            seen["snapshot"] = state_copy(model)  # the step-4 snapshot is taken next
+        if i == 6 and how == "load_state_dict":
+            state = opt.state_dict()
+            state["state"][0]["exp_avg_sq"][0, 0] = float("inf")
+            opt.load_state_dict(state)
+        if i == 6 and how == "in_place":
+            opt.state[model[0].weight]["exp_avg_sq"][0, 0] = float("inf")
+        if i == found_at + 1:
+            seen["restored"] = state_copy(model)
+
+    with NanGuard(model, opt, snapshot_every=4, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, batches(11), before_step=corrupt)
+    (event,) = guard.events
+    assert (event.step, event.cause) == (found_at, "weights_nonfinite")
+    assert event.where == "optimizer.0.weight.exp_avg_sq"
+    actions = [r.action for r in guard.history]
+    assert actions[found_at] == "rollback" and actions.count(None) == 10
+    assert same_bits(seen["restored"], seen["snapshot"])
+    assert all(torch.isfinite(v).all() for st in opt.state.values() for v in st.values())
+    assert weights_finite(model)
+    assert nanguard.load(guard.dumps[0]).event.cause == "weights_nonfinite"
+
+
+def test_non_finite_optimizer_state_spread_by_an_update_is_named(tmp_path):
+    # A NaN in Adam's first moment turns the next update into NaN weights: the cause is the
+    # state, not a too-large update (the gradients and the learning rate are fine).
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def corrupt(i):
+        if i == 5:
+            opt.state[model[2].weight]["exp_avg"][1, 3] = float("nan")
+
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, batches(8), before_step=corrupt)
+    (event,) = guard.events
+    assert (event.step, event.cause) == (5, "weights_nonfinite")
+    assert event.where == "optimizer.2.weight.exp_avg"
+    assert "optimizer's state was non-finite" in event.message
+    assert event.action == "rollback" and weights_finite(model)
+
+
+def test_a_nan_in_an_unused_frozen_parameter_is_reported_at_the_first_snapshot(tmp_path):
+    # A checkpoint's spare head, frozen and never called, holds a NaN: no snapshot can be
+    # taken, so the first bad batch would find nothing to roll back to. The guard says so at
+    # once, naming the tensor, instead of training on without snapshots.
+    class WithSpareHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp()
+            self.pooler = torch.nn.Linear(4, 4).requires_grad_(False)
+            with torch.no_grad():
+                self.pooler.weight[1, 2] = float("nan")
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = WithSpareHead()
+    opt = torch.optim.Adam(model.body.parameters(), lr=1e-2)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    with pytest.raises(nanguard.NonFiniteTrainingError) as err:
+        run(guard, model, opt, batches(4))
+    event = err.value.event
+    assert (event.step, event.cause, event.where) == (0, "weights_nonfinite", "pooler.weight")
+    assert "frozen" in event.message
+
+    # Without abort in actions: logged once, and training goes on.
+    model = WithSpareHead()
+    opt = torch.optim.Adam(model.body.parameters(), lr=1e-2)
+    with NanGuard(model, opt, actions=("skip", "rollback"), dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, batches(4))
+    assert [r.action for r in guard.history] == ["log", None, None, None]
+    assert weights_finite(model.body)
+
+
+def test_a_rollback_never_goes_back_past_a_checkpoint_the_loop_loaded(tmp_path):
+    # "Reload the best weights so far" mid-run: the next step takes a fresh snapshot, so a
+    # later rollback lands on the reloaded state, not on an older snapshot.
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    data = batches(12)
+    for i in (8, 9, 10, 11):
+        data[i][0][0, 0] = float("nan")
+    seen = {}
+
+    def before(i):
+        if i == 3:
+            seen["best"] = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        if i == 6:
+            model.load_state_dict(seen["best"][0])
+            opt.load_state_dict(seen["best"][1])
+            seen["reloaded"] = state_copy(model)
+
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, data, before_step=before)
+        assert guard.snapshot_step == 6
+    assert [r.action for r in guard.history][8:] == ["skip", "skip", "skip", "rollback"]
+    assert same_bits(state_copy(model), seen["reloaded"])  # the last step rolled back
