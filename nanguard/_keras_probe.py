@@ -6,7 +6,7 @@ Nothing here runs on a good step.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -23,7 +23,8 @@ from nanguard._keras_state import (
 from nanguard._keras_step import Head, float_tensors, sparse_classes
 from nanguard.events import StepRecord
 
-ACTIVATION_DUMP_BYTES = 16 * 2**20
+ACTIVATION_DUMP_BYTES = 16 * 2**20  # per tensor of the localized layer in the dump
+ACTIVATION_DUMP_TOTAL = 64 * 2**20  # all of them together
 
 
 def named_arrays(obj: Any, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -93,59 +94,105 @@ def _describe_labels(name: str, t: np.ndarray, bad: np.ndarray, n: int) -> str:
     return text
 
 
-def localize(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.ndarray] | None:
-    """Replay a batch layer by layer; the first layer whose output is non-finite.
+Localized = tuple[str, bool, list[np.ndarray], list[np.ndarray]]
 
-    ``Sequential`` and functional models run their ``layers`` in order; a subclassed model
-    runs once with every layer's calls recorded (:func:`_localize_by_calls`). Always with
-    ``training=False``, so the replay changes no state. Returns ``(layer name, is the output
-    layer, its input, its output)``, or None when every output is finite.
+
+def _flags(arrays: Sequence[np.ndarray]) -> tuple[bool, bool, bool]:
+    """(any NaN, any +Inf, any -Inf) over the floating arrays."""
+    nan = pos = neg = False
+    for a in arrays:
+        if a.dtype.kind == "c":
+            nan = nan or not bool(np.isfinite(a).all())
+        elif a.dtype.kind == "f":
+            nan = nan or bool(np.isnan(a).any())
+            pos = pos or bool(np.isposinf(a).any())
+            neg = neg or bool(np.isneginf(a).any())
+    return nan, pos, neg
+
+
+def _host_arrays(structure: Any) -> list[np.ndarray]:
+    """The numeric tensors of a nested structure as host arrays, in order."""
+    out = []
+    for t in keras.tree.flatten(structure):
+        if t is None or not hasattr(t, "dtype"):
+            continue
+        try:
+            a = to_numpy(t, 2**62)
+        except Exception:  # noqa: BLE001 - not a tensor the host can read: left out
+            continue
+        if a.dtype.kind in "biufc":
+            out.append(a)
+    return out
+
+
+def localize(model: Any, x: Any, allow_neg_inf: Sequence[str] = ()) -> Localized | None:
+    """Replay a batch layer by layer; the first layer that turned finite inputs into a
+    non-finite output.
+
+    ``Sequential`` and functional models run their ``layers`` in order; a subclassed model,
+    and a functional one with a layer called more than once (a shared, siamese layer: its
+    ``layer.output`` is its first call's only), runs once with every layer's calls recorded
+    (:func:`_localize_by_calls`). Always with ``training=False``, so the replay changes no
+    state. ``-inf`` outputs of the layers ``allow_neg_inf`` names are intended
+    (:class:`nanguard.detector.Blame`). Returns ``(layer name, is the output layer, its inputs, its
+    outputs)`` (the numeric ones, as host arrays), or None when no layer is to blame.
     """
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     if not layers:
         return None
+    blame = detector.Blame(allow_neg_inf)
     if isinstance(model, keras.Sequential):
-        h = x
+        h, h_arrays = x, _host_arrays(x)
         for i, layer in enumerate(layers):
             out = layer(h, training=False)
-            arr = to_numpy(out, 2**62)
-            if not np.isfinite(arr).all():
-                return layer.name, i == len(layers) - 1, _cut(h), _cut(arr)
-            h = out
+            arrays = _host_arrays(out)
+            if blame.blames(layer.name, _flags(arrays), _flags(h_arrays)):
+                return layer.name, i == len(layers) - 1, _cut_all(h_arrays), _cut_all(arrays)
+            h, h_arrays = out, arrays
         return None
+    if any(len(getattr(layer, "_inbound_nodes", ())) > 1 for layer in layers):
+        return _localize_by_calls(model, x, blame)
     try:
         outputs = [layer.output for layer in layers]
         replay = keras.Model(model.inputs, outputs)
-    except Exception:  # noqa: BLE001 - subclassed or shared layers: no graph to cut
-        return _localize_by_calls(model, x)
+    except Exception:  # noqa: BLE001 - subclassed: no graph to cut
+        return _localize_by_calls(model, x, blame)
     results = replay(x, training=False)
+    # Every layer's outputs by their symbolic tensor: the next layers' inputs. The model's
+    # own inputs are not among them: the probe replays only a batch whose inputs are finite.
+    values: dict[int, np.ndarray] = {}
     for layer, out in zip(layers, results, strict=False):
-        arrays = [to_numpy(t, 2**62) for t in keras.tree.flatten(out)]
-        if all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f"):
+        symbolic = keras.tree.flatten(layer.output)
+        arrays = []
+        for s, t in zip(symbolic, keras.tree.flatten(out), strict=False):
+            found = _host_arrays(t)
+            if found:
+                values[id(s)] = found[0]
+                arrays.append(found[0])
+        inputs = keras.tree.flatten(layer.input)
+        known = [values[id(s)] for s in inputs if id(s) in values]
+        if not blame.blames(layer.name, _flags(arrays), lambda: _flags(known)):  # noqa: B023
             continue
         try:
             inp = keras.Model(model.inputs, layer.input)(x, training=False)
-            inp_arr = _cut(to_numpy(keras.tree.flatten(inp)[0], 2**62))
-        except Exception:  # noqa: BLE001 - the input is optional forensic detail
-            inp_arr = np.zeros(0, np.float32)
+            ins = _host_arrays(inp)
+        except Exception:  # noqa: BLE001 - the inputs are optional forensic detail
+            ins = known
         output_ids = {id(t) for t in keras.tree.flatten(model.outputs)}
-        try:
-            produced = keras.tree.flatten(layer.output)
-        except Exception:  # noqa: BLE001 - a layer called more than once has no single output
-            produced = []
-        last = layer is layers[-1] or any(id(t) in output_ids for t in produced)
-        bad = next((a for a in arrays if a.dtype.kind == "f" and not np.isfinite(a).all()),
-                   arrays[0])
-        return layer.name, bool(last), inp_arr, _cut(bad)
+        last = layer is layers[-1] or any(id(t) in output_ids for t in symbolic)
+        return layer.name, bool(last), _cut_all(ins), _cut_all(arrays)
     return None
 
 
-def _localize_by_calls(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.ndarray] | None:
-    """A subclassed model has no graph to cut: run it once with every layer's ``call``
-    wrapped (instance attributes, removed afterwards, as fairseq's NaN detector hooks
-    modules) and name the first layer to return a non-finite output from finite inputs.
-    Calls are seen as they finish, so a custom block is named only when none of its own
-    layers is to blame."""
+def _localize_by_calls(model: Any, x: Any,
+                       blame: detector.Blame | None = None) -> Localized | None:
+    """A subclassed model has no graph to cut (and a shared layer's calls have no single
+    output to cut at): run it once with every layer's ``call`` wrapped (instance attributes,
+    removed afterwards, as fairseq's NaN detector hooks modules) and name the first layer
+    call to return a non-finite output from finite inputs
+    (:class:`nanguard.detector.Blame`). Calls are seen as they finish, so a custom block is
+    named only when none of its own layers is to blame."""
+    blame = blame or detector.Blame()
     flatten = getattr(model, "_flatten_layers", None)
     layers = (list(flatten(include_self=False, recursive=True)) if callable(flatten)
               else list(model.layers))
@@ -156,10 +203,10 @@ def _localize_by_calls(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.nd
             out = orig(*args, **kwargs)
             if not found:
                 outs = [to_numpy(t, 2**62) for t in float_tensors(out)]
-                if not all(np.isfinite(a).all() for a in outs):
-                    ins = [to_numpy(t, 2**62) for t in float_tensors((args, kwargs))]
-                    if all(np.isfinite(a).all() for a in ins):
-                        found.append((layer, ins, outs, float_tensors(out)))
+                if blame.blames(layer.name, _flags(outs), lambda: _flags([
+                        to_numpy(t, 2**62) for t in float_tensors((args, kwargs))])):
+                    found.append((layer, _host_arrays((args, kwargs)), outs,
+                                  float_tensors(out)))
             return out
         return call
 
@@ -178,7 +225,7 @@ def _localize_by_calls(model: Any, x: Any) -> tuple[str, bool, np.ndarray, np.nd
         return None
     layer, ins, outs, tensors = found[0]
     last = any(t is o for t in tensors for o in float_tensors(result))
-    return layer.name, last, _cut(ins[0]) if ins else np.zeros(0, np.float32), _cut(outs[0])
+    return layer.name, last, _cut_all(ins), _cut_all(outs)
 
 
 def _peak(a: np.ndarray) -> float:
@@ -192,6 +239,24 @@ def _cut(a: Any) -> np.ndarray:
     if a.ndim and a.nbytes > ACTIVATION_DUMP_BYTES:
         a = a[: max(1, ACTIVATION_DUMP_BYTES // max(1, a[0].nbytes))]
     return a
+
+
+def _cut_all(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return [_cut(a) for a in arrays]
+
+
+def _numbered(prefix: str, arrays: Sequence[np.ndarray], budget: int) -> dict[str, np.ndarray]:
+    """``prefix`` for one array, ``prefix.<i>`` for several (as the torch replay names
+    them), as many as fit in ``budget`` bytes in order; the rest are left out."""
+    if len(arrays) == 1:
+        return {prefix: arrays[0]} if arrays[0].nbytes <= budget else {}
+    out = {}
+    for i, a in enumerate(arrays):
+        if a.nbytes > budget:
+            break
+        out[f"{prefix}.{i}"] = a
+        budget -= a.nbytes
+    return out
 
 
 def clean_loss_bad_grads(record: StepRecord) -> bool:
@@ -314,16 +379,19 @@ class KerasProbe:
         heads: What each entry of ``batch["heads"]`` is (its name, sparse loss or not,
             ignored class).
         replay: Whether to replay the batch layer by layer.
+        allow_neg_inf: Layer names (or ``fnmatch`` patterns) whose ``-inf`` outputs are
+            intended: the replay blames neither them nor the ``-inf`` flowing from them.
     """
 
     def __init__(self, model: Any, batch: Mapping[str, Any], *, heads: list[Head] | None = None,
-                 replay: bool = True) -> None:
+                 replay: bool = True, allow_neg_inf: Sequence[str] = ()) -> None:
         self.model = model
         self.batch = batch
         self.heads = list(heads or [])
         self.replay = replay
+        self.allow_neg_inf = tuple(allow_neg_inf)
         self._tensors: dict[str, np.ndarray] | None = None
-        self.localized: tuple[str, bool, np.ndarray, np.ndarray] | None = None
+        self.localized: Localized | None = None
 
     def tensors(self) -> dict[str, np.ndarray]:
         if self._tensors is None:
@@ -335,9 +403,13 @@ class KerasProbe:
             self._tensors = out
         out = dict(self._tensors)
         if self.localized is not None:
-            name, _, inp, res = self.localized
-            out[f"activation.{name}.input"] = inp
-            out[f"activation.{name}.output"] = res
+            # Every input and output of the layer: `.input` / `.output` for one,
+            # `.input.<i>` / `.output.<i>` for several; the outputs first within the budget.
+            name, _, ins, outs = self.localized
+            kept = _numbered(f"activation.{name}.output", outs, ACTIVATION_DUMP_TOTAL)
+            left = ACTIVATION_DUMP_TOTAL - sum(a.nbytes for a in kept.values())
+            out.update(_numbered(f"activation.{name}.input", ins, left))
+            out.update(kept)
         return out
 
     def paired_targets(self) -> list[tuple[Head, np.ndarray, np.ndarray | None]]:
@@ -379,7 +451,7 @@ class KerasProbe:
             if clean and self.replay:
                 ev.details.update(overflowing_norm(self.model, self.batch))
         if self.replay and clean and logits_bad and self.batch.get("x") is not None:
-            self.localized = localize(self.model, self.batch["x"])
+            self.localized = localize(self.model, self.batch["x"], self.allow_neg_inf)
             if self.localized is not None:
                 name, is_output, _, _ = self.localized
                 ev.where = name

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import functools
 import math
 import warnings
@@ -363,9 +362,8 @@ class Localizer:
         self.names[model] = root or f"<{type(model).__name__}>"
         self.do_forward = forward
         self.do_backward = backward
-        self.allow = tuple(allow_neg_inf)
+        self.blame = detector.Blame(allow_neg_inf)
         self.finding: Finding | None = None
-        self.neg_inf_seen = False
         self.order: list[tuple[str, torch.nn.Module, bool, bool]] = []
         self._candidates: dict[int, Finding] = {}
         self._handles: list[Any] = []
@@ -385,22 +383,12 @@ class Localizer:
             handle.remove()
         self._handles = []
 
-    def allowed(self, name: str) -> bool:
-        return any(name == pat or fnmatch.fnmatchcase(name, pat) for pat in self.allow)
-
     def _forward(self, name: str, module: Any, args: Any, kwargs: Any, output: Any) -> None:
         if self.finding is not None:
             return
         ins = float_tensors((args, kwargs))
         outs = float_tensors(output)
-        in_nan, in_pos, in_neg = _flags(ins)
-        out_nan, out_pos, out_neg = _flags(outs)
-        allowed = self.allowed(name)
-        if out_neg and allowed:
-            self.neg_inf_seen = True
-        in_bad = in_nan or in_pos or (in_neg and not self.neg_inf_seen)
-        out_bad = out_nan or out_pos or (out_neg and not in_neg and not allowed)
-        if out_bad and not in_bad:
+        if self.blame.blames(name, _flags(outs), _flags(ins)):
             self.finding = Finding(
                 name,
                 "forward",

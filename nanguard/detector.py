@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from nanguard.events import StepRecord
 
@@ -346,3 +347,45 @@ def layer_growth(
             {"name": name(j), "step": s, "ratio": -neg} for s, neg, j, _, _ in growers[:5]
         ],
     }
+
+
+Flags = tuple[bool, bool, bool]
+"""(any NaN, any +Inf, any -Inf) over a call's floating inputs or outputs."""
+
+
+class Blame:
+    """Which call a layer-by-layer replay blames: the first whose output is non-finite
+    while its inputs are finite. ``-inf`` outputs of the layers ``allow_neg_inf`` names
+    (exact names or ``fnmatch`` patterns: attention masks) are intended: they are not
+    blamed, and ``-inf`` reaching later layers from them is not either. A NaN or ``+inf``
+    out of them still is. Both replays (torch modules, Keras layers) ask it, call by call
+    in the order the calls finish.
+
+    Example:
+        >>> b = Blame(("mask",))
+        >>> b.blames("mask", (False, False, True), (False, False, False))
+        False
+        >>> b.blames("softmax", (True, False, False), (False, False, True))
+        True
+    """
+
+    def __init__(self, allow_neg_inf: Sequence[str] = ()) -> None:
+        self.allow = tuple(allow_neg_inf)
+        self.neg_inf_seen = False
+
+    def allowed(self, name: str) -> bool:
+        return any(name == pat or fnmatch.fnmatchcase(name, pat) for pat in self.allow)
+
+    def blames(self, name: str, outs: Flags, ins: Flags | Callable[[], Flags]) -> bool:
+        """Whether the call of ``name`` with these output flags is to blame; ``ins`` may be
+        a function, called only when an output is non-finite."""
+        out_nan, out_pos, out_neg = outs
+        if not (out_nan or out_pos or out_neg):
+            return False
+        allowed = self.allowed(name)
+        if out_neg and allowed:
+            self.neg_inf_seen = True
+        in_nan, in_pos, in_neg = ins() if callable(ins) else ins
+        in_bad = in_nan or in_pos or (in_neg and not self.neg_inf_seen)
+        out_bad = out_nan or out_pos or (out_neg and not in_neg and not allowed)
+        return out_bad and not in_bad

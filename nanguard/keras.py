@@ -162,7 +162,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         # Before the first snapshot: with the optimizer built lazily inside the first step,
         # a rollback to that snapshot would not restore its slots (Adam's moments).
         self._snapshot_complete = build_optimizer(model)
-        self.session.extra_meta["param_names"] = [v.path for v in model.trainable_variables]
+        self._name_params()
         if self._reuse_step(model):
             self._watch_next_fit(model)
             return
@@ -299,13 +299,20 @@ class NanGuard(Readout, keras.callbacks.Callback):
         last = None if self._snapshot is None else self._snapshot.step
         if not self._snapshot_complete and self.session.step > 0:
             # The model's variables appeared in the first step (a subclassed model called
-            # for the first time): snapshot them all now.
+            # for the first time): snapshot them all now, and name them.
             self._snapshot_complete = True
+            self._name_params()
             last = None
         if self.session.snapshot_due(last):
             snap = Snapshot(self.session.step, self.model)
             if snap.finite():
                 self._snapshot = snap
+
+    def _name_params(self) -> None:
+        """``meta["param_names"]``: the paths of the variables ``layer_grad_norms`` follow.
+        Read again when the variables appear in the first step (a model built lazily)."""
+        names = [v.path for v in self.model.trainable_variables]
+        self.session.extra_meta["param_names"] = names
 
     def _after_step(self, logs: Any) -> Any:
         logs = dict(logs)
@@ -330,6 +337,9 @@ class NanGuard(Readout, keras.callbacks.Callback):
                                      for w in self.model.trainable_variables)
             batch: dict[str, Any] = extra
             can_skip = True
+            if (bad or update_bad) and len(record.layer_grad_norms or ()) != len(
+                    self.session.extra_meta.get("param_names") or ()):
+                self._name_params()  # a lazily built model's first step went bad
         else:
             logs = _flatten_logs(logs)  # as Keras hands them to callbacks
             value, bad = self._judge_logs(logs)
@@ -348,7 +358,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
                 assert self._snapshot is not None
                 self._snapshot.restore()
         heads = self._instrument.heads if self._instrument is not None else None
-        probe = KerasProbe(self.model, batch, heads=heads, replay=not self.fallback)
+        probe = KerasProbe(self.model, batch, heads=heads, replay=not self.fallback,
+                           allow_neg_inf=self.config.allow_neg_inf)
         verdict = self.session.conclude(record, probe, bad=bad, update_nonfinite=update_bad,
                                         update_step=step, can_skip=can_skip,
                                         has_snapshot=self._snapshot is not None)

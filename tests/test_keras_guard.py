@@ -271,6 +271,118 @@ def test_naive_softmax_output_layer_is_a_logits_cause(tmp_path):
         (0, "logits_nonfinite", "probs")]
 
 
+# A shared (siamese) layer called on two branches: Keras's `layer.output` is its first call's
+# only, so the replay records every call instead and names the shared layer on the branch
+# whose call went bad (not the layer after it).
+def test_a_shared_layer_is_named_on_the_call_that_went_bad(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    xa = rng.normal(size=(64, 8)).astype("float32")
+    xb = rng.normal(size=(64, 8)).astype("float32")
+    xb[16:32] *= 100.0  # batch 1: only branch b overflows the shared naive softmax
+    a, b = keras.Input((8,), name="a"), keras.Input((8,), name="b")
+    enc = keras.layers.Dense(16, name="shared_enc")
+    sm = keras.layers.Activation(naive_softmax, name="shared_sm")
+    h = keras.layers.Concatenate(name="concatenate")([sm(enc(a)), sm(enc(b))])
+    model = keras.Model([a, b], keras.layers.Dense(3, name="head")(h))
+    model.compile(keras.optimizers.Adam(),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit([xa, xb], rng.integers(0, 3, 64), batch_size=16, epochs=1, shuffle=False,
+              verbose=0, callbacks=[guard])
+    assert [(e.step, e.cause, e.where) for e in guard.events] == [
+        (1, "activation_nonfinite", "shared_sm")]
+    dump = nanguard.load(guard.dumps[0])
+    assert np.isfinite(dump.tensors["activation.shared_sm.input"]).all()
+    assert np.isnan(dump.tensors["activation.shared_sm.output"]).any()
+    assert inspect_json(guard.dumps[0], capsys)["where"] == "shared_sm"
+    assert all("call" not in vars(layer) for layer in model._flatten_layers())  # unwrapped
+    assert all_finite(model)
+
+
+# Every input of the blamed layer is in the dump (`.input.<i>` for several), not just the first.
+def test_every_input_of_the_blamed_layer_is_dumped(tmp_path):
+    rng = np.random.default_rng(0)
+    xa = rng.normal(size=(64, 8)).astype("float32")
+    xb = rng.normal(size=(64, 8)).astype("float32")
+    xb[16:32] *= 1e4
+    a, b = keras.Input((8,), name="a"), keras.Input((8,), name="b")
+    ha = keras.layers.Dense(4, name="da")(a)
+    hb = keras.layers.Dense(4, name="db")(b)
+    joint = keras.layers.Lambda(lambda t: naive_softmax(ops.concatenate(t, -1)),
+                                name="joint_sm")([ha, hb])
+    model = keras.Model([a, b], keras.layers.Dense(3, name="head")(joint))
+    model.compile(keras.optimizers.SGD(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit([xa, xb], rng.integers(0, 3, 64), batch_size=16, epochs=1, shuffle=False,
+              verbose=0, callbacks=[guard])
+    assert [(e.step, e.cause, e.where) for e in guard.events] == [
+        (1, "activation_nonfinite", "joint_sm")]
+    tensors = nanguard.load(guard.dumps[0]).tensors
+    names = sorted(n for n in tensors if n.startswith("activation."))
+    assert names == ["activation.joint_sm.input.0", "activation.joint_sm.input.1",
+                     "activation.joint_sm.output"]
+    assert tensors["activation.joint_sm.input.0"].shape == (16, 4)
+    assert np.abs(tensors["activation.joint_sm.input.1"]).max() > 100  # branch b's overflow
+    assert np.isfinite(tensors["activation.joint_sm.input.1"]).all()
+    assert np.isnan(tensors["activation.joint_sm.output"]).any()
+
+
+def _masked(h):  # an attention mask: the last two positions are padding, -inf on purpose
+    keep = ops.arange(ops.shape(h)[-1]) < ops.shape(h)[-1] - 2
+    return ops.where(keep, h, -np.inf)
+
+
+def masked_sequential():
+    return keras.Sequential([
+        keras.Input((8,)), keras.layers.Dense(8, name="fd"),
+        keras.layers.Lambda(_masked, name="attn_mask"),
+        keras.layers.Activation(naive_softmax, name="naive_sm"),
+        keras.layers.Dense(3, name="head")])
+
+
+def masked_functional():
+    inputs = keras.Input((8,))
+    h = keras.layers.Lambda(_masked, name="attn_mask")(keras.layers.Dense(8, name="fd")(inputs))
+    h = keras.layers.Activation(naive_softmax, name="naive_sm")(h)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
+
+
+class MaskedSubclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.fd = keras.layers.Dense(8, name="fd")
+        self.mask = keras.layers.Lambda(_masked, name="attn_mask")
+        self.sm = keras.layers.Activation(naive_softmax, name="naive_sm")
+        self.head = keras.layers.Dense(3, name="head")
+
+    def call(self, x):
+        return self.head(self.sm(self.mask(self.fd(x))))
+
+
+# allow_neg_inf names layers whose -inf outputs are intended (names or fnmatch patterns): the
+# replay passes over them and over the -inf flowing on from them, and names the layer that
+# really overflowed (the naive softmax); without it the mask is blamed.
+@pytest.mark.parametrize("build", [masked_sequential, masked_functional, MaskedSubclassed])
+@pytest.mark.parametrize(("allow", "where"), [
+    ((), "attn_mask"), (("attn_mask",), "naive_sm"), (("attn_*",), "naive_sm")])
+def test_allow_neg_inf_layers_are_not_blamed_for_their_minus_inf(tmp_path, build, allow, where):
+    x, y = data()
+    x[16:32] *= 1e4  # batch 1: the naive softmax overflows (exp -> inf, inf / inf -> NaN)
+    model = build()
+    model.compile(keras.optimizers.SGD(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path), allow_neg_inf=allow)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert [(e.step, e.cause, e.where) for e in guard.events] == [
+        (1, "activation_nonfinite", where)]
+    tensors = nanguard.load(guard.dumps[0]).tensors
+    if allow:  # the -inf came in from the mask: in the dumped input, not blamed
+        assert np.isneginf(tensors["activation.naive_sm.input"]).any()
+        assert np.isnan(tensors["activation.naive_sm.output"]).any()
+    assert all_finite(model)
+
+
 def test_custom_loss_dividing_by_relu_sum(tmp_path, capsys):
     def ratio_loss(y_true, y_pred):
         return ops.sum(ops.square(y_true - y_pred)) / ops.sum(y_pred)
@@ -1104,6 +1216,30 @@ def test_rollback_to_the_first_snapshot_restores_adam_moments(tmp_path, build, s
     assert same(rec.after[3][0], rec.before[snap][0])
     assert same(rec.after[3][1], slots)  # Adam's moments as they were, bit for bit
     assert not same(rec.before[3][1], slots)  # the steps in between had moved them
+
+
+# A model built lazily (no keras.Input, or subclassed) has no variables when fit starts: the
+# dump still names them (meta["param_names"], in layer_grad_norms' order), whether the first
+# step or a later one goes bad.
+@pytest.mark.parametrize("bad_step", [0, 2])
+@pytest.mark.parametrize("build", [
+    lambda: keras.Sequential([keras.layers.Dense(16, activation="relu", name="hidden"),
+                              keras.layers.Dense(3, name="head")], name="lazy"),
+    PlainSubclassed,
+], ids=["lazy_sequential", "subclassed"])
+def test_a_lazily_built_model_names_its_variables_in_dumps(tmp_path, build, bad_step):
+    x, y = data()
+    x[bad_step * 16 + 3, 0] = np.nan
+    model = compiled(build(), keras.optimizers.SGD(0.05))
+    assert not model.trainable_variables
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert [(e.step, e.cause) for e in guard.events] == [(bad_step, "input_nonfinite")]
+    dump = nanguard.load(guard.dumps[0])
+    names = [v.path for v in model.trainable_variables]
+    assert len(names) == 4
+    assert dump.meta["param_names"] == names
+    assert len(dump.history[-1].layer_grad_norms) == len(names)
 
 
 class CustomStep(keras.Sequential):

@@ -341,6 +341,77 @@ SCRIPT = textwrap.dedent(
     m.fit(rng.integers(1, 30, (64, 10)), y, batch_size=32, epochs=1, shuffle=False, verbose=0,
           callbacks=[g])
     out["sequence_label"] = [(e.step, e.cause, e.message) for e in g.events]
+
+    # 16. a shared (siamese) layer whose second call (branch b) overflows: named, not the
+    # layer after it; every input of a multi-input blamed layer is dumped
+    def activations(g):
+        d = nanguard.load(g.dumps[0])
+        return {k: [int(np.isnan(v).sum()), int(np.isinf(v).sum())]
+                for k, v in d.tensors.items() if k.startswith("activation.")}
+
+    def two_branches(xb_scale, shared):
+        keras.utils.set_random_seed(0)
+        xa = rng.normal(size=(64, 8)).astype("float32")
+        xb = rng.normal(size=(64, 8)).astype("float32"); xb[16:32] *= xb_scale
+        a, b = keras.Input((8,), name="a"), keras.Input((8,), name="b")
+        if shared:
+            enc = keras.layers.Dense(16, name="shared_enc")
+            sm = keras.layers.Activation(naive_softmax, name="shared_sm")
+            h = keras.layers.Concatenate(name="concatenate")([sm(enc(a)), sm(enc(b))])
+        else:
+            h = keras.layers.Lambda(lambda t: naive_softmax(ops.concatenate(t, -1)),
+                                    name="joint_sm")([keras.layers.Dense(4)(a),
+                                                      keras.layers.Dense(4)(b)])
+        m = keras.Model([a, b], keras.layers.Dense(3, name="head")(h))
+        m.compile(keras.optimizers.SGD(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        g = NanGuard(dump_dir=dump_dir)
+        m.fit([xa, xb], rng.integers(0, 3, 64), batch_size=16, epochs=1, shuffle=False,
+              verbose=0, callbacks=[g])
+        return [[(e.step, e.cause, e.where) for e in g.events], activations(g)]
+
+    out["shared"] = two_branches(100.0, shared=True)
+    out["joint"] = two_branches(1e4, shared=False)
+
+    # 17. allow_neg_inf: an intended -inf mask is not blamed, nor the -inf flowing from it;
+    # the naive softmax after it that overflows is
+    def masked(h):
+        keep = ops.arange(ops.shape(h)[-1]) < ops.shape(h)[-1] - 2
+        return ops.where(keep, h, -np.inf)
+
+    def functional_masked():
+        i = keras.Input((8,))
+        h = keras.layers.Lambda(masked, name="attn_mask")(keras.layers.Dense(8)(i))
+        h = keras.layers.Activation(naive_softmax, name="naive_sm")(h)
+        return keras.Model(i, keras.layers.Dense(3)(h))
+
+    class MaskedNet(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.fd = keras.layers.Dense(8)
+            self.mask = keras.layers.Lambda(masked, name="attn_mask")
+            self.sm = keras.layers.Activation(naive_softmax, name="naive_sm")
+            self.head = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.head(self.sm(self.mask(self.fd(x))))
+
+    def masked_events(build, allow):
+        keras.utils.set_random_seed(0)
+        m = build()
+        m.compile(keras.optimizers.SGD(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x = rng.normal(size=(32, 8)).astype("float32"); x[16:] *= 1e4
+        g = NanGuard(dump_dir=dump_dir, allow_neg_inf=allow)
+        m.fit(x, rng.integers(0, 3, 32), batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[g])
+        return [[(e.step, e.cause, e.where) for e in g.events], activations(g)]
+
+    out["neg_inf"] = {
+        "not_allowed": masked_events(functional_masked, ())[0],
+        "allowed": masked_events(functional_masked, ("attn_mask",)),
+        "pattern_subclassed": masked_events(MaskedNet, ("attn_*",)),
+    }
     print("RESULT " + json.dumps(out))
     """
 )
@@ -406,3 +477,18 @@ def test_torch_backend_end_to_end(tmp_path):
     assert (step, cause) == (1, "target_invalid")
     assert "the first is -1 (batch row 8, position 7)" in message
     assert "SparseCategoricalCrossentropy(ignore_class=-1)" in message
+    events, acts = out["shared"]
+    assert events == [[1, "activation_nonfinite", "shared_sm"]]
+    assert set(acts) == {"activation.shared_sm.input", "activation.shared_sm.output"}
+    assert acts["activation.shared_sm.input"] == [0, 0] and acts["activation.shared_sm.output"][0]
+    events, acts = out["joint"]
+    assert events == [[1, "activation_nonfinite", "joint_sm"]]
+    assert set(acts) == {"activation.joint_sm.input.0", "activation.joint_sm.input.1",
+                         "activation.joint_sm.output"}
+    neg_inf = out["neg_inf"]
+    assert neg_inf["not_allowed"] == [[1, "activation_nonfinite", "attn_mask"]]
+    for key in ("allowed", "pattern_subclassed"):
+        events, acts = neg_inf[key]
+        assert events == [[1, "activation_nonfinite", "naive_sm"]], key
+        assert acts["activation.naive_sm.input"][1] > 0, key  # the mask's -inf came in
+        assert acts["activation.naive_sm.output"][0] > 0, key  # the overflow's NaN
