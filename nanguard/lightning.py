@@ -343,8 +343,9 @@ class NanGuard(Readout, _CallbackBase):
             self._clipping_off = pl_module
         trainer = pl_module.trainer
         record = verdict.record
-        monitored = not trainer.barebones and self._monitored(trainer)
-        if monitored or (not trainer.barebones and self._flushes(trainer)):
+        quiet = _barebones(trainer)
+        monitored = not quiet and self._monitored(trainer)
+        if monitored or (not quiet and self._flushes(trainer)):
             # A monitor reads callback_metrics right after this step: a step the guard kept
             # from the weights shows the last good step's values, so EarlyStopping
             # (check_finite) does not end the run the guard has just saved.
@@ -415,7 +416,7 @@ class NanGuard(Readout, _CallbackBase):
         if self._engine is None:
             return
         self._check_last_update()  # before ModelCheckpoint (Lightning runs it last) saves
-        if trainer.barebones:  # Trainer(barebones=True) turns pl_module.log off, with a warning
+        if _barebones(trainer):
             return
         for name, value in self._counters().items():
             pl_module.log(name, value, on_step=False, on_epoch=True,
@@ -455,6 +456,12 @@ class NanGuard(Readout, _CallbackBase):
         # What a monitor reads after a resumed run's first bad step (see _finish).
         self._last_good = next((r for r in reversed(session.history)
                                 if r.action in (None, "log")), None)
+
+
+def _barebones(trainer: pl.Trainer) -> bool:
+    """``Trainer(barebones=True)`` (Lightning >= 2.1) turns ``pl_module.log`` off, with a
+    warning per call: the callback logs nothing then."""
+    return bool(getattr(trainer, "barebones", False))
 
 
 def _redirected(module: Any) -> bool:
