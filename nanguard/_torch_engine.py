@@ -343,17 +343,18 @@ class Snapshot:
                     target.data.copy_(self.model[name])
 
     def _targets(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Where each saved tensor goes back to: the same tensor if the model still holds it
-        (under any name), else the tensor of the same name (a buffer reassigned since). A
-        tensor the model no longer holds is left out; one added since keeps its value."""
+        """Where each saved tensor goes back to: the model's tensor of the same name (also
+        a buffer reassigned or swapped since), else, for a name gone from the model, the
+        same tensor under its new name (pruning's `weight_orig`). A tensor the model no
+        longer holds is left out; one added since keeps its value."""
         live = _live_state(model)
         held = {id(v) for v in live.values()}
         targets = {}
         for name, ref in self.refs.items():
-            if id(ref) in held:
-                targets[name] = ref
-            elif name in live and live[name].shape == self.model[name].shape:
+            if name in live and live[name].shape == self.model[name].shape:
                 targets[name] = live[name]
+            elif name not in live and id(ref) in held:
+                targets[name] = ref
         return targets
 
     def restore(self, model: torch.nn.Module, optimizers: list[Any]) -> None:
@@ -462,6 +463,7 @@ class TorchEngine:
         )
         self.session.extra_meta["param_names"] = [self.names[p] for p in self.params]
         self.snapshot: Snapshot | None = None
+        self.prior_snapshot: Snapshot | None = None  # the one before, for DDP (see measure)
         self.logits_name = config.logits_module or "output"
         self._hook: Any = None
         self._load_hooks: list[Any] = []
@@ -596,6 +598,8 @@ class TorchEngine:
         self.verdict: Verdict | None = None
         self.stepped: set[int] = set()  # ids of the optimizers that stepped in this step
         self.state_corrupt = False  # a snapshot due now found weights or state non-finite
+        self.refused_now = False  # a snapshot due at this step's start was refused
+        self.snapshot_new = False  # one was taken at this step's start (prior_snapshot before)
         self.updated = False  # this step's own update went into the weights (after_update)
 
     def begin_step(self, inputs: Any = None, targets: Any = None) -> None:
@@ -754,8 +758,13 @@ class TorchEngine:
 
             loss_bad = ~stats[0].isfinite()
             update_bad = stats[4] == 0
+            # And any rank's snapshot refused at this step's start (a rank-local fault: the
+            # evidence is exchanged on the slow path).
             local_bad = loss_bad | ~stats[3].isfinite() | update_bad
-            flags = torch.stack([local_bad, loss_bad, update_bad]).float()
+            if self.state_corrupt:
+                local_bad = torch.ones_like(local_bad)
+            refused = torch.full_like(local_bad, self.refused_now)
+            flags = torch.stack([local_bad, loss_bad, update_bad, refused]).float()
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             stats = torch.cat([stats, flags])
         packed = torch.cat([stats, norms])
@@ -770,6 +779,11 @@ class TorchEngine:
         n_head = len(stats)
         self.any_rank_bad = bool(values[5]) if self.distributed else None
         self.any_rank_loss_bad = bool(values[6]) if self.distributed else None
+        if self.distributed and values[8] and self.snapshot_new:
+            # Another rank refused the snapshot this one took: every rank keeps the one
+            # before, so that a rollback lands on the same step everywhere.
+            self.snapshot = self.prior_snapshot
+        self.prior_snapshot, self.snapshot_new = None, False
         layer = _layer_norms(self.params, grads, values[n_head:])
         self.measured_lrs = lrs = [g.get("lr", math.nan)
                                    for opt in self.optimizers for g in opt.param_groups]
@@ -832,6 +846,7 @@ class TorchEngine:
             self.drop_grads()
         if decision.restores and self.snapshot is not None:
             self.snapshot.restore(self.model, self.optimizers)
+            self.refusal_reported = False  # finite again: a new fault is a new event
         elif decision.blocks_update and self.snapshot is not None:
             # The bad step's forward already ran: a NaN batch leaves BatchNorm's running
             # statistics NaN (training goes on on batch statistics, evaluation would not).
@@ -971,10 +986,13 @@ class TorchEngine:
         parameters; so the step is concluded as bad (``corrupt``), once until a snapshot is
         taken again."""
         if not self.weights_finite():
+            self.refused_now = True
             if not self.refusal_reported:
                 self.refusal_reported = self.state_corrupt = True
             return False
         self.refusal_reported = False
+        if self.distributed:  # kept until this step's measure: another rank may refuse
+            self.prior_snapshot, self.snapshot_new = self.snapshot, True
         self.snapshot = Snapshot(step, self.model, self.optimizers)
         return True
 
@@ -1178,9 +1196,10 @@ class TorchProbe:
         if e.update_was_bad:
             ev.update_nonfinite = True
             ev.weights_nonfinite = self._first_nonfinite_state()
-            # Finite gradients keep the optimizer's state finite (a float32 norm overflows
-            # first): state that is not was so before the update, which only spread it.
-            state = self._first_nonfinite_optimizer_state()
+            # Finite gradients keep a float32 optimizer state finite (their float32 norm
+            # overflows first): such state that is not was so before the update, which only
+            # spread it. A 16-bit state can overflow in the update itself: not concluded.
+            state = self._first_nonfinite_optimizer_state(wide_only=True)
             if state:
                 ev.details["optimizer_state_nonfinite"] = state
             lr = e.lr_of(ev.weights_nonfinite.split(":")[0] if ev.weights_nonfinite else None)
@@ -1263,12 +1282,14 @@ class TorchProbe:
                 return f"{found}, a frozen parameter no optimizer steps; load a finite one"
         return self._first_nonfinite_optimizer_state()
 
-    def _first_nonfinite_optimizer_state(self) -> str | None:
+    def _first_nonfinite_optimizer_state(self, *, wide_only: bool = False) -> str | None:
+        """The first non-finite optimizer state tensor; ``wide_only``: float32 or wider."""
         e = self.engine
         for opt in e.optimizers:
             for p, st in opt.state.items():
                 for key, value in st.items():
-                    if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                            and (not wide_only or value.dtype.itemsize >= 4)):
                         found = _describe_nonfinite(
                             f"optimizer.{e.names.get(p, '?')}.{key}", value
                         )

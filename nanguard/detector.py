@@ -165,9 +165,8 @@ def classify(
             f"Step {s}: the optimizer's state was non-finite ({state}) and the update, made "
             f"from finite gradients (norm {_fmt(record.grad_norm)}), carried it into the "
             "weights. Finite gradients keep a float32 state finite, so it was non-finite "
-            "before the step (a corrupt optimizer checkpoint?), or it is a 16-bit state that "
-            "overflowed (keep the optimizer's state in float32). Only a finite snapshot can "
-            "restore it."
+            "before the step: something outside the training step wrote it (a corrupt "
+            "optimizer checkpoint?). Only a finite snapshot can restore it."
         )
     if evidence.update_nonfinite:
         where = _name(evidence.weights_nonfinite)

@@ -60,6 +60,7 @@ def worker(rank: int, outdir: str) -> None:
                 },
                 "label_at_step_0": short_run(rank, outdir, "label"),
                 "collective_in_forward": short_run(rank, outdir, "collective"),
+                "optimizer_state": short_run(rank, outdir, "state"),
             },
             fh,
         )
@@ -117,7 +118,9 @@ def short_run(rank: int, outdir: str, fault: str) -> dict:
     """Rank 1 alone goes bad: ``label``, a class id out of range at the very first step
     (before any gradient told the guard the output scores classes); ``collective``, a NaN
     input at step 2 of a model whose forward runs an all-reduce (a replay on one rank only
-    would wait forever for the other)."""
+    would wait forever for the other); ``state``, an Inf written into rank 1's Adam state
+    before step 3, which the snapshot due at step 4 finds on rank 1 only (rank 0's snapshot
+    there must not stand: the rollback goes to the same step on both)."""
     from nanguard.torch import NanGuard
 
     torch.manual_seed(0)
@@ -126,16 +129,21 @@ def short_run(rank: int, outdir: str, fault: str) -> dict:
         layers.insert(1, SyncedNorm())
     net = torch.nn.Sequential(*layers)
     model = torch.nn.parallel.DistributedDataParallel(net)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    guard = NanGuard(model, opt, dump_dir=f"{outdir}/dumps_{fault}")
+    if fault == "state":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = NanGuard(model, opt, dump_dir=f"{outdir}/dumps_{fault}", snapshot_every=2)
     g = torch.Generator().manual_seed(300 + rank)
-    for step in range(4):
+    for step in range(6):
         x = torch.randn(4, 8, generator=g)
         y = torch.randint(0, 4, (4,), generator=g)
         if rank == 1 and fault == "label" and step == 0:
             y[2] = 10
         if rank == 1 and fault == "collective" and step == 2:
             x[1, 1] = math.nan
+        if rank == 1 and fault == "state" and step == 3:
+            opt.state[net[0].weight]["exp_avg_sq"][0, 0] = math.inf
         opt.zero_grad()
         with guard.step(x, targets=y):
             guard.backward(torch.nn.functional.cross_entropy(model(x), y))

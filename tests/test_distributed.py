@@ -103,9 +103,15 @@ def test_plain_torch_guard_ranks_agree(tmp_path):
         assert r0["actions"] == r1["actions"], kind
         assert r0["actions"][step] == "skip" and r0["actions"].count("skip") == 1, kind
         assert r1["events"] == [[step, cause]], kind
-        assert r0["weights"] == r1["weights"], kind
         assert r0["weights"] == r1["weights"], kind  # bit-identical replicas
         assert all(math.isfinite(w) for p in r0["weights"] for w in p), kind
+    # Rank 1's optimizer state alone went Inf: the snapshot due at step 4 is refused there
+    # only; both ranks conclude step 4 as weights_nonfinite, roll back to the step-2
+    # snapshot, and end with the same weights.
+    r0, r1 = (r["optimizer_state"] for r in results)
+    assert r0["actions"] == r1["actions"] == [None] * 4 + ["rollback", None]
+    assert r0["events"] == r1["events"] == [[4, "weights_nonfinite"]]
+    assert r0["weights"] == r1["weights"]
 
 
 @pytest.mark.lightning

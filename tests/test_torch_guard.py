@@ -2082,3 +2082,97 @@ def test_a_rollback_never_goes_back_past_a_checkpoint_the_loop_loaded(tmp_path):
         assert guard.snapshot_step == 6
     assert [r.action for r in guard.history][8:] == ["skip", "skip", "skip", "rollback"]
     assert same_bits(state_copy(model), seen["reloaded"])  # the last step rolled back
+
+
+class DoubleBuffered(torch.nn.Module):
+    """Keeps its last two batch summaries in buffers swapped each forward (no allocation),
+    and the previous running mean beside the current one by reassignment."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp(n_in=16)
+        self.register_buffer("prev", torch.zeros(8))
+        self.register_buffer("cur", torch.zeros(8))
+        self.register_buffer("mean", torch.zeros(8))
+        self.register_buffer("prev_mean", torch.zeros(8))
+
+    def forward(self, x):
+        self.prev, self.cur = self.cur, self.prev
+        self.cur.copy_(x.detach().mean(0))
+        self.prev_mean = self.mean
+        self.mean = 0.9 * self.mean + 0.1 * x.detach().mean(0)
+        return self.net(torch.cat([x - self.mean, self.prev.expand_as(x)], 1))
+
+
+def test_buffers_swapped_or_reassigned_are_restored_by_name(tmp_path):
+    # The tensor a snapshot saved under `cur` is `prev` now: each name gets its own value
+    # back (bit for bit), and a NaN the bad batch wrote into `mean` is repaired on a skip.
+    model = DoubleBuffered()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(9, n_in=8)
+    data[4][0][0, 0] = float("nan")
+    data[7][0][0, 0] = float("nan")
+    seen = {}
+
+    def before(i):
+        if i == 4:
+            seen["snapshot"] = state_copy(model)  # the step-4 snapshot (snapshot_every=4)
+        if i == 5:
+            seen["after_skip"] = state_copy(model)
+
+    with NanGuard(model, opt, snapshot_every=4, actions=("skip", "rollback", "abort"),
+                  max_skips=1, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, data, before_step=before)
+    assert [r.action for r in guard.history] == [None] * 4 + ["skip", None, None,
+                                                              "skip", None]
+    assert all(torch.isfinite(v).all() for v in seen["after_skip"].values())
+    assert torch.equal(seen["after_skip"]["mean"], seen["snapshot"]["mean"])
+
+    model = DoubleBuffered()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen.clear()
+    with NanGuard(model, opt, snapshot_every=4, actions=("rollback", "abort"),
+                  dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, data[:6], before_step=before)
+    assert [r.action for r in guard.history][4] == "rollback"
+    assert same_bits(seen["after_skip"], seen["snapshot"])
+
+
+def test_optimizer_state_going_bad_again_after_a_rollback_is_found_again(tmp_path):
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def corrupt(i):
+        if i in (5, 9):  # the second before any new snapshot could be taken
+            opt.state[model[0].weight]["exp_avg_sq"][0, 0] = float("inf")
+
+    with NanGuard(model, opt, snapshot_every=4, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, batches(16), before_step=corrupt)
+    causes = [(e.step, e.cause, e.action) for e in guard.events]
+    assert causes[0] == (8, "weights_nonfinite", "rollback")
+    assert len(causes) == 2 and causes[1][1:] == ("weights_nonfinite", "rollback")
+    assert all(torch.isfinite(v).all() for st in opt.state.values() for v in st.values())
+
+
+def test_a_16_bit_momentum_that_overflows_in_the_update_is_update_nonfinite(tmp_path):
+    # float16 state can overflow in the update itself (0.9 * buf + g past 65504): that is
+    # the update's fault, not a state that was bad before the step.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).half()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-7, momentum=0.9)
+    guard = NanGuard(model, opt, actions=("skip", "rollback"), dump_dir=str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = (torch.rand(32, 4, generator=g) * 200 + 100).half()  # raw features
+        y = torch.full((32, 1), 100.0)
+        opt.zero_grad()
+        with guard.step(x, targets=y):
+            guard.backward(F.mse_loss(model(x).float(), y))
+            opt.step()
+    guard.close()
+    assert guard.events and guard.events[0].cause == "update_nonfinite"
+    assert weights_finite(model)
