@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from nanguard.dump import SUFFIX, Dump, DumpError, load, tensor_summary
@@ -22,12 +22,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 success, 1 replay found nothing,
     2 bad input: an unreadable dump, a missing extra, a factory or model that does not fit).
     """
+    with _escaping_output():
+        return _main(argv)
+
+
+@contextlib.contextmanager
+def _escaping_output() -> Iterator[None]:
+    """Text from a dump or a file name may not encode (a lone surrogate, a non-UTF-8 byte
+    under a strict UTF-8 locale): stdout and stderr escape it rather than fail mid-report,
+    and are put back as they were afterwards (``main`` may run inside a user's program)."""
+    saved = []
     for stream in (sys.stdout, sys.stderr):
-        # Text from a dump or a file name may not encode (a lone surrogate, a non-UTF-8
-        # byte under a strict UTF-8 locale): escape it rather than fail mid-report.
+        errors = getattr(stream, "errors", None)
         reconfigure = getattr(stream, "reconfigure", None)
-        if reconfigure is not None:
+        if errors is not None and callable(reconfigure):
             reconfigure(errors="backslashreplace")
+            saved.append((reconfigure, errors))
+    try:
+        yield
+    finally:
+        for reconfigure, errors in saved:
+            with contextlib.suppress(ValueError, OSError):  # closed meanwhile
+                reconfigure(errors=errors)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

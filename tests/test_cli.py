@@ -209,3 +209,9 @@ def test_complex_tensors_are_summarised_without_an_order(tmp_path, capsys):
         assert main(["inspect", "--json", path]) == 0
     summary = json.loads(capsys.readouterr().out)["tensors"]["inputs"]
     assert summary["nan"] == 1 and summary["min"] is None and summary["max"] is None
+
+
+def test_main_puts_the_output_streams_back_as_they_were(tmp_path, capsys):
+    before = (sys.stdout.errors, sys.stderr.errors)
+    assert main(["ls", str(tmp_path)]) == 0
+    assert (sys.stdout.errors, sys.stderr.errors) == before
