@@ -487,6 +487,7 @@ class TorchEngine:
         self.any_rank_loss_bad: bool | None = None
         self.warned_no_output = False
         self.refusal_reported = False  # since the last snapshot taken (see take_snapshot)
+        self.accumulates = False  # a step has spanned several contexts (plain torch)
         # The gradient the loss sent into the logits at the last step (when the logits are
         # the model's output): evidence whether the output scores classes (scores_classes).
         self.last_output_grad: torch.Tensor | None = None
@@ -599,6 +600,7 @@ class TorchEngine:
         self.stepped: set[int] = set()  # ids of the optimizers that stepped in this step
         self.state_corrupt = False  # a snapshot due now found weights or state non-finite
         self.refused_now = False  # a snapshot due at this step's start was refused
+        self.open_versions: list[int] | None = None  # see keep_open_unchanged
         self.snapshot_new = False  # one was taken at this step's start (prior_snapshot before)
         self.updated = False  # this step's own update went into the weights (after_update)
 
@@ -913,6 +915,23 @@ class TorchEngine:
             self.update_was_bad = False
         self.carry_out(verdict)
         return verdict
+
+    def keep_open_unchanged(self) -> None:
+        """A step's context ended with a loss and no hooked ``optimizer.step()``: gradient
+        accumulation, the step goes on in the next context. The parameters must not change
+        meanwhile: if they do, an optimizer the guard does not hook is stepping (re-created
+        in a notebook cell): every batch would be unguarded, and kept in memory."""
+        self.accumulates = True
+        versions = [p._version for p in self.params]
+        if self.open_versions is not None and versions != self.open_versions:
+            raise RuntimeError(
+                "The parameters changed between two guard.step() contexts with no "
+                "optimizer.step() this guard hooks: an optimizer it does not watch is "
+                "stepping them (was the optimizer created again?), and those steps go "
+                "unguarded. Create NanGuard(model, optimizer) with the optimizer that "
+                "trains the model (close the old guard)."
+            )
+        self.open_versions = versions
 
     def end_step(self, *, keep_open: bool = False) -> None:
         """Leave the step's context; ``keep_open``: the step goes on in the next one

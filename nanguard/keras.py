@@ -122,6 +122,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         self.fallback = False
         self._instrument: StepInstrument | None = None
         self._inner: Any = None
+        self._patched: Any = None  # the model the patches are on (see _teardown)
         self._lr: LearningRate | None = None
         self._snapshot: Snapshot | None = None
         self._metrics: MetricState | None = None  # the fallback's metrics before each step
@@ -212,9 +213,14 @@ class NanGuard(Readout, keras.callbacks.Callback):
         where the patches come off; a guarded ``fit`` puts them back in ``on_train_begin``.
         """
         def make_train_function(force: bool = False) -> Any:
-            self._teardown()
+            vars(model).pop("make_train_function", None)  # this very function
+            if self._patched is model:
+                self._teardown()
+            elif getattr(model, "train_function", None) == self._train_function:
+                model.train_function = None  # the guard moved on to another model since
             return model.make_train_function(force)
 
+        self._patched = model
         vars(model)["make_train_function"] = make_train_function
 
     def _reuse_step(self, model: Any) -> bool:
@@ -477,8 +483,10 @@ class NanGuard(Readout, keras.callbacks.Callback):
             log.debug("nanguard %r", rec)
 
     def _teardown(self) -> None:
-        """Undo every patch; the model trains as before without the guard."""
-        model = getattr(self, "model", None)
+        """Undo every patch; the model trains as before without the guard. On the model
+        the patches went on, which may not be ``self.model`` any more (Keras sets it for
+        each ``fit``: the same guard on another model after an interrupted ``fit``)."""
+        model, self._patched = self._patched, None
         if model is not None:
             vars(model).pop("make_train_function", None)
         if self._instrument is not None:
@@ -487,8 +495,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
         if self._lr is not None:
             self._lr.restore()
         if self._inner is not None:
-            model = self.model
-            if getattr(model, "train_function", None) == self._train_function:
+            if model is not None and getattr(model, "train_function", None) == (
+                    self._train_function):
                 model.train_function = None
             self._inner = None
 

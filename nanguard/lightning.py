@@ -190,6 +190,7 @@ class NanGuard(Readout, _CallbackBase):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.dumps = []
+        self._last_good = None  # this fit's own, or the resumed run's (_apply_state)
         if trainer.ckpt_path is None:
             # Lightning loads callback state for validate/test/predict(ckpt_path=...) too:
             # a fit that resumes nothing starts afresh.

@@ -331,10 +331,15 @@ class _Step:
         engine = self.guard._engine
         if engine.in_step:
             raise RuntimeError("guard.step() contexts cannot be nested.")
+        self.index = engine.session.step  # of this step (an open one's, if continued)
         if engine.open:  # the last guard.step() did not reach optimizer.step()
             engine.continue_step(self.inputs, self.targets)
-        else:
+            return self
+        try:
             engine.begin_step(self.inputs, self.targets)
+        except BaseException:  # Ctrl-C while the snapshot copies: no step was begun
+            engine.end_step()
+            raise
         return self
 
     def __exit__(
@@ -385,9 +390,13 @@ class _Step:
                 # other error (a bug in the loop's own code) still reaches the loop.
                 return _about_class_ids(exc)
             # An error the loop may catch and go on from (out of memory): the step still
-            # counts, so later indices match the batch index. No history entry: nothing
-            # was measured.
-            engine.session.step += 1
+            # counts, so later indices match the batch index (once: a verdict interrupted
+            # on its slow path counted it already). No history entry: nothing was measured.
+            # With gradient accumulation it was one micro-batch: the step stays open.
+            if engine.accumulates:
+                keep_open = True
+            else:
+                engine.session.step = max(engine.session.step, self.index + 1)
             return False
         finally:
             engine.end_step(keep_open=keep_open)
@@ -403,6 +412,7 @@ class _Step:
         """
         guard, engine = self.guard, self.guard._engine
         if guard.scaler is None:
+            engine.keep_open_unchanged()
             return True
         record = engine.measure()
         if engine.scaler_skipped(record):

@@ -1606,6 +1606,24 @@ class FailsAtEpochEnd(keras.callbacks.Callback):
         raise RuntimeError("a callback failed")
 
 
+def test_a_guard_moved_to_another_model_after_an_interrupted_fit_unpatches_the_first(
+        tmp_path):
+    # A notebook: model A's guarded fit is interrupted, the user builds model B and fits it
+    # with the same guard, then goes back to A: A trains plainly (it used to recurse
+    # forever in its leftover make_train_function).
+    x, y = data(n=64)
+    a, b = classifier(), classifier()
+    guard = NanGuard(dump_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="a callback failed"):
+        a.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[guard, FailsAtEpochEnd()])
+    b.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[guard])
+    assert "make_train_function" not in vars(a) and "make_train_function" not in vars(b)
+    before = guard.step_count
+    hist = a.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert math.isfinite(hist.history["loss"][0]) and guard.step_count == before
+    a.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[NanGuard(dump_dir=str(tmp_path))])
+
+
 def test_a_fit_that_raises_outside_the_step_leaves_no_guard_behind(tmp_path):
     # No on_train_end runs; the next fit, without the guard, must train unguarded.
     x, y = data(n=64)

@@ -925,3 +925,17 @@ def test_a_resumed_runs_first_bad_step_shows_monitors_the_last_good_one(tmp_path
     assert [r.action for r in guard.history] == [None] * 4 + ["skip", None, None, None]
     assert not t.should_stop
     assert float(t.callback_metrics["nanguard/loss"]) == pytest.approx(guard.history[-1].loss)
+
+
+def test_a_second_fit_does_not_show_monitors_the_first_fits_values(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    trainer(tmp_path, guard).fit(Classifier(lr=0.5), make_data(4))
+    # A fresh fit of another model with the same callback; its first step is bad.
+    stop = EarlyStopping(monitor="nanguard/loss", patience=100, check_finite=False)
+    t = trainer(tmp_path, guard, max_steps=1, extra_callbacks=[stop])
+    t.fit(Classifier(lr=0.1), make_data(4, nan_batches=(0,)))
+    assert [r.action for r in guard.history] == ["skip"]
+    assert float(t.callback_metrics["nanguard/lr"]) == pytest.approx(0.1)  # not fit 1's 0.5
+    assert math.isnan(float(t.callback_metrics["nanguard/loss"]))

@@ -2176,3 +2176,86 @@ def test_a_16_bit_momentum_that_overflows_in_the_update_is_update_nonfinite(tmp_
     guard.close()
     assert guard.events and guard.events[0].cause == "update_nonfinite"
     assert weights_finite(model)
+
+
+def test_ctrl_c_while_a_snapshot_copies_leaves_the_guard_usable(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    copies = []
+
+    def interrupt_second_copy(module, prefix, keep_vars):
+        copies.append(prefix)
+        if len(copies) == 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C, inside a large model's copy
+
+    model.register_state_dict_pre_hook(interrupt_second_copy)
+    guard = NanGuard(model, opt, snapshot_every=2, dump_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        run(guard, model, opt, batches(5))
+    assert guard.step_count == 2  # steps 0 and 1 ran; step 2 never began
+    run(guard, model, opt, batches(3))  # the cell run again
+    assert [r.step for r in guard.history] == [0, 1, 2, 3, 4]
+    guard.close()
+
+
+def test_ctrl_c_on_a_bad_steps_slow_path_counts_the_step_once(tmp_path):
+    import logging
+
+    class Interrupting(logging.Handler):
+        def emit(self, record):
+            logger.removeHandler(self)
+            raise KeyboardInterrupt  # arrives while the event is being reported
+
+    logger = logging.getLogger("nanguard")
+    logger.addHandler(Interrupting())
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(6)
+    data[3][0][0, 0] = float("nan")
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        run(guard, model, opt, data)
+    assert guard.step_count == 4
+    run(guard, model, opt, batches(2))
+    assert [r.step for r in guard.history] == [0, 1, 2, 3, 4, 5]
+    guard.close()
+
+
+def test_a_micro_batch_that_raises_keeps_the_accumulation_step(tmp_path):
+    # "Skip the batch on out-of-memory" in an accumulating loop: the step index still counts
+    # optimizer steps.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    k, steps_taken, skipped = 4, 0, []
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    for i, (x, y) in enumerate(batches(16)):
+        try:
+            with guard.step(x, targets=y):
+                if i == 5:
+                    raise RuntimeError("CUDA out of memory (simulated by the loop)")
+                guard.backward(F.cross_entropy(model(x), y) / k)
+                if i % k == k - 1:
+                    opt.step()
+                    opt.zero_grad()
+                    steps_taken += 1
+        except RuntimeError as err:
+            skipped.append(str(err))
+    guard.close()
+    assert skipped == ["CUDA out of memory (simulated by the loop)"]
+    assert steps_taken == 4
+    assert [r.step for r in guard.history] == [0, 1, 2, 3] and guard.step_count == 4
+
+
+def test_an_optimizer_created_again_under_an_old_guard_is_an_error(tmp_path):
+    # A notebook: the optimizer cell is run again with a new learning rate, the guard cell is
+    # not. The new optimizer's steps would go unguarded, and the guard would keep every
+    # batch of an "accumulation step" that never ends.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(guard, model, opt, batches(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(RuntimeError, match="optimizer created again"):
+        run(guard, model, opt, batches(3))
+    assert guard.step_count == 3
+    guard.close()
