@@ -158,26 +158,27 @@ def localize(model: Any, x: Any, allow_neg_inf: Sequence[str] = ()) -> Localized
     except Exception:  # noqa: BLE001 - subclassed: no graph to cut
         return _localize_by_calls(model, x, blame)
     results = replay(x, training=False)
-    # Every layer's outputs by their symbolic tensor: the next layers' inputs. The model's
+    # The NaN/+Inf/-Inf flags of every layer's outputs, by their symbolic tensor: the next
+    # layers' inputs (flags only: a host copy of every activation would add up). The model's
     # own inputs are not among them: the probe replays only a batch whose inputs are finite.
-    values: dict[int, np.ndarray] = {}
+    flags: dict[int, detector.Flags] = {}
     for layer, out in zip(layers, results, strict=False):
         symbolic = keras.tree.flatten(layer.output)
         arrays = []
         for s, t in zip(symbolic, keras.tree.flatten(out), strict=False):
             found = _host_arrays(t)
             if found:
-                values[id(s)] = found[0]
+                flags[id(s)] = _flags(found)
                 arrays.append(found[0])
-        inputs = keras.tree.flatten(layer.input)
-        known = [values[id(s)] for s in inputs if id(s) in values]
-        if not blame.blames(layer.name, _flags(arrays), lambda: _flags(known)):  # noqa: B023
+        known = [flags[id(s)] for s in keras.tree.flatten(layer.input) if id(s) in flags]
+        if not blame.blames(layer.name, _flags(arrays), (
+                any(f[0] for f in known), any(f[1] for f in known), any(f[2] for f in known))):
             continue
         try:
             inp = keras.Model(model.inputs, layer.input)(x, training=False)
             ins = _host_arrays(inp)
         except Exception:  # noqa: BLE001 - the inputs are optional forensic detail
-            ins = known
+            ins = []
         output_ids = {id(t) for t in keras.tree.flatten(model.outputs)}
         last = layer is layers[-1] or any(id(t) in output_ids for t in symbolic)
         return layer.name, bool(last), _cut_all(ins), _cut_all(arrays)
@@ -205,7 +206,7 @@ def _localize_by_calls(model: Any, x: Any,
                 outs = [to_numpy(t, 2**62) for t in float_tensors(out)]
                 if blame.blames(layer.name, _flags(outs), lambda: _flags([
                         to_numpy(t, 2**62) for t in float_tensors((args, kwargs))])):
-                    found.append((layer, _host_arrays((args, kwargs)), outs,
+                    found.append((layer, _host_arrays((args, kwargs)), _host_arrays(out),
                                   float_tensors(out)))
             return out
         return call
@@ -234,10 +235,14 @@ def _peak(a: np.ndarray) -> float:
 
 
 def _cut(a: Any) -> np.ndarray:
+    """At most ``ACTIVATION_DUMP_BYTES``: the first rows, or, when one row is larger than
+    that, a flat prefix of the first row."""
     if not isinstance(a, np.ndarray):
         a = to_numpy(a, 2**62)
     if a.ndim and a.nbytes > ACTIVATION_DUMP_BYTES:
         a = a[: max(1, ACTIVATION_DUMP_BYTES // max(1, a[0].nbytes))]
+    if a.nbytes > ACTIVATION_DUMP_BYTES:
+        a = a.reshape(-1)[: ACTIVATION_DUMP_BYTES // a.itemsize]
     return a
 
 
@@ -252,10 +257,9 @@ def _numbered(prefix: str, arrays: Sequence[np.ndarray], budget: int) -> dict[st
         return {prefix: arrays[0]} if arrays[0].nbytes <= budget else {}
     out = {}
     for i, a in enumerate(arrays):
-        if a.nbytes > budget:
-            break
-        out[f"{prefix}.{i}"] = a
-        budget -= a.nbytes
+        if a.nbytes <= budget:
+            out[f"{prefix}.{i}"] = a
+            budget -= a.nbytes
     return out
 
 

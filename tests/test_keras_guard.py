@@ -1641,3 +1641,61 @@ def test_a_fit_that_raises_outside_the_step_leaves_no_guard_behind(tmp_path):
         assert not {"train_step", "compute_loss", "apply", "make_train_function",
                     "_get_current_learning_rate"} & set(vars(obj))
     assert float(ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(0.05)
+
+
+class SoftmaxArgmax(keras.layers.Layer):
+    """A naive softmax and the predicted class (an int32 second output)."""
+
+    def call(self, z):
+        e = ops.exp(z)
+        return e / ops.sum(e, axis=-1, keepdims=True), ops.cast(ops.argmax(z, axis=-1), "int32")
+
+
+def _siamese_with_softmax_argmax(width=6, hidden=8):
+    a, b = keras.Input((width,), name="a"), keras.Input((width,), name="b")
+    enc = keras.layers.Dense(hidden, name="enc")  # shared: the model is replayed call by call
+    p, _ = SoftmaxArgmax(name="sa")(enc(b))
+    out = keras.layers.Dense(3, name="out")(keras.layers.Concatenate(name="cat")([enc(a), p]))
+    model = keras.Model([a, b], out)
+    model.compile(keras.optimizers.Adam(1e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_every_numeric_output_of_a_layer_replayed_call_by_call_is_dumped(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = _siamese_with_softmax_argmax()
+    x, y = data(n=64, n_in=6)
+    xb = x.copy()
+    xb[24:32] *= 1e4  # batch 3 overflows the naive softmax
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit([x, xb], y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (3, "activation_nonfinite", "sa")
+    tensors = nanguard.load(guard.dumps[0]).tensors
+    assert tensors["activation.sa.output.1"].dtype == np.int32  # the argmax, not dropped
+    assert np.isnan(tensors["activation.sa.output.0"]).any()
+
+
+def test_a_blamed_layer_with_rows_over_the_dump_limit_is_cut_not_dropped(tmp_path,
+                                                                          monkeypatch):
+    # One row of the layer's output is larger than the per-tensor limit (a long sequence's
+    # pairwise scores): the dump keeps a flat prefix of it, within the limits.
+    from nanguard import _keras_probe
+
+    monkeypatch.setattr(_keras_probe, "ACTIVATION_DUMP_BYTES", 1024)
+    monkeypatch.setattr(_keras_probe, "ACTIVATION_DUMP_TOTAL", 4096)
+    keras.utils.set_random_seed(0)
+    model = _siamese_with_softmax_argmax(hidden=400)  # rows of 400 floats: 1600 bytes
+    x, y = data(n=64, n_in=6)
+    xb = x.copy()
+    xb[24:32] *= 1e4
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit([x, xb], y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[guard])
+    tensors = nanguard.load(guard.dumps[0]).tensors
+    kept = {k: v for k, v in tensors.items() if k.startswith("activation.sa.")}
+    assert set(kept) == {"activation.sa.input", "activation.sa.output.0",
+                         "activation.sa.output.1"}
+    assert all(v.nbytes <= 1024 for v in kept.values())
+    assert kept["activation.sa.input"].shape == (1024 // 4,)  # a flat prefix of row 0
+    assert kept["activation.sa.output.1"].shape == (8,)
