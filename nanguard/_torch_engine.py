@@ -601,6 +601,8 @@ class TorchEngine:
         self.state_corrupt = False  # a snapshot due now found weights or state non-finite
         self.refused_now = False  # a snapshot due at this step's start was refused
         self.open_versions: list[int] | None = None  # see keep_open_unchanged
+        self.open_grads: list[bool] | None = None
+        self.grads_cleared = False
         self.snapshot_new = False  # one was taken at this step's start (prior_snapshot before)
         self.updated = False  # this step's own update went into the weights (after_update)
 
@@ -637,6 +639,10 @@ class TorchEngine:
         self.batch_targets = targets
         self.micro_batches += 1
         self.in_step = True
+        if self.open_grads is not None:  # see keep_open_unchanged
+            self.grads_cleared = any(had and p.grad is None
+                                     for had, p in zip(self.open_grads, self.params,
+                                                       strict=False))
 
     def _on_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if self.calls is not None and module is self.model and self.calls.after(output):
@@ -918,12 +924,15 @@ class TorchEngine:
 
     def keep_open_unchanged(self) -> None:
         """A step's context ended with a loss and no hooked ``optimizer.step()``: gradient
-        accumulation, the step goes on in the next context. The parameters must not change
-        meanwhile: if they do, an optimizer the guard does not hook is stepping (re-created
-        in a notebook cell): every batch would be unguarded, and kept in memory."""
+        accumulation, the step goes on in the next context. If instead the loop cleared the
+        gradients before this context and the parameters changed since the last one, an
+        optimizer the guard does not hook is stepping them (re-created in a notebook cell):
+        every batch would go unguarded, and be kept in memory. (Parameters alone may change
+        in a forward: ``Embedding(max_norm=...)`` renormalises its rows in place.)"""
         self.accumulates = True
         versions = [p._version for p in self.params]
-        if self.open_versions is not None and versions != self.open_versions:
+        if (self.open_versions is not None and self.grads_cleared
+                and versions != self.open_versions):
             raise RuntimeError(
                 "The parameters changed between two guard.step() contexts with no "
                 "optimizer.step() this guard hooks: an optimizer it does not watch is "
@@ -932,6 +941,7 @@ class TorchEngine:
                 "trains the model (close the old guard)."
             )
         self.open_versions = versions
+        self.open_grads = [p.grad is not None for p in self.params]
 
     def end_step(self, *, keep_open: bool = False) -> None:
         """Leave the step's context; ``keep_open``: the step goes on in the next one

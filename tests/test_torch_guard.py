@@ -2259,3 +2259,23 @@ def test_an_optimizer_created_again_under_an_old_guard_is_an_error(tmp_path):
         run(guard, model, opt, batches(3))
     assert guard.step_count == 3
     guard.close()
+
+
+def test_accumulating_through_an_embedding_that_renormalises_in_place_is_no_error(tmp_path):
+    # Embedding(max_norm=...) rescales its rows in place in the forward: the parameters
+    # change between micro-batches while the loop accumulates, and that is fine.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(20, 8, max_norm=0.5), torch.nn.Flatten(),
+                                torch.nn.Linear(24, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for i in range(16):
+            x = torch.randint(0, 20, (16, 3), generator=g)
+            y = torch.randint(0, 4, (16,), generator=g)
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y) / 4)
+                if i % 4 == 3:
+                    opt.step()
+                    opt.zero_grad()
+    assert [r.step for r in guard.history] == [0, 1, 2, 3] and not guard.events
