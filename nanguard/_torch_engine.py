@@ -467,7 +467,7 @@ class TorchEngine:
         self.logits_name = config.logits_module or "output"
         self._hook: Any = None
         self._load_hooks: list[Any] = []
-        self.state_loaded = False  # a load_state_dict since the last snapshot
+        self.snapshot_owed = False  # a load_state_dict or a new param group: snapshot next
         self.calls: Any = None  # a _torch_replay.CallRecorder once attached
         self.reset_step()
         self.pending_update_ok: torch.Tensor | None = None
@@ -577,7 +577,7 @@ class TorchEngine:
             self.calls.detach()
 
     def _state_loaded(self, *args: Any) -> None:
-        self.state_loaded = True
+        self.snapshot_owed = True
 
     # -- per step -----------------------------------------------------------------------
     def reset_step(self) -> None:
@@ -600,9 +600,6 @@ class TorchEngine:
         self.stepped: set[int] = set()  # ids of the optimizers that stepped in this step
         self.state_corrupt = False  # a snapshot due now found weights or state non-finite
         self.refused_now = False  # a snapshot due at this step's start was refused
-        self.open_versions: list[int] | None = None  # see keep_open_unchanged
-        self.open_grads: list[bool] | None = None
-        self.grads_cleared = False
         self.snapshot_new = False  # one was taken at this step's start (prior_snapshot before)
         self.updated = False  # this step's own update went into the weights (after_update)
 
@@ -612,16 +609,16 @@ class TorchEngine:
             self.set_optimizers(self.optimizers)
             self.session.extra_meta["param_names"] = [self.names[p] for p in self.params]
             # The last snapshot predates the new group: a rollback to it would mix states.
-            self.take_snapshot(self.session.step)
+            self.snapshot_owed = True
         self.in_step = True
         self.micro_batches = 1
         self.inputs = inputs
         self.targets = self.batch_targets = targets
         self.refresh_distributed()
         last = None if self.snapshot is None else self.snapshot.step
-        if self.state_loaded or self.session.snapshot_due(last):
-            self.state_loaded = False
+        if self.snapshot_owed or self.session.snapshot_due(last):
             self.take_snapshot(self.session.step)
+            self.snapshot_owed = False  # after the copy: an interrupted one is owed still
 
     @property
     def open(self) -> bool:
@@ -639,10 +636,6 @@ class TorchEngine:
         self.batch_targets = targets
         self.micro_batches += 1
         self.in_step = True
-        if self.open_grads is not None:  # see keep_open_unchanged
-            self.grads_cleared = any(had and p.grad is None
-                                     for had, p in zip(self.open_grads, self.params,
-                                                       strict=False))
 
     def _on_output(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if self.calls is not None and module is self.model and self.calls.after(output):
@@ -922,26 +915,23 @@ class TorchEngine:
         self.carry_out(verdict)
         return verdict
 
-    def keep_open_unchanged(self) -> None:
+    def keep_open(self) -> None:
         """A step's context ended with a loss and no hooked ``optimizer.step()``: gradient
-        accumulation, the step goes on in the next context. If instead the loop cleared the
-        gradients before this context and the parameters changed since the last one, an
-        optimizer the guard does not hook is stepping them (re-created in a notebook cell):
-        every batch would go unguarded, and be kept in memory. (Parameters alone may change
-        in a forward: ``Embedding(max_norm=...)`` renormalises its rows in place.)"""
+        accumulation, the step goes on in the next context. A step open for ``OPEN_WARN``
+        contexts is more likely an optimizer the guard does not hook (created again in a
+        notebook cell, under the old guard): its updates go unguarded, and the open step
+        keeps every batch. Warned once."""
         self.accumulates = True
-        versions = [p._version for p in self.params]
-        if (self.open_versions is not None and self.grads_cleared
-                and versions != self.open_versions):
-            raise RuntimeError(
-                "The parameters changed between two guard.step() contexts with no "
-                "optimizer.step() this guard hooks: an optimizer it does not watch is "
-                "stepping them (was the optimizer created again?), and those steps go "
-                "unguarded. Create NanGuard(model, optimizer) with the optimizer that "
-                "trains the model (close the old guard)."
+        if self.micro_batches == OPEN_WARN:
+            warnings.warn(
+                f"A guard.step() has gone on for {OPEN_WARN} contexts with no "
+                "optimizer.step() this guard hooks, keeping every batch. If an optimizer "
+                "the guard does not watch is stepping the model (was the optimizer created "
+                "again?), its updates go unguarded: create NanGuard(model, optimizer) with "
+                "it, and close the old guard.",
+                RuntimeWarning,
+                stacklevel=4,
             )
-        self.open_versions = versions
-        self.open_grads = [p.grad is not None for p in self.params]
 
     def end_step(self, *, keep_open: bool = False) -> None:
         """Leave the step's context; ``keep_open``: the step goes on in the next one
@@ -1067,6 +1057,9 @@ class TorchEngine:
                         name = self.names.get(p) or str(id(p))
                         out[f"{prefix}{name}.{key}"] = to_numpy(value, 2**62)
         return out
+
+
+OPEN_WARN = 1024  # contexts of one open step before keep_open warns
 
 
 def _float(value: Any) -> float:

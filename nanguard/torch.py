@@ -412,7 +412,7 @@ class _Step:
         """
         guard, engine = self.guard, self.guard._engine
         if guard.scaler is None:
-            engine.keep_open_unchanged()
+            engine.keep_open()
             return True
         record = engine.measure()
         if engine.scaler_skipped(record):
@@ -420,4 +420,5 @@ class _Step:
         if engine.update_was_bad or engine.loss_bad(record):
             guard._finish(engine.decide(record=record))
             return False
+        engine.keep_open()
         return True
