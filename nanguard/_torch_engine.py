@@ -338,16 +338,16 @@ class Snapshot:
         live = _live_state(model)
         wanted = {id(live[name]) for name in names if name in live}
         with torch.no_grad():
-            for name, target in self._targets(model).items():
+            for name, target in self._targets(live).items():
                 if id(target) in wanted:
                     target.data.copy_(self.model[name])
 
-    def _targets(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def _targets(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Where each saved tensor goes back to: the model's tensor of the same name (also
         a buffer reassigned or swapped since), else, for a name gone from the model, the
         same tensor under its new name (pruning's `weight_orig`). A tensor the model no
-        longer holds is left out; one added since keeps its value."""
-        live = _live_state(model)
+        longer holds is left out; one added since keeps its value. ``live``: the model's
+        tensors now (:func:`_live_state`)."""
         held = {id(v) for v in live.values()}
         targets = {}
         for name, ref in self.refs.items():
@@ -358,9 +358,8 @@ class Snapshot:
         return targets
 
     def restore(self, model: torch.nn.Module, optimizers: list[Any]) -> None:
-        targets = self._targets(model)
         with torch.no_grad():
-            for name, target in targets.items():
+            for name, target in self._targets(_live_state(model)).items():
                 target.data.copy_(self.model[name])
         for k, (opt, saved) in enumerate(zip(optimizers, self.optim, strict=True)):
             for i, p in enumerate(_opt_params(opt)):
