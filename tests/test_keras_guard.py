@@ -128,6 +128,32 @@ def test_keras_without_its_backend_says_so():
     assert "KERAS_BACKEND" in out
 
 
+def test_nan_batch_is_skipped_with_onednn_kernels(tmp_path):
+    # TensorFlow's default oneDNN kernels on this host (conftest.py turns them off for the
+    # rest): where the fused ReLU maps NaN to 0 the NaN batch's forward looks finite, and
+    # the guard must still skip it on its NaN gradients and name the batch.
+    code = f"""
+import numpy as np
+from tests.test_keras_guard import Recorder, all_finite, classifier, data, same
+from nanguard.keras import NanGuard
+
+x, y = data()
+x[21, 3] = np.nan  # batch 1 of 16-sample batches
+model = classifier()
+guard, rec = NanGuard(dump_dir={str(tmp_path)!r}), Recorder()
+model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard, rec])
+assert [(e.step, e.cause, e.action) for e in guard.events] == [
+    (1, "input_nonfinite", "skip")], guard.events
+assert all_finite(model)
+assert same(rec.before[1][0], rec.after[1][0]) and same(rec.before[1][1], rec.after[1][1])
+assert not same(rec.before[2][0], rec.after[2][0])
+"""
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def test_uncompiled_model_is_a_clear_error():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     guard = NanGuard()
