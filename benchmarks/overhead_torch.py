@@ -7,6 +7,13 @@ Adam, in one process:
   guard    the same loop under one NanGuard at default options for the whole run, so its
            snapshot every 100 steps (and the one before the first step) is counted in
   anomaly  the bare loop under torch.autograd.detect_anomaly()
+  passes   the bare loop plus only the two reads the contract needs every step, with no
+           hooks and no logic: each gradient read once for the global norm (read to the
+           host before optimizer.step(), as a skip needs) and each updated weight read once
+           after it (its NaN/Inf check, read with the next step's numbers), with the
+           kernels the guard uses on the CPU (a BLAS dot product, a sum) and one
+           transfer. Whatever a guard does on top, it cannot cost less than this: the
+           floor of the target on this machine (--passes)
 The modes take turns in short blocks (`--steps` steps), `--rounds` times, the order
 alternating. The headline overhead is the median over rounds of the guard block's time over
 the plain block's of the same round (see benchmarks/_common.py). Prints a table and writes
@@ -16,7 +23,7 @@ Target: guard overhead <= 3% of the plain step time on both models.
 On CUDA each block ends with a synchronize, so the block times hold all of its GPU work.
 
 Run: python benchmarks/overhead_torch.py [--rounds 60] [--steps 5] [--models mlp]
-     [--device cuda]
+     [--device cuda] [--no-anomaly] [--passes]
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ class Runner:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
         self.x, self.y = (t.to(self.device) for t in batch)
         self.guard = NanGuard(self.model, self.opt, dump_dir=dump_dir) if mode == "guard" else None
+        self.params = list(self.model.parameters())
+        self.checked: list[torch.Tensor] = []  # the last update's weight sums, unread
 
     def block(self, steps: int) -> list[float]:
         model, opt, x, y, guard = self.model, self.opt, self.x, self.y, self.guard
@@ -67,6 +76,13 @@ class Runner:
                 with torch.autograd.detect_anomaly():
                     F.cross_entropy(model(x), y).backward()
                 opt.step()
+            elif self.mode == "passes":
+                F.cross_entropy(model(x), y).backward()
+                squares = [_squared_norm(p.grad) for p in self.params]
+                torch.stack(squares + self.checked).tolist()
+                opt.step()
+                with torch.no_grad():
+                    self.checked = [p.sum() for p in self.params]
             else:
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
@@ -76,6 +92,11 @@ class Runner:
             times.append(t1 - t0)
             t0 = t1
         return times
+
+
+def _squared_norm(t: torch.Tensor) -> torch.Tensor:
+    flat = t.reshape(-1)
+    return torch.dot(flat, flat) if t.device.type == "cpu" else torch.sum(flat * flat)
 
 
 def bench(name: str, factory, rounds: int, steps: int, modes: list[str], device: str) -> dict:
@@ -103,6 +124,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--steps", type=int, default=5, help="steps per block")
     parser.add_argument("--no-anomaly", action="store_true")
+    parser.add_argument("--passes", action="store_true",
+                        help="also time the bare loop plus the contract's two reads (the floor)")
     parser.add_argument("--models", default="mlp,transformer", help="comma-separated")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
@@ -112,7 +135,8 @@ def main() -> int:
     args = parser.parse_args()
     logging.getLogger("nanguard").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
-    modes = ["plain", "guard"] + ([] if args.no_anomaly else ["anomaly"])
+    modes = (["plain", "guard"] + (["passes"] if args.passes else [])
+             + ([] if args.no_anomaly else ["anomaly"]))
     chosen = args.models.split(",")
     results = [bench(n, f, args.rounds, args.steps, modes, args.device)
                for n, f in (("mlp", mlp), ("transformer", transformer)) if n in chosen]

@@ -12,7 +12,7 @@ import re
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -469,7 +469,8 @@ class TorchEngine:
         self.snapshot_owed = False  # a load_state_dict or a new param group: snapshot next
         self.calls: Any = None  # a _torch_replay.CallRecorder once attached
         self.reset_step()
-        self.pending_update_ok: torch.Tensor | None = None
+        # The last update's weight check (after_update), read at the next step.
+        self.pending_update: list[torch.Tensor] | None = None
         self.update_was_bad = False
         # Every group's LR as the last measure saw it (floats or tensors, not read: a tensor
         # LR on a GPU would cost a transfer per group), and the same for the step whose
@@ -731,60 +732,52 @@ class TorchEngine:
         self.loss = loss if self.loss is None else self.loss + loss
 
     def measure(self) -> StepRecord:
-        """The hot path: every number the core needs, in one device-to-host transfer."""
+        """The hot path: every number the core needs, in one device-to-host transfer.
+
+        One stack holds the loss, the logits' range, a statistic per gradient (its squared
+        L2 norm, or its norm) and the previous update's weight check (:meth:`after_update`);
+        norms, the global norm and the check's verdict are read from it on the host.
+        """
         grads = [p.grad for p in self.params if p.grad is not None]
         dev = grads[0].device if grads else self.params[0].device
         nan = _nan(dev)
-        if grads:
-            norms = grad_norms(grads, dev)
-            total = torch.linalg.vector_norm(norms)
-        else:
-            norms, total = torch.zeros(0, device=dev), nan
+        red = reduce_each(grads, _cpu_sq) if grads else Reduced([], [])
         loss = self.loss if self.loss is not None else nan
         if self.labels_bad is not None:
             loss = torch.where(self.labels_bad.to(loss.device), nan.to(loss.device), loss)
-        head = [
+        pending = self.pending_update or []
+        stats = stack_on([
             loss,
-            self.lmin.to(_wide(self.lmin.dtype)) if self.lmin is not None else nan,
-            self.lmax.to(_wide(self.lmax.dtype)) if self.lmax is not None else nan,
-            total,
-            self.pending_update_ok.float() if self.pending_update_ok is not None else nan,
-        ]
-        stats = torch.stack([h.to(dev) for h in head])
+            self.lmin if self.lmin is not None else nan,
+            self.lmax if self.lmax is not None else nan,
+            *red.values,
+            *pending,
+        ], dev)
+        n = len(red.values)
         if self.distributed:
-            # Every rank must take the same action: agree on "bad" in the same transfer.
-            # Flags: any rank bad, any rank's loss non-finite, any rank's last update bad.
-            import torch.distributed as dist
-
-            loss_bad = ~stats[0].isfinite()
-            update_bad = stats[4] == 0
-            # And any rank's snapshot refused at this step's start (a rank-local fault: the
-            # evidence is exchanged on the slow path).
-            local_bad = loss_bad | ~stats[3].isfinite() | update_bad
-            if self.state_corrupt:
-                local_bad = torch.ones_like(local_bad)
-            refused = torch.full_like(local_bad, self.refused_now)
-            flags = torch.stack([local_bad, loss_bad, update_bad, refused]).float()
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stats = torch.cat([stats, flags])
-        packed = torch.cat([stats, norms])
-        values = packed.tolist()
-        self.update_was_bad = values[7] == 1.0 if self.distributed else values[4] == 0.0
-        if self.update_was_bad and not self.distributed:
-            # The fast flag can be a false alarm (an L2 norm past float range): confirm.
-            self.update_was_bad = not all_finite(self.trained_params())
-        self.pending_update_ok = None
+            stats = torch.cat([stats, self._agree(stats, red.squared, len(pending))])
+        values = stats.tolist()
+        wide = any(v.dtype == torch.float64 for v in red.values)
+        layer = norms_of(values[3:3 + n], red.squared)
+        total = total_norm(values[3:3 + n], red.squared, wide=wide) if grads else math.nan
+        if self.distributed:
+            flags = values[-4:]
+            self.update_was_bad = flags[2] == 1.0
+            self.any_rank_bad, self.any_rank_loss_bad = bool(flags[0]), bool(flags[1])
+            if flags[3] and self.snapshot_new:
+                # Another rank refused the snapshot this one took: every rank keeps the one
+                # before, so that a rollback lands on the same step everywhere.
+                self.snapshot = self.prior_snapshot
+        else:
+            self.update_was_bad = not all(map(math.isfinite, values[3 + n:3 + n + len(pending)]))
+            if self.update_was_bad:
+                # The fast check can be a false alarm (a sum past float range): confirm.
+                self.update_was_bad = not all_finite(self.trained_params())
+            self.any_rank_bad = self.any_rank_loss_bad = None
+        self.pending_update = None
         if not self.update_was_bad:
             self.last_batch = None  # its update is finite: the batch is not needed
-        n_head = len(stats)
-        self.any_rank_bad = bool(values[5]) if self.distributed else None
-        self.any_rank_loss_bad = bool(values[6]) if self.distributed else None
-        if self.distributed and values[8] and self.snapshot_new:
-            # Another rank refused the snapshot this one took: every rank keeps the one
-            # before, so that a rollback lands on the same step everywhere.
-            self.snapshot = self.prior_snapshot
         self.prior_snapshot, self.snapshot_new = None, False
-        layer = _layer_norms(self.params, grads, values[n_head:])
         self.measured_lrs = lrs = [g.get("lr", math.nan)
                                    for opt in self.optimizers for g in opt.param_groups]
         return StepRecord(
@@ -792,10 +785,34 @@ class TorchEngine:
             loss=values[0],
             logits_min=values[1],
             logits_max=values[2],
-            grad_norm=values[3],
+            grad_norm=total,
             lr=_float(lrs[0]) if lrs else math.nan,
-            layer_grad_norms=layer,
+            layer_grad_norms=_layer_norms(self.params, grads, layer),
         )
+
+    def _agree(self, stats: torch.Tensor, squared: list[bool], n_pending: int) -> torch.Tensor:
+        """Under DDP every rank must take the same action: four flags all-reduced (MAX) in
+        the step's transfer: any rank bad, any rank's loss non-finite, any rank's last update
+        bad, any rank's snapshot refused at this step's start (a rank-local fault: the
+        evidence is exchanged on the slow path)."""
+        import torch.distributed as dist
+
+        n = len(squared)
+        loss_bad = ~stats[0].isfinite()
+        grads = stats[3:3 + n]
+        if n:
+            sq = torch.tensor(squared, device=stats.device)
+            grads_bad = ~torch.where(sq, grads, grads * grads).sum().isfinite()
+        else:
+            grads_bad = torch.ones_like(loss_bad)  # no gradient: a NaN norm, as on one rank
+        update_bad = (~stats[3 + n:3 + n + n_pending].isfinite()).any()
+        local_bad = loss_bad | grads_bad | update_bad
+        if self.state_corrupt:
+            local_bad = torch.ones_like(local_bad)
+        refused = torch.full_like(local_bad, self.refused_now)
+        flags = torch.stack([local_bad, loss_bad, update_bad, refused]).to(stats.dtype)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags
 
     def warn_if_no_output(self, message: str) -> None:
         """Once per engine: a step ended without the logits source's output being seen, so
@@ -874,17 +891,17 @@ class TorchEngine:
             p.grad = None
 
     def after_update(self) -> None:
-        """After an applied update: check, without a transfer, that the weights stayed finite."""
+        """After an applied update: one statistic per updated weight (non-finite when the
+        weight is), read with the next step's numbers, without a transfer now."""
         if self.verdict is not None and self.verdict.action is not None:
             return
-        touched = [p.detach() for p in self.params if p.grad is not None]
+        touched = [p for p in self.params if p.grad is not None]
         if not touched:  # nothing moved (a Lightning step whose training_step returned None)
             return
         with torch.no_grad():  # the parameters the update touched: those with a gradient
-            flag = maybe_finite(touched)
-        if self.pending_update_ok is not None:  # an earlier update's check, still unread
-            flag = flag & self.pending_update_ok.to(flag.device)
-        self.pending_update_ok = flag
+            values = reduce_each(touched, _cpu_sum).values
+        # An earlier update's check of this step (another optimizer's), still unread.
+        self.pending_update = (self.pending_update or []) + values
         self.updated = True
         self.update_lrs = self.measured_lrs
 
@@ -892,15 +909,16 @@ class TorchEngine:
         """Read the last update's check now instead of at the next step (one transfer):
         before an evaluation, a checkpoint or the end of training, which must not see
         weights that update made non-finite. On a bad update: the event, and the rollback."""
-        flag, self.pending_update_ok = self.pending_update_ok, None
-        bad = flag is not None and not bool(flag)
+        pending, self.pending_update = self.pending_update, None
+        bad = pending is not None and not all(
+            map(math.isfinite, stack_on(pending, pending[0].device).tolist()))
         if self.distributed:  # every rank calls this at the same point; agree
             import torch.distributed as dist
 
             agreed = torch.tensor([float(bad)], device=self.params[0].device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
             bad = bool(agreed.item())
-        elif bad:  # the fast flag can be a false alarm (a sum past float range)
+        elif bad:  # the fast check can be a false alarm (a sum past float range)
             bad = not all_finite(self.trained_params())
         if not bad or not self.session.history:
             self.last_batch = None
@@ -945,7 +963,7 @@ class TorchEngine:
             self.last_batch = (self.inputs, self.targets)
             self.last_versions = {id(t): t._version for obj in self.last_batch
                                   for _, t in named_tensors(obj, "")}
-        elif self.pending_update_ok is None:  # no update left unchecked (an earlier
+        elif self.pending_update is None:  # no update left unchecked (an earlier
             self.last_batch = None            # one stays with its own batch)
         self.inputs = self.targets = self.batch_targets = self.output = None
         self.original_labels = {}
@@ -1070,7 +1088,11 @@ def _scaled(value: Any, factor: float) -> Any:
 
 
 _BLAS_DTYPES = (torch.float32, torch.float64)
-_BIG = 1 << 16  # elements: a CPU tensor this large gets a kernel of its own (see _reduce)
+# A CPU tensor gets a BLAS kernel of its own (a dot product, a sum) when it is large, or when
+# the list holds at most this many small ones: one kernel call costs a few microseconds,
+# ``_foreach_norm``'s CPU loop tens, and reads a large tensor at about half speed.
+_FEW = 8
+_BIG = 1 << 16  # elements: a CPU tensor this large always gets a kernel of its own
 
 _NANS: dict[torch.device, torch.Tensor] = {}
 
@@ -1082,13 +1104,15 @@ def _nan(device: torch.device) -> torch.Tensor:
     return _NANS[device]
 
 
-def _cpu_l2(t: torch.Tensor) -> torch.Tensor:
+def _cpu_sq(t: torch.Tensor) -> torch.Tensor:
+    """The squared L2 norm (sum of squares, accumulated in the tensor's dtype: it overflows
+    to Inf as ``clip_grad_norm_``'s float32 norm does)."""
     flat = t.view(-1)
-    return torch.dot(flat, flat).sqrt()
+    return torch.dot(flat, flat)
 
 
 def _cpu_sum(t: torch.Tensor) -> torch.Tensor:
-    return t.sum(dtype=_wide(t.dtype))
+    return t.sum()
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -1097,20 +1121,33 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _reduce(
-    tensors: list[torch.Tensor], big_cpu: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """One number per tensor that is non-finite when the tensor is, stacked in order
-    (float32; float64 when a tensor is float64).
+class Reduced(NamedTuple):
+    """One 0-d statistic per tensor, in order, not yet stacked (the hot path stacks them
+    with the step's other numbers, for one transfer): non-finite when the tensor is.
 
-    Small tensors, and every tensor on an accelerator, go through one fused ``_foreach_norm``
-    kernel per (device, dtype) group: the fewest launches. On the CPU ``_foreach_norm`` loops
-    over a generic reduction that reads memory at about half speed, so large CPU tensors get
-    ``big_cpu`` instead (a BLAS dot product or a sum): the MLP of
-    ``benchmarks/overhead_torch.py`` is memory-bound, and these passes are most of the
-    guard's cost there. A sparse gradient (``Embedding(sparse=True)``) makes the kernels
-    raise; then the sparse tensors are replaced by their values and the reduction runs again,
-    so dense models pay nothing for the check.
+    ``squared[i]``: ``values[i]`` is a squared L2 norm (a BLAS dot product; its square root
+    is taken on the host), else a norm or, for a weight check, a sum.
+    """
+
+    values: list[torch.Tensor]
+    squared: list[bool]
+
+
+def reduce_each(
+    tensors: list[torch.Tensor], big_cpu: Callable[[torch.Tensor], torch.Tensor]
+) -> Reduced:
+    """One number per tensor that is non-finite when the tensor is (float32; float64 for a
+    float64 tensor), each in its tensor's dtype family and on its device.
+
+    Dense CPU float32/float64 tensors get ``big_cpu`` each (a BLAS dot product or a sum,
+    which read memory at full speed), when large or when there are few of them; the rest
+    go through one fused ``_foreach_norm`` per (device, dtype) group: the fewest launches
+    on an accelerator, and one call for a model's many small biases and norms on the CPU.
+    The MLP of ``benchmarks/overhead_torch.py`` is memory-bound on the CPU, and these
+    passes, with the calls around them, are most of the guard's cost there. A sparse
+    gradient (``Embedding(sparse=True)``) makes the kernels raise; then the sparse tensors
+    are replaced by their values and the reduction runs again, so dense models pay nothing
+    for the check.
     """
     try:
         return _reduce_strided(tensors, big_cpu)
@@ -1123,17 +1160,17 @@ def _reduce(
 
 def _reduce_strided(
     tensors: list[torch.Tensor], big_cpu: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
+) -> Reduced:
+    blas = [t.is_cpu and t.dtype in _BLAS_DTYPES and t.is_contiguous() for t in tensors]
+    few = sum(blas) <= _FEW
     out: list[torch.Tensor | None] = [None] * len(tensors)
+    squared = [False] * len(tensors)
+    sq = big_cpu is _cpu_sq
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
-        if (
-            t.device.type == "cpu"
-            and t.dtype in _BLAS_DTYPES
-            and t.numel() >= _BIG
-            and t.is_contiguous()
-        ):
+        if blas[i] and (few or t.numel() >= _BIG):
             out[i] = big_cpu(t)
+            squared[i] = sq
         else:
             groups.setdefault((t.device, t.dtype), []).append(i)
     for (_, dtype), idx in groups.items():
@@ -1143,12 +1180,32 @@ def _reduce_strided(
         norms = torch._foreach_norm([tensors[i] for i in idx], 2.0, dtype=acc)
         for i, n in zip(idx, norms, strict=True):
             out[i] = n
-    found = [n for n in out if n is not None]
-    dev = found[0].device
-    dtype = max((_wide(n.dtype) for n in found), key=lambda d: d.itemsize)
-    if any(n.dtype != dtype or n.device != dev for n in found):
-        found = [n.to(dev, dtype) for n in found]
-    return torch.stack(found)
+    return Reduced([n for n in out if n is not None], squared)
+
+
+def stack_on(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``torch.stack`` of 0-d statistics, promoted to one dtype (float32, or float64 when
+    one is float64); those on another device (a model spread over GPUs) are moved first."""
+    try:
+        return torch.stack(values)
+    except RuntimeError:
+        dtype = max((_wide(v.dtype) for v in values), key=lambda d: d.itemsize)
+        return torch.stack([v.to(device, dtype) for v in values])
+
+
+def norms_of(values: list[float], squared: list[bool]) -> list[float]:
+    """Host-side L2 norms from :class:`Reduced` values read back (square roots taken)."""
+    return [math.sqrt(v) if sq else v for v, sq in zip(values, squared, strict=True)]
+
+
+def total_norm(values: list[float], squared: list[bool], *, wide: bool) -> float:
+    """The global L2 norm from per-tensor values read back. Not ``wide`` (float32 norms): a
+    total past float32's range is Inf, as the float32 norm ``clip_grad_norm_`` computes."""
+    total = math.sqrt(sum(v if sq else v * v for v, sq in zip(values, squared, strict=True)))
+    return total if wide or total <= _F32_MAX else math.inf
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _sparse_values(t: torch.Tensor) -> torch.Tensor:
@@ -1159,7 +1216,9 @@ def _sparse_values(t: torch.Tensor) -> torch.Tensor:
 
 def grad_norms(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """The L2 norm of each gradient, as one float32 (float64) tensor on ``device``."""
-    return _reduce(grads, _cpu_l2).to(device)
+    red = reduce_each(grads, _cpu_sq)
+    values = [v.sqrt() if sq else v for v, sq in zip(red.values, red.squared, strict=True)]
+    return stack_on(values, device).to(device)
 
 
 def maybe_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -1172,7 +1231,8 @@ def maybe_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     tensors = [t for t in tensors if t.numel()]
     if not tensors:
         return torch.ones((), dtype=torch.bool)
-    return _reduce(tensors, _cpu_sum).isfinite().all()
+    values = reduce_each(tensors, _cpu_sum).values
+    return stack_on(values, values[0].device).isfinite().all()
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -766,6 +766,43 @@ def test_fast_path_reductions_see_every_non_finite_value(where, bad):
         assert not math.isfinite(grad_norms(corrupted, torch.device("cpu"))[i].item()), i
 
 
+def test_many_small_tensors_take_the_fused_norm_and_the_total_is_torchs():
+    # More than a few small CPU tensors go through one _foreach_norm call, large ones and a
+    # few small ones through BLAS dot products; either way the norms and the global norm
+    # read back on the host are torch's, and float32's overflow is kept (Inf past 3.4e38).
+    from nanguard._torch_engine import (
+        _FEW,
+        _cpu_sq,
+        grad_norms,
+        maybe_finite,
+        norms_of,
+        reduce_each,
+        stack_on,
+        total_norm,
+    )
+
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(300, 300, generator=g)] + [
+        torch.randn(17, generator=g) for _ in range(2 * _FEW)]
+    red = reduce_each(tensors, _cpu_sq)
+    assert red.squared == [True] + [False] * (2 * _FEW)  # the small ones: fused, plain norms
+    values = stack_on(red.values, torch.device("cpu")).tolist()
+    expected = [float(torch.linalg.vector_norm(t.double())) for t in tensors]
+    assert norms_of(values, red.squared) == pytest.approx(expected, rel=1e-5)
+    grads = [t.clone() for t in tensors]
+    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in tensors]
+    for p, t in zip(params, grads, strict=True):
+        p.grad = t
+    torch_total = float(torch.nn.utils.clip_grad_norm_(params, max_norm=1e9))
+    assert total_norm(values, red.squared, wide=False) == pytest.approx(torch_total, rel=1e-6)
+    assert total_norm([3e38, 3e38], [False, False], wide=False) == math.inf
+    assert total_norm([3e38, 3e38], [False, False], wide=True) == pytest.approx(3e38 * 2**0.5)
+    assert grad_norms(tensors, torch.device("cpu")).tolist() == pytest.approx(expected, rel=1e-5)
+    assert bool(maybe_finite(tensors))
+    tensors[5][3] = math.nan
+    assert not bool(maybe_finite(tensors))
+
+
 def test_half_precision_norms_do_not_overflow_with_finite_entries():
     # A float16 tensor's own L2 norm is Inf past 65504: a large but finite gradient or
     # weight would read as non-finite (a false skip, or an element-wise check every step).
