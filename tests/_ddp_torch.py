@@ -64,6 +64,9 @@ def worker(rank: int, outdir: str) -> None:
             },
             fh,
         )
+    # Both ranks done before either tears gloo down: one run in about a dozen aborted at exit
+    # ("terminate called without an active exception", gloo's threads; pytorch#190489).
+    dist.barrier()
     dist.destroy_process_group()
 
 
