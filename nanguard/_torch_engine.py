@@ -861,7 +861,7 @@ class TorchEngine:
         decision = verdict.decision
         if decision.blocks_update:
             self.drop_grads()
-        if decision.restores and self.snapshot is not None:
+        if verdict.restores and self.snapshot is not None:
             self.snapshot.restore(self.model, self.optimizers)
             self.refusal_reported = False  # finite again: a new fault is a new event
         elif decision.blocks_update and self.snapshot is not None:

@@ -443,7 +443,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         decision = verdict.decision
         # Instrumented: a bad update was already kept from the weights inside the step.
         # Loss-only fallback: it was applied, so any blocking decision restores the snapshot.
-        restore = decision.restores or (self.fallback and decision.blocks_update)
+        restore = verdict.restores or (self.fallback and decision.blocks_update)
         if restore and self._snapshot is not None:
             self._snapshot.restore()
         elif decision.blocks_update and self._snapshot is not None:

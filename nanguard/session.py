@@ -43,9 +43,13 @@ class Verdict:
         decision: The ladder's decision (action, whether to lower the LR, reason).
         event: The event when the step was bad, else None.
         dump_path: The dump written for the event, if any.
+        undo_update: An abort after an update that already reached the weights (found
+            after it was applied): the adapter restores the last finite snapshot after the
+            dump (which holds the non-finite state) and before raising, so the model the
+            user's code gets back is finite, as the ladder's rule 1 promises.
     """
 
-    __slots__ = ("decision", "dump_path", "event", "record")
+    __slots__ = ("decision", "dump_path", "event", "record", "undo_update")
 
     def __init__(
         self,
@@ -53,15 +57,22 @@ class Verdict:
         decision: policy.Decision,
         event: Event | None = None,
         dump_path: str | None = None,
+        undo_update: bool = False,
     ) -> None:
         self.record = record
         self.decision = decision
         self.event = event
         self.dump_path = dump_path
+        self.undo_update = undo_update
 
     @property
     def action(self) -> str | None:
         return self.decision.action
+
+    @property
+    def restores(self) -> bool:
+        """Whether the adapter restores the last snapshot: a rollback, or an abort's undo."""
+        return self.decision.restores or self.undo_update
 
     def raise_if_abort(self) -> None:
         if self.decision.action == "abort" and self.event is not None:
@@ -285,11 +296,12 @@ class GuardSession:
         )
         record.action = decision.action
         record.cause = cause
+        undo = decision.action == "abort" and evidence.update_nonfinite and has_snapshot
         event = Event(
             step=culprit.step,
             cause=cause,
             where=where,
-            message=message + _did(decision, self.config),
+            message=message + _did(decision, self.config, undo=undo),
             action=decision.action,
             rank=self.rank,
             details={"reason": decision.reason, "detected_at_step": record.step,
@@ -302,12 +314,12 @@ class GuardSession:
                 if cause == "grad_explosion":
                     event.message = message + (
                         f" The first gradient to grow was '{grown['first']}' (from step "
-                        f"{grown['step']})." + _did(decision, self.config)
+                        f"{grown['step']})." + _did(decision, self.config, undo=undo)
                     )
         self.events.append(event)
         log.warning("nanguard: %s", event.message)
         dump_path = self._maybe_dump(event, decision, probe)
-        return Verdict(record, decision, event, dump_path)
+        return Verdict(record, decision, event, dump_path, undo_update=undo)
 
     def _maybe_dump(
         self, event: Event, decision: policy.Decision, probe: Probe | None
@@ -385,7 +397,7 @@ class GuardSession:
         self.history.extend(StepRecord.from_dict(r) for r in state.get("history", []))
 
 
-def _did(decision: policy.Decision, config: GuardConfig) -> str:
+def _did(decision: policy.Decision, config: GuardConfig, *, undo: bool = False) -> str:
     action = decision.action
     if action == "skip":
         return " nanguard skipped the step."
@@ -398,5 +410,8 @@ def _did(decision: policy.Decision, config: GuardConfig) -> str:
             return (" nanguard aborted the run: there is no finite snapshot to roll back to "
                     "(none was taken: the weights or the optimizer's state were non-finite "
                     "whenever one was due).")
+        if undo:
+            return (" nanguard aborted the run, after putting the model and optimizer back to "
+                    "the last finite snapshot (the dump holds the non-finite state).")
         return " nanguard aborted the run."
     return " nanguard let the step through (no rung of the ladder left)."

@@ -533,6 +533,28 @@ def test_update_that_overflows_is_rolled_back_at_once(tmp_path, capsys):
     assert not all_finite(model)
 
 
+def test_an_abort_on_an_overflowed_update_leaves_the_snapshot_in_the_model(tmp_path):
+    # The update reached the variables before the check saw it; no rollback rung, so the
+    # run aborts. The dump keeps the non-finite state; the model fit leaves behind is the
+    # last finite snapshot's (step 0's, before any update), bit for bit.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8)).astype("float32")
+    y = (rng.normal(size=(32, 1)) * 100).astype("float32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, name="lin")])
+    model.compile(keras.optimizers.SGD(3e38), "mse")
+    before = weights(model)
+    guard = NanGuard(dump_dir=str(tmp_path), actions=("skip", "abort"))
+    with pytest.raises(nanguard.NonFiniteTrainingError) as info:
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    event = info.value.event
+    assert (event.step, event.cause, event.action) == (0, "update_nonfinite", "abort")
+    assert "back to the last finite snapshot" in event.message
+    assert same(weights(model), before)
+    dump = nanguard.load(info.value.dump_path)
+    kernels = [v for k, v in dump.state.items() if k.startswith("model.")]
+    assert kernels and not all(np.isfinite(v).all() for v in kernels)
+
+
 def test_every_step_bad_aborts_out_of_fit_keeping_backups(tmp_path, capsys):
     x, y = data()
     x[:] = np.nan

@@ -518,6 +518,32 @@ def test_the_last_update_of_an_epoch_is_checked_before_checkpoints_see_it(tmp_pa
     assert np.array_equal(dump.tensors["inputs"], x.numpy())
 
 
+def test_an_abort_on_an_overflowed_update_leaves_the_snapshot_in_the_model(tmp_path):
+    # No rollback rung: the overflowed update of step 3, found at step 4, aborts the fit.
+    # The dump keeps the non-finite weights; the module is left at the step-3 snapshot.
+    seen = {}
+
+    class Keep(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 3:
+                seen["state"] = {k: v.clone() for k, v in module.state_dict().items()}
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"), actions=("skip", "abort"),
+                     snapshot_every=3)
+    model = LrSpike(3)
+    with pytest.raises(nanguard.NonFiniteTrainingError) as info:
+        trainer(tmp_path, guard, extra_callbacks=[Keep()]).fit(model, make_data(6))
+    event = info.value.event
+    assert (event.step, event.cause, event.action) == (3, "update_nonfinite", "abort")
+    assert "back to the last finite snapshot" in event.message
+    assert_finite(model)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in seen["state"].items())
+    dump = nanguard.load(info.value.dump_path)
+    weights = [v for k, v in dump.state.items() if k.startswith("model.")]
+    assert weights and not all(np.isfinite(v).all() for v in weights)
+
+
 class ValInTheWindow(Classifier):
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))

@@ -1763,6 +1763,48 @@ def test_a_rejected_id_held_by_several_target_tensors_is_not_pinned_on_one(tmp_p
     assert "before nanguard saw the logits" not in event.message
 
 
+@pytest.mark.parametrize("how", ["next_step", "close"])
+def test_an_abort_on_an_overflowed_update_leaves_the_snapshot_in_the_model(tmp_path, how):
+    # The update is found after it reached the weights; the ladder aborts (no rollback
+    # rung). The dump keeps the non-finite state for the post-mortem, and the model the
+    # loop gets back is the last finite snapshot's, bit for bit, with its optimizer state.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    last = 5 if how == "next_step" else 3
+    snap = {}
+
+    def boost(i):
+        if i == 3:  # the snapshot due at step 3 (snapshot_every=3) is taken at this step
+            opt.param_groups[0]["lr"] = 3e38
+        else:
+            opt.param_groups[0]["lr"] = 1e-2
+
+    def keep(i):
+        boost(i)
+        if i == 3:
+            snap["model"] = state_copy(model)
+            snap["opt"] = [opt.state[p]["momentum_buffer"].clone()
+                           for p in model.parameters()]
+
+    guard = NanGuard(model, opt, actions=("skip", "abort"), snapshot_every=3,
+                     dump_dir=str(tmp_path))
+    with pytest.raises(nanguard.NonFiniteTrainingError) as info:
+        run(guard, model, opt, batches(last + 1), before_step=keep,
+            loss_fn=lambda o, y: F.cross_entropy(o, y) * 100.0)
+        guard.close()
+    event = info.value.event
+    assert (event.step, event.cause, event.action) == (3, "update_nonfinite", "abort")
+    assert "back to the last finite snapshot" in event.message
+    assert weights_finite(model)
+    assert same_bits(state_copy(model), snap["model"])
+    for p, saved in zip(model.parameters(), snap["opt"], strict=True):
+        assert torch.equal(opt.state[p]["momentum_buffer"], saved)
+    dump = nanguard.load(info.value.dump_path)
+    assert (dump.event.step, dump.event.cause) == (3, "update_nonfinite")
+    weights = [v for k, v in dump.state.items() if k.startswith("model.")]
+    assert weights and not all(np.isfinite(v).all() for v in weights)
+
+
 def test_without_rollback_an_overflowed_update_is_logged_not_called_skipped(tmp_path):
     # actions=("skip",): the bad update is found a step late, when it is in the weights
     # already; nothing on the ladder can undo that, and the history must not say "skip".
