@@ -19,6 +19,7 @@ from nanguard._keras_state import (
     nonfinite_variables,
     state_variables,
     to_numpy,
+    weight_peaks,
 )
 from nanguard._keras_step import Head, float_tensors, sparse_classes
 from nanguard.events import StepRecord
@@ -445,6 +446,8 @@ class KerasProbe:
                     break
         ev.target_invalid = check_targets(self.paired_targets())
         ev.weights_nonfinite = first_nonfinite(self.model)
+        if ev.weights_nonfinite is None:
+            detector.note_weights_peak(ev, weight_peaks(self.model))
         buffers = nonfinite_variables(list(self.model.non_trainable_variables))
         if buffers:  # restored from the snapshot when the step is skipped
             ev.details["nonfinite_buffers"] = [v.path for v in buffers[:20]]

@@ -86,6 +86,16 @@ def first_nonfinite(model: Any) -> str | None:
     return None
 
 
+def weight_peaks(model: Any) -> list[tuple[str, float]]:
+    """Each trainable floating variable's path and largest ``|w|``."""
+    peaks = []
+    for v in model.trainable_variables:
+        a = to_numpy(v, 2**62)
+        if a.dtype.kind == "f" and a.size:
+            peaks.append((v.path, float(np.abs(a).max())))
+    return peaks
+
+
 class Snapshot:
     """Host copies of every model and optimizer variable, restored bit for bit."""
 

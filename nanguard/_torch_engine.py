@@ -1288,6 +1288,8 @@ class TorchProbe:
                 ev.details["lr_of_where"] = lr
         else:
             ev.weights_nonfinite = self._first_nonfinite_state()
+            if ev.weights_nonfinite is None:
+                detector.note_weights_peak(ev, self._weight_peaks())
         self.bad_call = 0
         for name, t in named_tensors(e.inputs, "inputs"):
             found = _describe_nonfinite(name, t)
@@ -1347,6 +1349,17 @@ class TorchProbe:
                         self.bad_call = k
                         return f"{found}, in the model's arguments{which}; {origin}"
         return None
+
+    def _weight_peaks(self) -> list[tuple[str, float]]:
+        """Each trained parameter's name and largest ``|w|`` (one transfer)."""
+        e = self.engine
+        params = [p for p in e.params
+                  if p.requires_grad and p.numel() and p.layout == torch.strided]
+        if not params:
+            return []
+        with torch.no_grad():
+            peaks = stack_on([p.detach().abs().max() for p in params], params[0].device)
+        return [(e.names.get(p, "?"), v) for p, v in zip(params, peaks.tolist(), strict=True)]
 
     def _first_nonfinite_state(self) -> str | None:
         e = self.engine

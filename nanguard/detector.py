@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from nanguard.events import StepRecord
 
@@ -18,6 +18,9 @@ EXP_LIMITS: dict[str, float] = {
     "float64": math.log(1.7976931348623157e308),
 }
 GROWTH_WINDOW = 8
+# A trained weight this large is no initialisation or slow drift: earlier updates blew it up
+# (healthy networks keep weights within a few hundred; float32 overflows at 3.4e38).
+HUGE_WEIGHT = 1e8
 GROWTH_RATIO = 4.0
 
 
@@ -90,6 +93,27 @@ def growth(history: Sequence[StepRecord]) -> tuple[float, float, int] | None:
 
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
+
+
+def note_weights_peak(evidence: Evidence, peaks: Iterable[tuple[str, float]]) -> None:
+    """Record the largest finite weight magnitude when it is huge (``HUGE_WEIGHT``):
+    ``peaks`` is each trained parameter's name and max ``|w|``, from the adapter's slow
+    path. A non-finite output from finite inputs and such weights is the learning rate's
+    doing, not an unstable operation's, and the message says so."""
+    best = max(((n, v) for n, v in peaks if math.isfinite(v)), key=lambda nv: nv[1],
+               default=None)
+    if best is not None and best[1] >= HUGE_WEIGHT:
+        evidence.details["weights_peak"] = {"name": best[0], "value": float(best[1])}
+
+
+def _huge_weights(evidence: Evidence) -> str | None:
+    peak = evidence.details.get("weights_peak")
+    if not isinstance(peak, dict):
+        return None
+    return (f"its weights are finite but huge (|w| up to {_fmt(float(peak['value']))}, in "
+            f"'{peak['name']}'): earlier updates blew them up, most likely with a learning "
+            "rate too high for them. Lower it or set clip_grad_norm; a rollback to a snapshot "
+            "from before the growth undoes it")
 
 
 def describe_ids(name: str, count: int, first: float, at: Sequence[int],
@@ -192,11 +216,22 @@ def classify(
             "(a checkpoint load, a manual edit) or an earlier update slipped through: "
             "skipping cannot help, only a finite snapshot can."
         )
+    huge = _huge_weights(evidence)
+    if evidence.activation and huge:
+        return "activation_nonfinite", evidence.activation, (
+            f"Step {s}: layer '{evidence.activation}' turned finite inputs into non-finite "
+            f"outputs, and {huge}." + trend
+        )
     if evidence.activation:
         return "activation_nonfinite", evidence.activation, (
             f"Step {s}: layer '{evidence.activation}' turned finite inputs into non-finite "
             "outputs. Look for an exp, log, pow or division there that overflows; clamp its "
             "input, add normalisation before it, or lower the learning rate." + trend
+        )
+    if not logits_finite and huge:
+        return "logits_nonfinite", where, (
+            f"Step {s}: the model output is non-finite (min {_fmt(record.logits_min)}, max "
+            f"{_fmt(record.logits_max)}) while its inputs are finite; {huge}." + trend
         )
     if not logits_finite:
         return "logits_nonfinite", where, (

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import nanguard.session
 from nanguard import ACTIONS, CAUSES, GuardConfig, LadderState, StepRecord, decide
-from nanguard.detector import Evidence, classify, growth, is_bad
+from nanguard.detector import Evidence, classify, growth, is_bad, note_weights_peak
 from nanguard.session import GuardSession
 
 NAN = math.nan
@@ -340,3 +340,24 @@ def test_history_entries_read_both_ways():
     assert set(r) >= {"step", "loss", "logits_min", "logits_max", "grad_norm", "lr", "action"}
     with pytest.raises(KeyError):
         r["nope"]
+
+
+def test_huge_finite_weights_turn_the_advice_to_the_learning_rate():
+    # A NaN output from finite inputs: an unstable op, unless the weights are huge (an
+    # earlier update blew them up), when the message names the weight and the learning rate.
+    bad = rec(5, loss=NAN, lmin=NAN, lmax=NAN)
+    for peaks, huge in (([("a.weight", 3.0), ("b.weight", 2e9)], True),
+                        ([("a.weight", 3.0), ("b.weight", 9e7)], False),
+                        ([("a.weight", math.inf)], False), ([], False)):
+        evidence = Evidence()
+        note_weights_peak(evidence, peaks)
+        assert ("weights_peak" in evidence.details) is huge
+        cause, _, message = classify(bad, evidence, [])
+        assert cause == "logits_nonfinite"
+        assert ("finite but huge" in message and "'b.weight'" in message
+                and "learning rate" in message) is huge
+        assert ("naive softmax" in message) is not huge
+        evidence.activation = "hidden"
+        cause, where, message = classify(bad, evidence, [])
+        assert (cause, where) == ("activation_nonfinite", "hidden")
+        assert ("finite but huge" in message) is huge

@@ -533,6 +533,27 @@ def test_update_that_overflows_is_rolled_back_at_once(tmp_path, capsys):
     assert not all_finite(model)
 
 
+def test_weights_blown_up_but_finite_are_named_with_the_learning_rate(tmp_path):
+    # A one-batch LR spike leaves the variables finite but ~1e35; the next batch's output
+    # overflows. The message says the weights are huge (not "an unstable operation").
+    x, y = data()
+
+    class Spike(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.model.optimizer.learning_rate.assign(1e36 if batch == 2 else 0.01)
+
+    model = classifier()
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[Spike(), guard])
+    event = guard.events[0]
+    assert (event.step, event.cause) == (3, "logits_nonfinite")
+    assert "finite but huge" in event.message and "learning rate" in event.message
+    peak = nanguard.load(guard.dumps[0]).event.details["weights_peak"]
+    assert "kernel" in peak["name"] and 1e8 <= peak["value"] < 3.4e38
+    assert all_finite(model)
+
+
 def test_an_abort_on_an_overflowed_update_leaves_the_snapshot_in_the_model(tmp_path):
     # The update reached the variables before the check saw it; no rollback rung, so the
     # run aborts. The dump keeps the non-finite state; the model fit leaves behind is the

@@ -1805,6 +1805,26 @@ def test_an_abort_on_an_overflowed_update_leaves_the_snapshot_in_the_model(tmp_p
     assert weights and not all(np.isfinite(v).all() for v in weights)
 
 
+def test_weights_blown_up_but_finite_are_named_with_the_learning_rate(tmp_path):
+    # A one-step LR spike leaves the weights finite but ~1e35: the next forward overflows.
+    # The output is the first non-finite thing (logits_nonfinite), and the message says the
+    # weights are huge, which, not an unstable operation, is what to fix.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+
+    def spike(i):
+        opt.param_groups[0]["lr"] = 1e36 if i == 3 else 1e-2
+
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(guard, model, opt, batches(5), before_step=spike)
+    event = guard.events[0]
+    assert (event.step, event.cause) == (4, "logits_nonfinite")
+    assert "finite but huge" in event.message and "learning rate" in event.message
+    assert "naive softmax" not in event.message
+    peak = nanguard.load(guard.dumps[0]).event.details["weights_peak"]
+    assert peak["name"].startswith(("0.", "2.")) and 1e8 <= peak["value"] < 3.4e38
+
+
 def test_without_rollback_an_overflowed_update_is_logged_not_called_skipped(tmp_path):
     # actions=("skip",): the bad update is found a step late, when it is in the weights
     # already; nothing on the ladder can undo that, and the history must not say "skip".
