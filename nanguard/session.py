@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 import warnings
@@ -17,6 +18,8 @@ from nanguard.dump import write_dump
 from nanguard.events import Event, NonFiniteTrainingError, StepRecord
 
 log = logging.getLogger("nanguard")
+# Events a state_dict carries at most (a checkpoint of a long bad run stays small).
+EVENTS_SAVED = 256
 
 
 class Probe(Protocol):
@@ -379,13 +382,15 @@ class GuardSession:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters to save with a checkpoint."""
+        """Counters to save with a checkpoint (and the last ``EVENTS_SAVED`` events, so a
+        resumed run's ``events`` still holds the bad steps its ``history`` shows)."""
         return {
             "step": self.step,
             "ladder": self.ladder._asdict(),
             "dumps_written": self.dumps_written,
             "amp_skips": self.amp_skips,
             "history": [r.to_dict() for r in self.history],
+            "events": [dataclasses.asdict(e) for e in self.events[-EVENTS_SAVED:]],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -395,6 +400,7 @@ class GuardSession:
         self.amp_skips = int(state.get("amp_skips", 0))
         self.history.clear()
         self.history.extend(StepRecord.from_dict(r) for r in state.get("history", []))
+        self.events = [Event.from_dict(e) for e in state.get("events", [])]
 
 
 def _did(decision: policy.Decision, config: GuardConfig, *, undo: bool = False) -> str:

@@ -303,7 +303,10 @@ def test_checkpoint_saves_and_restores_counters(tmp_path):
     assert steps == list(range(12))  # history restored, then 6 more steps
     assert [r.action for r in resumed.history][6:] == [None, None, "skip", None, None, None]
     assert resumed.state_dict()["session"]["ladder"]["total_bad"] == 3
-    assert resumed.events[0].step == 8
+    # The events of the first run come back with its history, the new one after them.
+    assert [(e.step, e.cause) for e in resumed.events] == [
+        (1, "input_nonfinite"), (4, "input_nonfinite"), (8, "input_nonfinite")]
+    assert resumed.events[0].message == guard.events[0].message
 
 
 def logged_rows(logger, key="nanguard/grad_norm"):

@@ -716,6 +716,9 @@ def test_state_dict_round_trip(tmp_path):
     fresh = NanGuard(model, opt, dump_dir=str(tmp_path))
     fresh.load_state_dict(json.loads(json.dumps(saved)))
     assert fresh.step_count == 4 and fresh.history[1].action == "skip"
+    assert [(e.step, e.cause, e.action) for e in fresh.events] == [
+        (1, "input_nonfinite", "skip")]
+    assert fresh.events[0].details == guard.events[0].details
     fresh.load_state_dict({**saved, "lr_scale": 0.5})  # as an older version saved it
     assert fresh.step_count == 4 and "lr_scale" not in fresh.state_dict()
     fresh.close()
