@@ -148,7 +148,9 @@ def localize(model: Any, x: Any, allow_neg_inf: Sequence[str] = ()) -> Localized
             out = layer(h, training=False)
             arrays = _host_arrays(out)
             if blame.blames(layer.name, _flags(arrays), _flags(h_arrays)):
-                return layer.name, i == len(layers) - 1, _cut_all(h_arrays), _cut_all(arrays)
+                last = i == len(layers) - 1
+                return (_inside(layer, h, last, allow_neg_inf)
+                        or (layer.name, last, _cut_all(h_arrays), _cut_all(arrays)))
             h, h_arrays = out, arrays
         return None
     if any(len(getattr(layer, "_inbound_nodes", ())) > 1 for layer in layers):
@@ -179,11 +181,30 @@ def localize(model: Any, x: Any, allow_neg_inf: Sequence[str] = ()) -> Localized
             inp = keras.Model(model.inputs, layer.input)(x, training=False)
             ins = _host_arrays(inp)
         except Exception:  # noqa: BLE001 - the inputs are optional forensic detail
-            ins = []
+            inp, ins = None, []
         output_ids = {id(t) for t in keras.tree.flatten(model.outputs)}
-        last = layer is layers[-1] or any(id(t) in output_ids for t in symbolic)
-        return layer.name, bool(last), _cut_all(ins), _cut_all(arrays)
+        last = bool(layer is layers[-1] or any(id(t) in output_ids for t in symbolic))
+        inner = _inside(layer, inp, last, allow_neg_inf) if inp is not None else None
+        return inner or (layer.name, last, _cut_all(ins), _cut_all(arrays))
     return None
+
+
+def _inside(layer: Any, inputs: Any, last: bool,
+            allow_neg_inf: Sequence[str]) -> Localized | None:
+    """A nested model (a ``backbone`` inside the model) to blame: the layer inside it, by
+    replaying it on the inputs it got (named by its own name, as the call-by-call replay
+    names it). It is the output layer when the nested model is and it is the nested
+    model's last."""
+    if not isinstance(layer, keras.Model):
+        return None
+    try:
+        found = localize(layer, inputs, allow_neg_inf)
+    except Exception:  # noqa: BLE001 - the nested model's name is still an answer
+        return None
+    if found is None:
+        return None
+    name, inner_last, ins, outs = found
+    return name, last and inner_last, ins, outs
 
 
 def _localize_by_calls(model: Any, x: Any,

@@ -285,6 +285,39 @@ def test_naive_softmax_layer_is_localized_by_replay(tmp_path, capsys, build):
     assert all_finite(model)
 
 
+def nested_backbone(kind):
+    """A pretrained-style backbone (a model of its own) inside a Sequential classifier."""
+    if kind == "functional":
+        inputs = keras.Input((8,))
+        h = keras.layers.Dense(16, name="hidden")(inputs)
+        h = keras.layers.Activation(naive_softmax, name="naive_softmax")(h)
+        backbone = keras.Model(inputs, h, name="backbone")
+    else:
+        backbone = keras.Sequential([
+            keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+            keras.layers.Activation(naive_softmax, name="naive_softmax")], name="backbone")
+    return keras.Sequential([keras.Input((8,)), backbone, keras.layers.Dense(3, name="head")])
+
+
+# The replay goes into a nested model and names the layer inside it (it used to stop at the
+# nested model: where="backbone"), as the call-by-call replay of a subclassed model does.
+@pytest.mark.parametrize("kind", ["functional", "sequential"])
+def test_a_layer_inside_a_nested_model_is_localized(tmp_path, kind):
+    x, y = data()
+    x[32:48] *= 1e4  # batch 2
+    model = nested_backbone(kind)
+    model.compile(keras.optimizers.SGD(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (2, "activation_nonfinite", "naive_softmax")
+    dump = nanguard.load(guard.dumps[0])
+    assert np.isfinite(dump.tensors["activation.naive_softmax.input"]).all()
+    assert np.isnan(dump.tensors["activation.naive_softmax.output"]).any()
+    assert all_finite(model)
+
+
 def test_naive_softmax_output_layer_is_a_logits_cause(tmp_path):
     x, y = data()
     x[:16] *= 1e4
