@@ -87,6 +87,12 @@ def main(outdir: str) -> None:
             },
             fh,
         )
+    # Lightning leaves the process group up; torn down at interpreter exit, gloo's threads
+    # aborted the process now and then ("terminate called without an active exception",
+    # pytorch#190489). Both ranks done, then destroyed here while Python is alive.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
