@@ -15,7 +15,7 @@ from keras import ops
 
 from nanguard import detector
 from nanguard._keras_state import (
-    first_nonfinite,
+    first_nonfinite_variable,
     nonfinite_variables,
     state_variables,
     to_numpy,
@@ -418,6 +418,8 @@ class KerasProbe:
         self.allow_neg_inf = tuple(allow_neg_inf)
         self._tensors: dict[str, np.ndarray] | None = None
         self.localized: Localized | None = None
+        # The non-finite variable the evidence names, for the dump.
+        self.found_state: tuple[str, np.ndarray] | None = None
 
     def tensors(self) -> dict[str, np.ndarray]:
         if self._tensors is None:
@@ -436,6 +438,9 @@ class KerasProbe:
             left = ACTIVATION_DUMP_TOTAL - sum(a.nbytes for a in kept.values())
             out.update(_numbered(f"activation.{name}.input", ins, left))
             out.update(kept)
+        if self.found_state is not None:
+            name, a = self.found_state
+            out[f"localized.{name}"] = _cut(a)
         return out
 
     def paired_targets(self) -> list[tuple[Head, np.ndarray, np.ndarray | None]]:
@@ -466,7 +471,9 @@ class KerasProbe:
                 if ev.input_nonfinite:
                     break
         ev.target_invalid = check_targets(self.paired_targets())
-        ev.weights_nonfinite = first_nonfinite(self.model)
+        found = first_nonfinite_variable(self.model)
+        ev.weights_nonfinite = None if found is None else found[0]
+        self.found_state = None if found is None else found[1:]
         if ev.weights_nonfinite is None:
             detector.note_weights_peak(ev, weight_peaks(self.model))
         buffers = nonfinite_variables(list(self.model.non_trainable_variables))

@@ -63,8 +63,9 @@ def nonfinite_variables(variables: list[Any]) -> list[Any]:
     return found
 
 
-def first_nonfinite(model: Any) -> str | None:
-    """The first trainable or optimizer variable holding NaN/Inf, described.
+def first_nonfinite_variable(model: Any) -> tuple[str, str, np.ndarray] | None:
+    """The first trainable or optimizer variable holding NaN/Inf: its description, its name
+    (as ``where`` gives it) and its host copy.
 
     Non-trainable model variables (BatchNormalization's moving statistics) are left out:
     the bad step's own forward writes them, so they say nothing about the state before it;
@@ -82,7 +83,7 @@ def first_nonfinite(model: Any) -> str | None:
             # A model variable is named by its path (as in meta["param_names"]), optimizer
             # state keeps its "optimizer." prefix, as in the torch adapters.
             name = name.removeprefix("model.")
-            return f"{name}: {nan} NaN, {inf} Inf of {a.size} values"
+            return f"{name}: {nan} NaN, {inf} Inf of {a.size} values", name, a
     return None
 
 

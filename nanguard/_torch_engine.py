@@ -1257,6 +1257,8 @@ class TorchProbe:
     def __init__(self, engine: TorchEngine) -> None:
         self.engine = engine
         self.replayed: dict[str, np.ndarray] = {}
+        # The non-finite weight or optimizer state the evidence names, for the dump.
+        self.found_state: tuple[str, torch.Tensor] | None = None
         self.bad_call = 0  # the model call whose arguments were non-finite
         self.rows: tuple[int, int] | None = None  # rows every batch tensor keeps in the dump
 
@@ -1366,6 +1368,7 @@ class TorchProbe:
         for p in e.params:
             found = p.requires_grad and _describe_nonfinite(e.names.get(p, "?"), p.detach())
             if found:
+                self.found_state = (e.names.get(p, "?"), p)
                 return found
         frozen = e.frozen_params()
         if frozen and not bool(torch.stack([p.detach().isnan().any() for p in frozen]).any()):
@@ -1373,6 +1376,7 @@ class TorchProbe:
         for p in frozen:
             if bool(p.detach().isnan().any()):
                 found = _describe_nonfinite(e.names.get(p, "?"), p.detach())
+                self.found_state = (e.names.get(p, "?"), p)
                 return f"{found}, a frozen parameter no optimizer steps; load a finite one"
         return self._first_nonfinite_optimizer_state()
 
@@ -1384,10 +1388,10 @@ class TorchProbe:
                 for key, value in st.items():
                     if (isinstance(value, torch.Tensor) and value.is_floating_point()
                             and (not wide_only or value.dtype.itemsize >= 4)):
-                        found = _describe_nonfinite(
-                            f"optimizer.{e.names.get(p, '?')}.{key}", value
-                        )
+                        name = f"optimizer.{e.names.get(p, '?')}.{key}"
+                        found = _describe_nonfinite(name, value)
                         if found:
+                            self.found_state = (name, value)
                             return found
         return None
 
@@ -1403,7 +1407,7 @@ class TorchProbe:
                 for name, t in named_tensors(obj, prefix):
                     if t._version == e.last_versions.get(id(t)):  # not written since
                         out[name] = to_numpy(t)
-            return out
+            return {**out, **self._found_state()}
         for name, t in named_tensors(e.inputs, "inputs"):
             out[name] = to_numpy(t, rows=self.rows)
         for name, t in named_tensors(e.targets, "targets"):
@@ -1412,7 +1416,18 @@ class TorchProbe:
         if e.output is not None:
             out["output"] = to_numpy(e.output, rows=self.rows)
         out.update(self.replayed)
+        out.update(self._found_state())
         return out
+
+    def _found_state(self) -> dict[str, np.ndarray]:
+        """The non-finite weight or optimizer state the event names, as ``localized.<name>``
+        (its first rows, as the replay's localized tensors)."""
+        if self.found_state is None:
+            return {}
+        from nanguard._torch_replay import LOCALIZED_BYTES
+
+        name, t = self.found_state
+        return {f"localized.{name}": to_numpy(t, LOCALIZED_BYTES)}
 
     def state(self) -> dict[str, np.ndarray]:
         return self.engine.state_arrays()

@@ -241,6 +241,17 @@ def classify(
             "stable form such as log_softmax, add normalisation, or lower the learning rate."
             + trend
         )
+    if peak > limit and not finite(record.loss) and (
+            record.logits_max - record.logits_min > math.exp(limit)):
+        # Past the dtype's range from min to max: a fused log-softmax overflows as well
+        # (it subtracts the max), so the softmax is not what to fix.
+        return "logit_overflow", where, (
+            f"Step {s}: the model output reaches {_fmt(peak)} (from {_fmt(record.logits_min)} "
+            f"to {_fmt(record.logits_max)}), so large that even a fused, stable "
+            f"cross-entropy overflows in {evidence.logits_dtype}, and the loss is "
+            f"{record.loss}: the model is diverging. Lower the learning rate or set "
+            "clip_grad_norm; check the inputs' scale." + trend
+        )
     if peak > limit and not finite(record.loss):
         return "logit_overflow", where, (
             f"Step {s}: the model output reaches {_fmt(peak)}, beyond {limit:.1f} where exp "

@@ -361,3 +361,14 @@ def test_huge_finite_weights_turn_the_advice_to_the_learning_rate():
         cause, where, message = classify(bad, evidence, [])
         assert (cause, where) == ("activation_nonfinite", "hidden")
         assert ("finite but huge" in message) is huge
+
+
+def test_logits_past_the_dtypes_range_blame_divergence_not_the_softmax():
+    # A fused log-softmax subtracts the max: it overflows only when max - min leaves the
+    # dtype's range. Then switching to it cannot help; the message says the model diverges.
+    cause, _, message = classify(rec(5, loss=math.inf, lmin=-2.8e38, lmax=2.9e38), Evidence(), [])
+    assert cause == "logit_overflow"
+    assert "even a fused, stable cross-entropy overflows" in message
+    assert "instead of exp(x)/sum(exp(x))" not in message
+    _, _, message = classify(rec(5, loss=math.inf, lmin=-2e4, lmax=2e4), Evidence(), [])
+    assert "instead of exp(x)/sum(exp(x))" in message

@@ -566,6 +566,33 @@ def test_update_that_overflows_is_rolled_back_at_once(tmp_path, capsys):
     assert not all_finite(model)
 
 
+def test_weights_corrupted_between_batches_are_dumped_by_name(tmp_path):
+    # A callback (a manual edit, a bad checkpoint load) writes a NaN into a kernel: the
+    # event names the variable and the dump holds it as it was, without dump_state asking
+    # for the whole state.
+    x, y = data()
+
+    class Corrupt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                kernel = self.model.get_layer("head").kernel
+                value = keras.ops.convert_to_numpy(kernel).copy()
+                value[0, 0] = np.nan
+                kernel.assign(value)
+
+    model = classifier()
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[Corrupt(), guard])
+    event = guard.events[0]
+    assert (event.step, event.cause, event.action) == (2, "weights_nonfinite", "rollback")
+    dump = nanguard.load(guard.dumps[0])
+    kernel = dump.tensors[f"localized.{event.where}"]
+    assert "kernel" in event.where and kernel.shape == (16, 3) and np.isnan(kernel[0, 0])
+    assert dump.state == {}
+    assert all_finite(model)
+
+
 def test_weights_blown_up_but_finite_are_named_with_the_learning_rate(tmp_path):
     # A one-batch LR spike leaves the variables finite but ~1e35; the next batch's output
     # overflows. The message says the weights are huge (not "an unstable operation").

@@ -254,7 +254,31 @@ def test_corrupted_weights_roll_back_bit_for_bit(tmp_path):
         for k, v in snaps["adam"][n].items():
             assert torch.equal(opt.state[p][k], v), (n, k)
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)  # lower_lr: 1e-2 * 0.5
+    # The dump holds the tensor the event names, as it was (the contract: "the non-finite
+    # tensor when localized"), without dump_state asking for the whole state.
+    dump = nanguard.load(guard.dumps[0])
+    weight = dump.tensors["localized.2.weight"]
+    assert weight.shape == tuple(model[2].weight.shape) and np.isinf(weight[0, 0])
+    assert np.isfinite(np.delete(weight.reshape(-1), 0)).all()
+    assert dump.state == {}
     guard.close()
+
+
+def test_a_non_finite_optimizer_state_is_dumped_by_name(tmp_path):
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def corrupt(i):
+        if i == 2:
+            opt.state[model[0].weight]["exp_avg"][0, 0] = float("nan")
+
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    run(guard, model, opt, batches(4), before_step=corrupt)
+    guard.close()
+    event = guard.events[0]
+    assert (event.cause, event.where) == ("weights_nonfinite", "optimizer.0.weight.exp_avg")
+    state = nanguard.load(guard.dumps[0]).tensors["localized.optimizer.0.weight.exp_avg"]
+    assert np.isnan(state).any()
 
 
 def test_fault_on_every_step_ends_in_abort_with_full_dump(tmp_path):
@@ -339,7 +363,9 @@ def test_update_that_overflows_is_caught_and_rolled_back(tmp_path):
     # was finite and is not kept), history up to step 4; the event says when it was found.
     dump = nanguard.load(guard.dumps[0])
     x4, y4 = batches(7)[4]
-    assert sorted(dump.tensors) == ["inputs", "targets"]
+    # ... and the weight it names, non-finite as the update left it.
+    assert sorted(dump.tensors) == ["inputs", f"localized.{event.where}", "targets"]
+    assert not np.isfinite(dump.tensors[f"localized.{event.where}"]).all()
     assert np.array_equal(dump.tensors["inputs"], x4.numpy())
     assert np.array_equal(dump.tensors["targets"], y4.numpy())
     assert [h.step for h in dump.history][-1] == 4
@@ -365,7 +391,7 @@ def test_a_late_update_event_leaves_out_a_batch_refilled_in_place(tmp_path):
     guard.close()
     (event,) = guard.events
     assert (event.step, event.cause) == (4, "update_nonfinite")
-    assert nanguard.load(guard.dumps[0]).tensors == {}
+    assert list(nanguard.load(guard.dumps[0]).tensors) == [f"localized.{event.where}"]
 
 
 @pytest.mark.parametrize("how", ["close", "check_last_update", "context"])
@@ -2029,7 +2055,7 @@ def test_a_late_update_dump_keeps_a_tensor_passed_unchanged_every_step(tmp_path)
     event = guard.events[0]
     assert (event.step, event.cause) == (3, "update_nonfinite")
     dump = nanguard.load(guard.dumps[0])
-    assert sorted(dump.tensors) == ["inputs", "targets"]
+    assert sorted(dump.tensors) == ["inputs", f"localized.{event.where}", "targets"]
     assert abs(float(dump.tensors["inputs"].mean()) - 3.0) < 0.1
     assert dump.tensors["targets"].tolist() == list(range(8))
 
