@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 
 import torch
@@ -64,10 +65,15 @@ def worker(rank: int, outdir: str) -> None:
             },
             fh,
         )
-    # Both ranks done before either tears gloo down: one run in about a dozen aborted at exit
-    # ("terminate called without an active exception", gloo's threads; pytorch#190489).
+    # One run in about a dozen aborted after this point, in C++ teardown ("terminate called
+    # without an active exception", gloo's threads; pytorch#190489), with a barrier and
+    # destroy_process_group before exit too. The results are on disk by now: the rank leaves
+    # without running destructors, so that torch crash is not counted as the guard's.
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def accumulate(rank: int, outdir: str, use_scaler: bool) -> dict:
