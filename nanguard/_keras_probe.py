@@ -474,8 +474,6 @@ class KerasProbe:
         found = first_nonfinite_variable(self.model)
         ev.weights_nonfinite = None if found is None else found[0]
         self.found_state = None if found is None else found[1:]
-        if ev.weights_nonfinite is None:
-            detector.note_weights_peak(ev, weight_peaks(self.model))
         buffers = nonfinite_variables(list(self.model.non_trainable_variables))
         if buffers:  # restored from the snapshot when the step is skipped
             ev.details["nonfinite_buffers"] = [v.path for v in buffers[:20]]
@@ -493,6 +491,9 @@ class KerasProbe:
                 if not is_output:
                     ev.activation = name
                 ev.details["replay_layer"] = name
+        if clean and logits_bad:
+            # Only these messages use it (huge finite weights point at the learning rate).
+            detector.note_weights_peak(ev, weight_peaks(self.model))
         return ev
 
     def state(self) -> dict[str, np.ndarray]:

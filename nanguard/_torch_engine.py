@@ -1290,8 +1290,6 @@ class TorchProbe:
                 ev.details["lr_of_where"] = lr
         else:
             ev.weights_nonfinite = self._first_nonfinite_state()
-            if ev.weights_nonfinite is None:
-                detector.note_weights_peak(ev, self._weight_peaks())
         self.bad_call = 0
         for name, t in named_tensors(e.inputs, "inputs"):
             found = _describe_nonfinite(name, t)
@@ -1315,6 +1313,10 @@ class TorchProbe:
             run = bool(flag.item())
         self.replayed = localize_step(e, record, ev, run=run, start=self.bad_call,
                                       rows=self.rows)
+        if run and (ev.activation or not (detector.finite(record.logits_min)
+                                          and detector.finite(record.logits_max))):
+            # Only these messages use it (huge finite weights point at the learning rate).
+            detector.note_weights_peak(ev, self._weight_peaks())
         if math.isfinite(record.loss) and not math.isfinite(record.grad_norm):
             grads = [p.grad for p in e.params if p.grad is not None]
             if grads and all_finite([_sparse_values(g) if g.layout != torch.strided else g

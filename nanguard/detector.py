@@ -217,29 +217,21 @@ def classify(
             "skipping cannot help, only a finite snapshot can."
         )
     huge = _huge_weights(evidence)
-    if evidence.activation and huge:
-        return "activation_nonfinite", evidence.activation, (
-            f"Step {s}: layer '{evidence.activation}' turned finite inputs into non-finite "
-            f"outputs, and {huge}." + trend
-        )
     if evidence.activation:
         return "activation_nonfinite", evidence.activation, (
             f"Step {s}: layer '{evidence.activation}' turned finite inputs into non-finite "
-            "outputs. Look for an exp, log, pow or division there that overflows; clamp its "
-            "input, add normalisation before it, or lower the learning rate." + trend
-        )
-    if not logits_finite and huge:
-        return "logits_nonfinite", where, (
-            f"Step {s}: the model output is non-finite (min {_fmt(record.logits_min)}, max "
-            f"{_fmt(record.logits_max)}) while its inputs are finite; {huge}." + trend
+            + (f"outputs, and {huge}." if huge else
+               "outputs. Look for an exp, log, pow or division there that overflows; clamp "
+               "its input, add normalisation before it, or lower the learning rate.") + trend
         )
     if not logits_finite:
         return "logits_nonfinite", where, (
             f"Step {s}: the model output is non-finite (min {_fmt(record.logits_min)}, max "
-            f"{_fmt(record.logits_max)}) while its inputs and weights are finite. An operation "
-            "in the model overflowed (a naive softmax or exp in the model?); use a numerically "
-            "stable form such as log_softmax, add normalisation, or lower the learning rate."
-            + trend
+            f"{_fmt(record.logits_max)}) while its inputs "
+            + (f"are finite; {huge}." if huge else
+               "and weights are finite. An operation in the model overflowed (a naive softmax "
+               "or exp in the model?); use a numerically stable form such as log_softmax, add "
+               "normalisation, or lower the learning rate.") + trend
         )
     if peak > limit and not finite(record.loss) and (
             record.logits_max - record.logits_min > math.exp(limit)):
