@@ -6,6 +6,7 @@ and carries out the core's verdicts (skip, snapshot, rollback, lower the learnin
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import re
@@ -186,6 +187,24 @@ def check_targets(
         if found:
             return found
     return None
+
+
+def unseen_by_autograd(t: torch.Tensor) -> Any:
+    """An in-place write to the user's class ids that autograd does not count.
+
+    The ids are often a view sharing storage, and so a version counter, with tensors the
+    step's forward saved for backward: a language model's ``y = block[:, 1:]`` beside
+    ``x = block[:, :-1]``, which its embedding saved. A counted write would make that
+    backward raise. Nothing the backward reads changes when every id was valid (a GPU
+    defuses on every step, without looking); when one was not, the step is bad and its
+    gradients are dropped.
+    """
+    if _PRESERVE_VERSION is None or t.is_inference():  # an older torch; no counter
+        return contextlib.nullcontext()
+    return _PRESERVE_VERSION(t)
+
+
+_PRESERVE_VERSION = getattr(torch.autograd.grad_mode, "_unsafe_preserve_version_counter", None)
 
 
 def check_ignore_index(value: Any) -> int:
@@ -695,7 +714,8 @@ class TorchEngine:
         if on_cpu and not bool(bad.any()):
             return  # only ignored ids out of range (a segmentation mask's 255)
         self.original_labels[id(t)] = (t, t.clone(), n_classes)
-        t.masked_fill_(bad, 0)
+        with unseen_by_autograd(t):
+            t.masked_fill_(bad, 0)
         flag = bad.any()
         self.labels_bad = flag if self.labels_bad is None else self.labels_bad | flag
 
@@ -958,7 +978,8 @@ class TorchEngine:
             return
         self.micro_batches = 0
         for t, original, _ in self.original_labels.values():  # maybe a view of a dataset
-            t.copy_(original)
+            with unseen_by_autograd(t):
+                t.copy_(original)
         if self.updated:  # this step's update, to be checked: keep its batch until then
             self.last_batch = (self.inputs, self.targets)
             self.last_versions = {id(t): t._version for obj in self.last_batch

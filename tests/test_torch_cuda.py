@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 import nanguard  # noqa: E402
 from nanguard.torch import NanGuard  # noqa: E402
 from tests.test_torch_guard import (  # noqa: E402
+    BlockLM,
     batches,
     mlp,
     naive_softmax_ce,
@@ -256,6 +257,29 @@ def test_grad_scaler_skips_are_the_scalers_and_a_nan_batch_is_an_event(tmp_path)
     assert (event.step, event.cause, event.action) == (9, "input_nonfinite", "skip")
     assert weights_finite(model)
     assert not same_bits(before, state_copy(model))
+
+
+def test_a_language_models_view_targets_train_on(tmp_path):
+    # On a GPU the class ids are defused on every step, without looking (an in-place write
+    # that changes nothing when they are valid). The targets here share storage with the
+    # inputs the embedding saved for backward: that write must not break the backward.
+    model = BlockLM().to(DEVICE)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randint(0, 20, (4, 9), generator=g).to(DEVICE) for _ in range(6)]
+    blocks[4][0, -1] = 25
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for block in blocks:
+            x, y = block[:, :-1], block[:, 1:]
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                logits = model(x)
+                guard.backward(F.cross_entropy(logits.reshape(-1, 20), y.reshape(-1)))
+                opt.step()
+    assert [r.action for r in guard.history] == [None] * 4 + ["skip", None]
+    assert [(e.step, e.cause) for e in guard.events] == [(4, "target_invalid")]
+    assert int(blocks[4][0, -1]) == 25
+    assert weights_finite(model)
 
 
 LABELS_SCRIPT = textwrap.dedent("""

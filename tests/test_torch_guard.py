@@ -1268,6 +1268,44 @@ def test_labels_defused_in_place_are_given_back_after_the_step(tmp_path):
     assert nanguard.load(guard.dumps[0]).tensors["targets"][8] == 7
 
 
+class BlockLM(torch.nn.Module):
+    def __init__(self, vocab=20):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, 16)
+        self.head = torch.nn.Linear(16, vocab)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+def test_a_bad_label_in_targets_sharing_the_inputs_storage_is_a_skip_not_a_crash(tmp_path):
+    # A language model's inputs and targets are two views of one token block
+    # (x = block[:, :-1], y = block[:, 1:]), and the embedding saves x for its backward.
+    # Defusing a bad id in y in place must not make that backward fail ("modified by an
+    # inplace operation": x and y share a version counter), and x must stay as it was.
+    model = BlockLM()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randint(0, 20, (4, 9), generator=g) for _ in range(5)]
+    blocks[2][1, -1] = 20  # the last position: a target only, never an input
+    given = [b.clone() for b in blocks]
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for block in blocks:
+            x, y = block[:, :-1], block[:, 1:]
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                logits = model(x)
+                guard.backward(F.cross_entropy(logits.reshape(-1, 20), y.reshape(-1)))
+                opt.step()
+    assert [r.action for r in guard.history] == [None, None, "skip", None, None]
+    (event,) = guard.events
+    assert (event.step, event.cause) == (2, "target_invalid")
+    assert "20" in event.message
+    assert all(torch.equal(b, c) for b, c in zip(blocks, given, strict=True))
+    assert weights_finite(model)
+
+
 class BagOfWords(torch.nn.Module):
     def __init__(self, sparse=False):
         super().__init__()
