@@ -443,6 +443,10 @@ class TorchEngine:
         ignore_index: The class id the loss ignores (torch's default -100): never invalid.
     """
 
+    # False: class ids on the CPU are defused as on an accelerator, without looking first
+    # (every step, with a device flag); the tests run that branch where there is no GPU.
+    look_first_on_cpu = True
+
     def __init__(
         self,
         config: GuardConfig,
@@ -693,7 +697,7 @@ class TorchEngine:
                 or id(t) in self.original_labels):
             return
         n_classes = int(out.shape[dim])
-        on_cpu = t.device.type == "cpu"
+        on_cpu = t.device.type == "cpu" and self.look_first_on_cpu
         if on_cpu:
             # No device to synchronise with on the CPU: look first, act only if bad.
             lo, hi = torch.aminmax(t)
@@ -735,8 +739,8 @@ class TorchEngine:
     def describe_label_faults(self) -> str | None:
         if self.labels_rejected is not None:
             return self.labels_rejected
-        if not self.original_labels:
-            return None
+        if not self.original_labels or (self.scored is not None and not bool(self.scored)):
+            return None  # nothing defused, or (on a GPU) an embedding's ids, left alone
         for name, t in named_tensors(self.targets, "targets"):
             saved = self.original_labels.get(id(t))
             found = (None if saved is None

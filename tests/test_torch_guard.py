@@ -1246,7 +1246,33 @@ def test_an_embedding_model_is_not_a_classifier_with_too_few_classes(tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_labels_defused_in_place_are_given_back_after_the_step(tmp_path):
+def test_an_accelerators_embedding_model_is_blamed_for_its_ids_once_at_most(
+        tmp_path, label_branch):
+    # On an accelerator the first step's ids are defused before any gradient tells an
+    # embedding from class scores (docs/torch.md: one target_invalid event, at step 0).
+    # After that, a bad step of another kind must not be put on those ids.
+    torch.manual_seed(0)
+    model = mlp(n_out=16)
+    loss_fn = NormFaceLoss()
+    opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=1e-2)
+    data = [(x, torch.randint(0, 50, (16,))) for x, _ in batches(12)]
+    given = [y.clone() for _, y in data]
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for i, (x, y) in enumerate(data):
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                loss = loss_fn(model(x), y)
+                if i == 8:  # a loss that divided by zero
+                    loss = loss / torch.zeros(())
+                guard.backward(loss)
+                opt.step()
+    first = [(0, "target_invalid")] if label_branch == "accelerator" else []
+    assert [(e.step, e.cause) for e in guard.events] == [*first, (8, "loss_nonfinite")]
+    assert all(torch.equal(y, g) for (_, y), g in zip(data, given, strict=True))
+    assert weights_finite(model)
+
+
+def test_labels_defused_in_place_are_given_back_after_the_step(tmp_path, label_branch):
     # The loader yields views of the dataset's label tensor: zeroing a bad id in place for
     # the loss must not change the dataset.
     model = mlp()
@@ -1279,7 +1305,18 @@ class BlockLM(torch.nn.Module):
         return self.head(self.emb(ids))
 
 
-def test_a_bad_label_in_targets_sharing_the_inputs_storage_is_a_skip_not_a_crash(tmp_path):
+@pytest.fixture(params=["cpu", "accelerator"])
+def label_branch(request, monkeypatch):
+    """The CPU's label check (look at the ids first) and an accelerator's (defuse on every
+    step without looking, as on a GPU), both run here on the CPU."""
+    from nanguard._torch_engine import TorchEngine
+
+    monkeypatch.setattr(TorchEngine, "look_first_on_cpu", request.param == "cpu")
+    return request.param
+
+
+def test_a_bad_label_in_targets_sharing_the_inputs_storage_is_a_skip_not_a_crash(
+        tmp_path, label_branch):
     # A language model's inputs and targets are two views of one token block
     # (x = block[:, :-1], y = block[:, 1:]), and the embedding saves x for its backward.
     # Defusing a bad id in y in place must not make that backward fail ("modified by an
