@@ -355,6 +355,28 @@ def test_update_that_overflows_is_caught_and_rolled_back(tmp_path):
     assert dump.event.details["detected_at_step"] == 5
 
 
+def test_a_weight_average_updated_after_check_last_update_stays_finite(tmp_path):
+    # docs/torch.md: an AveragedModel updated right after optimizer.step() would take in
+    # an overflowed update the guard reads only at the next step; check_last_update()
+    # first rolls the model back, so the average takes finite weights.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    average = torch.optim.swa_utils.AveragedModel(model)
+    with NanGuard(model, opt, snapshot_every=3, dump_dir=str(tmp_path)) as guard:
+        for i, (x, y) in enumerate(batches(7)):
+            opt.param_groups[0]["lr"] = 3e38 if i == 4 else 1e-2
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y) * 100.0)
+                opt.step()
+            guard.check_last_update()
+            average.update_parameters(model)
+    assert [(e.step, e.cause, e.action) for e in guard.events] == [
+        (4, "update_nonfinite", "rollback")]
+    assert weights_finite(model)
+    assert weights_finite(average)
+
+
 def test_a_late_update_event_leaves_out_a_batch_refilled_in_place(tmp_path):
     # A loop that copies each batch into one static buffer: when the update check of step 4
     # is read at step 5, the buffer holds step 5's data; the dump must not pass it off as
