@@ -1227,7 +1227,7 @@ def total_norm(values: list[float], squared: list[bool], *, wide: bool) -> float
     """The global L2 norm from per-tensor values read back. Not ``wide`` (float32 norms): a
     total past float32's range is Inf, as the float32 norm ``clip_grad_norm_`` computes."""
     total = math.sqrt(sum(v if sq else v * v for v, sq in zip(values, squared, strict=True)))
-    return total if wide or total <= _F32_MAX else math.inf
+    return total if wide or math.isnan(total) or total <= _F32_MAX else math.inf
 
 
 _F32_MAX = float(torch.finfo(torch.float32).max)

@@ -477,6 +477,8 @@ def sqrt_at_zero_run(tmp_path):
 def test_sqrt_at_zero_backward_is_grad_nonfinite(tmp_path):
     guard = sqrt_at_zero_run(tmp_path)
     assert guard.events[0].where == "1"  # the backward replay names the module
+    # NaN gradients (no Inf anywhere) make a NaN norm, as torch's own; an Inf means overflow.
+    assert math.isnan(guard.history[guard.events[0].step].grad_norm)
     assert "replay.output_grad.0" in nanguard.load(guard.dumps[0]).tensors
 
 
