@@ -111,6 +111,9 @@ class GuardHook:
         self._owner = weakref.ref(owner)
         self._method = method
 
+    # Never traced by torch.compile: a compiled module's hooks would otherwise be traced into
+    # its graph (RNG state reads, bookkeeping on the guard); they run eagerly at a break.
+    @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         owner = self._owner()
         return None if owner is None else getattr(owner, self._method)(*args, **kwargs)

@@ -306,7 +306,9 @@ class NanGuard(Readout, _CallbackBase):
         engine.warn_if_no_output(
             "nanguard saw no output of the LightningModule in this training step (does "
             "training_step call a submodule instead of self(x)?). Set "
-            "logits_module='<submodule name>' so the logits' range is recorded."
+            "logits_module='<submodule name>' so the logits' range is recorded. A model "
+            "torch.compile'd and run before the guard was attached keeps a graph without "
+            "its hooks: compile it after attaching the guard."
         )
         record = engine.measure()
         if self._scaler is not None and engine.scaler_skipped(record):

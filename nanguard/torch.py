@@ -271,7 +271,8 @@ class NanGuard(Readout):
             "nanguard saw no output of the model in this guard.step() (is the model called "
             "before `with guard.step(...)`, or the loss computed from a submodule's output?). "
             "Call the model inside the step, or set logits_module='<submodule name>', so the "
-            "logits' range is recorded."
+            "logits' range is recorded. A model torch.compile'd and run before the guard was "
+            "created keeps a graph without its hooks: create the guard first."
         )
         self._finish(engine.decide())
 

@@ -420,6 +420,21 @@ def test_logits_module_and_invalid_options(tmp_path):
     assert guard.history[0].logits_min < 0
 
 
+def test_a_compiled_lightning_module(tmp_path):
+    # trainer.fit(torch.compile(module)): Lightning compiles the module's call, hooks and
+    # all; the guard's hooks run outside the graph (they once crashed dynamo's tracing).
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = Classifier()
+    t = trainer(tmp_path, guard)
+    t.fit(torch.compile(model, backend="eager"), make_data(6, nan_batches=(3,)))
+    assert [r.action for r in guard.history] == [None, None, None, "skip", None, None]
+    assert all(math.isfinite(r.logits_min) for i, r in enumerate(guard.history) if i != 3)
+    (event,) = guard.events
+    assert (event.step, event.cause) == (3, "input_nonfinite")
+    assert "output" in nanguard.load(guard.dumps[0]).tensors
+    assert_finite(model)
+
+
 def test_standalone_pytorch_lightning_package(tmp_path):
     ptl = pytest.importorskip("pytorch_lightning")
 
