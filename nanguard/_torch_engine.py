@@ -111,10 +111,9 @@ class GuardHook:
         self._owner = weakref.ref(owner)
         self._method = method
 
-    # Never traced by torch.compile: a compiled module's hooks would otherwise be traced into
-    # its graph (RNG state reads, bookkeeping on the guard); they run eagerly at a break.
-    @torch.compiler.disable
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # dynamo tracing a compiled module's hooks
+            return _eager(self, *args, **kwargs)
         owner = self._owner()
         return None if owner is None else getattr(owner, self._method)(*args, **kwargs)
 
@@ -123,6 +122,14 @@ class GuardHook:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., None]:
         return inert_hook
+
+
+@torch.compiler.disable
+def _eager(hook: GuardHook, *args: Any, **kwargs: Any) -> Any:
+    """A hook never traced by torch.compile (RNG state reads, bookkeeping on the guard):
+    dynamo breaks the graph and runs it eagerly. Only then: the wrapper costs a few µs."""
+    owner = hook._owner()
+    return None if owner is None else getattr(owner, hook._method)(*args, **kwargs)
 
 
 def named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
