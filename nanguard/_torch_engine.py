@@ -628,6 +628,7 @@ class TorchEngine:
         # id of a targets tensor whose bad class ids were zeroed -> (that tensor, a copy of
         # it as the loader gave it, n_classes); the ids are written back when the step ends
         self.original_labels: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self.labels_given_back: set[int] = set()  # keys of original_labels written back
         self.scored: torch.Tensor | None = None  # this step's scores_classes, when computed
         self.verdict: Verdict | None = None
         self.stepped: set[int] = set()  # ids of the optimizers that stepped in this step
@@ -732,6 +733,16 @@ class TorchEngine:
             t.masked_fill_(bad, 0)
         flag = bad.any()
         self.labels_bad = flag if self.labels_bad is None else self.labels_bad | flag
+
+    def give_back_labels(self) -> None:
+        """Write the original ids back into the targets defused in place (maybe a view of a
+        dataset, or of the same token block as the inputs), once the step's losses have read
+        them: at the step's verdict, before any dump is written, and when the step ends."""
+        for key, (t, original, _) in self.original_labels.items():
+            if key not in self.labels_given_back:
+                with unseen_by_autograd(t):
+                    t.copy_(original)
+                self.labels_given_back.add(key)
 
     def ids_index_the_output(self) -> None:
         """The loss raised on this step's out-of-range ids: they do index the output, whatever
@@ -859,6 +870,7 @@ class TorchEngine:
     def decide(self, *, bad: bool | None = None, record: StepRecord | None = None) -> Verdict:
         """Measure (unless ``record`` was measured already), let the core decide, and carry
         the verdict out (except raising)."""
+        self.give_back_labels()  # the loss has read them; the dump and callbacks see the batch
         if record is None:
             record = self.measure()
         if bad is None and self.any_rank_bad is not None:
@@ -991,9 +1003,7 @@ class TorchEngine:
         if keep_open:
             return
         self.micro_batches = 0
-        for t, original, _ in self.original_labels.values():  # maybe a view of a dataset
-            with unseen_by_autograd(t):
-                t.copy_(original)
+        self.give_back_labels()
         if self.updated:  # this step's update, to be checked: keep its batch until then
             self.last_batch = (self.inputs, self.targets)
             self.last_versions = {id(t): t._version for obj in self.last_batch
@@ -1001,7 +1011,7 @@ class TorchEngine:
         elif self.pending_update is None:  # no update left unchecked (an earlier
             self.last_batch = None            # one stays with its own batch)
         self.inputs = self.targets = self.batch_targets = self.output = None
-        self.original_labels = {}
+        self.original_labels, self.labels_given_back = {}, set()
         self.labels_rejected = None
         if self.calls is not None:
             calls = self.calls.calls

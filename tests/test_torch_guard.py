@@ -1319,10 +1319,10 @@ def test_labels_defused_in_place_are_given_back_after_the_step(tmp_path, label_b
 
 
 class BlockLM(torch.nn.Module):
-    def __init__(self, vocab=20):
+    def __init__(self, vocab=20, extra_inputs=0):
         super().__init__()
         torch.manual_seed(0)
-        self.emb = torch.nn.Embedding(vocab, 16)
+        self.emb = torch.nn.Embedding(vocab + extra_inputs, 16)  # ids past vocab: inputs only
         self.head = torch.nn.Linear(16, vocab)
 
     def forward(self, ids):
@@ -1365,6 +1365,30 @@ def test_a_bad_label_in_targets_sharing_the_inputs_storage_is_a_skip_not_a_crash
     assert "20" in event.message
     assert all(torch.equal(b, c) for b, c in zip(blocks, given, strict=True))
     assert weights_finite(model)
+
+
+def test_a_dump_holds_the_inputs_that_share_storage_with_defused_labels_as_given(
+        tmp_path, label_branch):
+    # Id 25 is a valid input (the embedding has 36 rows) and an invalid target (20 classes).
+    # In x, y = block[:, :-1], block[:, 1:] it sits in both: zeroing it in y zeroes x too.
+    # The ids go back before the bad step's replay and dump, which see the batch as given.
+    model = BlockLM(extra_inputs=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randint(0, 20, (4, 9), generator=g) for _ in range(4)]
+    blocks[2][1, 5] = 25
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for block in blocks:
+            x, y = block[:, :-1], block[:, 1:]
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x).reshape(-1, 20), y.reshape(-1)))
+                opt.step()
+    (event,) = guard.events
+    assert (event.step, event.cause) == (2, "target_invalid")
+    dump = nanguard.load(guard.dumps[0])
+    assert dump.tensors["inputs"][1, 5] == 25 and dump.tensors["targets"][1, 4] == 25
+    assert int(blocks[2][1, 5]) == 25
 
 
 class BagOfWords(torch.nn.Module):
