@@ -521,6 +521,10 @@ class TorchEngine:
         self.warned_no_output = False
         self.refusal_reported = False  # since the last snapshot taken (see take_snapshot)
         self.accumulates = False  # a step has spanned several contexts (plain torch)
+        # Whether the loop changes the gradients between guard.backward and optimizer.step
+        # (its own clip_grad_norm_, scaler.unscale_): then they are measured right after the
+        # backward, before the change. None until the first step shows it.
+        self.measure_at_backward: bool | None = None
         # The gradient the loss sent into the logits at the last step (when the logits are
         # the model's output): evidence whether the output scores classes (scores_classes).
         self.last_output_grad: torch.Tensor | None = None
@@ -629,6 +633,8 @@ class TorchEngine:
         # it as the loader gave it, n_classes); the ids are written back when the step ends
         self.original_labels: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self.labels_given_back: set[int] = set()  # keys of original_labels written back
+        self.early: EarlyStats | None = None  # the gradients' statistics at the last backward
+        self.backward_grads: list[tuple[torch.Tensor, int]] | None = None  # (grad, version)
         self.scored: torch.Tensor | None = None  # this step's scores_classes, when computed
         self.verdict: Verdict | None = None
         self.stepped: set[int] = set()  # ids of the optimizers that stepped in this step
@@ -770,6 +776,30 @@ class TorchEngine:
                 return found
         return None
 
+    def after_backward(self, scale: torch.Tensor | None = None) -> None:
+        """Right after the step's backward (``guard.backward``): note each gradient's
+        version, and, when the loop is known (or not yet known) to change the gradients
+        before ``optimizer.step()`` (its own ``clip_grad_norm_``, ``scaler.unscale_``),
+        reduce them now, so the recorded norms are the ones before that change (the
+        contract's "before clipping"). ``scale``: the GradScaler's scale the loss was
+        multiplied by (a device tensor, read with the step's other numbers)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        self.backward_grads = [(g, g._version) for g in grads]
+        if self.measure_at_backward is False:
+            self.early = None
+            return
+        with torch.no_grad():
+            red = reduce_each(grads, _cpu_sq) if grads else Reduced([], [])
+        self.early = EarlyStats([p.grad is not None for p in self.params], red, scale)
+
+    def _grads_changed_since_backward(self, grads: list[torch.Tensor]) -> bool:
+        seen, self.backward_grads = self.backward_grads, None
+        changed = seen is not None and (len(seen) != len(grads) or any(
+            g is not t or g._version != v for g, (t, v) in zip(grads, seen, strict=True)))
+        if seen is not None and not self.measure_at_backward:
+            self.measure_at_backward = changed
+        return changed
+
     def add_loss(self, loss: torch.Tensor) -> None:
         loss = loss.detach()
         if loss.ndim or loss.dtype != _wide(loss.dtype):
@@ -786,7 +816,13 @@ class TorchEngine:
         grads = [p.grad for p in self.params if p.grad is not None]
         dev = grads[0].device if grads else self.params[0].device
         nan = _nan(dev)
-        red = reduce_each(grads, _cpu_sq) if grads else Reduced([], [])
+        early, self.early = self.early, None
+        self._grads_changed_since_backward(grads)
+        if early is not None:  # measured at the backward, before the loop changed them
+            red, present, scale = early.red, early.present, early.scale
+        else:
+            red = reduce_each(grads, _cpu_sq) if grads else Reduced([], [])
+            present, scale = [p.grad is not None for p in self.params], None
         loss = self.loss if self.loss is not None else nan
         if self.labels_bad is not None:
             loss = torch.where(self.labels_bad.to(loss.device), nan.to(loss.device), loss)
@@ -797,14 +833,20 @@ class TorchEngine:
             self.lmax if self.lmax is not None else nan,
             *red.values,
             *pending,
+            *([] if scale is None else [scale]),
         ], dev)
         n = len(red.values)
         if self.distributed:
             stats = torch.cat([stats, self._agree(stats, red.squared, len(pending))])
         values = stats.tolist()
+        found = values[3:3 + n]
+        if scale is not None:  # statistics of the scaled gradients: unscale them
+            s = values[3 + n + len(pending)]
+            found = [v / (s * s) if sq else v / s for v, sq in zip(found, red.squared,
+                                                                  strict=True)]
         wide = any(v.dtype == torch.float64 for v in red.values)
-        layer = norms_of(values[3:3 + n], red.squared)
-        total = total_norm(values[3:3 + n], red.squared, wide=wide) if grads else math.nan
+        layer = norms_of(found, red.squared)
+        total = total_norm(found, red.squared, wide=wide) if any(present) else math.nan
         if self.distributed:
             flags = values[-4:]
             self.update_was_bad = flags[2] == 1.0
@@ -832,7 +874,7 @@ class TorchEngine:
             logits_max=values[2],
             grad_norm=total,
             lr=_float(lrs[0]) if lrs else math.nan,
-            layer_grad_norms=_layer_norms(self.params, grads, layer),
+            layer_grad_norms=_layer_norms(present, layer),
         )
 
     def _agree(self, stats: torch.Tensor, squared: list[bool], n_pending: int) -> torch.Tensor:
@@ -1178,6 +1220,18 @@ class Reduced(NamedTuple):
     squared: list[bool]
 
 
+class EarlyStats(NamedTuple):
+    """The gradients' statistics taken right after the backward (``after_backward``).
+
+    ``present[i]``: parameter ``i`` had a gradient then; ``scale``: the GradScaler's scale
+    the gradients carry (divided out on the host), or None.
+    """
+
+    present: list[bool]
+    red: Reduced
+    scale: torch.Tensor | None
+
+
 def reduce_each(
     tensors: list[torch.Tensor], big_cpu: Callable[[torch.Tensor], torch.Tensor]
 ) -> Reduced:
@@ -1285,15 +1339,13 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point())
 
 
-def _layer_norms(
-    params: list[torch.Tensor], grads: list[torch.Tensor], norms: list[float]
-) -> list[float]:
-    if len(grads) == len(params):
+def _layer_norms(present: list[bool], norms: list[float]) -> list[float]:
+    if all(present):
         return norms
     it = iter(norms)
     # A parameter the loss did not reach has no gradient: 0.0, not a non-finite norm that
     # `where` would blame, or that would make every step look unhealthy to layer_growth.
-    return [next(it) if p.grad is not None else 0.0 for p in params]
+    return [next(it) if has else 0.0 for has in present]
 
 
 class TorchProbe:

@@ -175,8 +175,10 @@ class NanGuard(Readout):
         self._engine.add_loss(loss)
         if self.scaler is not None:
             self.scaler.scale(loss).backward(**kwargs)
+            self._engine.after_backward(getattr(self.scaler, "_scale", None))
         else:
             loss.backward(**kwargs)
+            self._engine.after_backward()
 
     def close(self) -> None:
         """Check the last update, then remove every hook the guard registered. Safe to

@@ -567,6 +567,75 @@ SCHEDULERS = {
                                                                          eta_min=0.05),
 }
 
+@pytest.mark.parametrize("how", ["plain", "accumulation", "grad scaler"])
+def test_the_recorded_norm_is_the_one_before_the_loops_own_clipping(tmp_path, how):
+    # nanoGPT's loop clips the gradients itself between the backward and optimizer.step().
+    # The contract's grad_norm is the norm before clipping: the one clip_grad_norm_ returns,
+    # not ~max_norm on every step (which hid growth from grad_explosion and the snapshots).
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**10) if how == "grad scaler"
+              else None)
+    data = batches(12)
+    for i in (6, 7, 8):  # growing inputs: the true norm climbs
+        data[i] = (data[i][0] * 10.0 ** (i - 5), data[i][1])
+    micro = 2 if how == "accumulation" else 1
+    returned = []
+    with NanGuard(model, opt, scaler=scaler, dump_dir=str(tmp_path)) as guard:
+        for i in range(0, len(data), micro):
+            opt.zero_grad()
+            for x, y in data[i:i + micro]:
+                with guard.step(x, targets=y):
+                    guard.backward(F.cross_entropy(model(x), y) / micro)
+                    if x is data[i + micro - 1][0]:
+                        if scaler is not None:
+                            scaler.unscale_(opt)
+                        returned.append(float(torch.nn.utils.clip_grad_norm_(
+                            model.parameters(), max_norm=1.0)))
+                        if scaler is not None:
+                            scaler.step(opt)
+                            scaler.update()
+                        else:
+                            opt.step()
+    norms = [r.grad_norm for r in guard.history]
+    assert norms == pytest.approx(returned, rel=1e-5)
+    assert max(norms) > 10.0  # the climb is seen, not flattened to max_norm
+    assert guard._engine.measure_at_backward is True
+
+
+def test_without_changes_between_backward_and_step_the_norm_is_read_at_the_step(tmp_path):
+    # The usual loop: nothing touches the gradients after guard.backward; after the first
+    # step shows that, they are reduced once per step at optimizer.step() (with gradient
+    # accumulation, not once per micro-batch).
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, batches(4))
+    assert guard._engine.measure_at_backward is False
+    assert all(math.isfinite(r.grad_norm) and r.grad_norm > 0 for r in guard.history)
+
+
+def test_gradients_made_non_finite_after_the_backward_are_rolled_back(tmp_path):
+    # The price of measuring before the loop's own changes: NaN that the loop itself writes
+    # into the gradients after guard.backward (a normalisation by a zero norm) reaches the
+    # weights and is found with the next step's numbers, as an overflowed update: rolled back.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with NanGuard(model, opt, snapshot_every=2, dump_dir=str(tmp_path)) as guard:
+        for i, (x, y) in enumerate(batches(8)):
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y))
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                if i == 5:
+                    model[0].weight.grad.div_(0.0)
+                opt.step()
+    assert [(e.step, e.cause, e.action) for e in guard.events] == [
+        (5, "update_nonfinite", "rollback")]
+    assert weights_finite(model)
+
+
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_lowered_lr_survives_schedulers(tmp_path, scheduler):
