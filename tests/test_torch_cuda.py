@@ -28,6 +28,7 @@ from tests.test_torch_guard import (  # noqa: E402
     batches,
     mlp,
     naive_softmax_ce,
+    run_blocks,
     same_bits,
     state_copy,
     weights_finite,
@@ -269,13 +270,7 @@ def test_a_language_models_view_targets_train_on(tmp_path):
     blocks = [torch.randint(0, 20, (4, 9), generator=g).to(DEVICE) for _ in range(6)]
     blocks[4][0, -1] = 25
     with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
-        for block in blocks:
-            x, y = block[:, :-1], block[:, 1:]
-            opt.zero_grad()
-            with guard.step(x, targets=y):
-                logits = model(x)
-                guard.backward(F.cross_entropy(logits.reshape(-1, 20), y.reshape(-1)))
-                opt.step()
+        run_blocks(guard, model, opt, blocks)
     assert [r.action for r in guard.history] == [None] * 4 + ["skip", None]
     assert [(e.step, e.cause) for e in guard.events] == [(4, "target_invalid")]
     assert int(blocks[4][0, -1]) == 25

@@ -1398,6 +1398,17 @@ class BlockLM(torch.nn.Module):
         return self.head(self.emb(ids))
 
 
+def run_blocks(guard, model, opt, blocks, vocab=20):
+    """A token LM's loop: inputs and targets are two views of each block."""
+    for block in blocks:
+        x, y = block[:, :-1], block[:, 1:]
+        opt.zero_grad()
+        with guard.step(x, targets=y):
+            logits = model(x)
+            guard.backward(F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1)))
+            opt.step()
+
+
 @pytest.fixture(params=["cpu", "accelerator"])
 def label_branch(request, monkeypatch):
     """The CPU's label check (look at the ids first) and an accelerator's (defuse on every
@@ -1421,13 +1432,7 @@ def test_a_bad_label_in_targets_sharing_the_inputs_storage_is_a_skip_not_a_crash
     blocks[2][1, -1] = 20  # the last position: a target only, never an input
     given = [b.clone() for b in blocks]
     with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
-        for block in blocks:
-            x, y = block[:, :-1], block[:, 1:]
-            opt.zero_grad()
-            with guard.step(x, targets=y):
-                logits = model(x)
-                guard.backward(F.cross_entropy(logits.reshape(-1, 20), y.reshape(-1)))
-                opt.step()
+        run_blocks(guard, model, opt, blocks)
     assert [r.action for r in guard.history] == [None, None, "skip", None, None]
     (event,) = guard.events
     assert (event.step, event.cause) == (2, "target_invalid")
@@ -1447,12 +1452,7 @@ def test_a_dump_holds_the_inputs_that_share_storage_with_defused_labels_as_given
     blocks = [torch.randint(0, 20, (4, 9), generator=g) for _ in range(4)]
     blocks[2][1, 5] = 25
     with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
-        for block in blocks:
-            x, y = block[:, :-1], block[:, 1:]
-            opt.zero_grad()
-            with guard.step(x, targets=y):
-                guard.backward(F.cross_entropy(model(x).reshape(-1, 20), y.reshape(-1)))
-                opt.step()
+        run_blocks(guard, model, opt, blocks)
     (event,) = guard.events
     assert (event.step, event.cause) == (2, "target_invalid")
     dump = nanguard.load(guard.dumps[0])
