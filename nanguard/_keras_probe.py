@@ -407,11 +407,15 @@ class KerasProbe:
         replay: Whether to replay the batch layer by layer.
         allow_neg_inf: Layer names (or ``fnmatch`` patterns) whose ``-inf`` outputs are
             intended: the replay blames neither them nor the ``-inf`` flowing from them.
+        update_nonfinite: The step's update, made from finite gradients, left the weights
+            non-finite.
     """
 
     def __init__(self, model: Any, batch: Mapping[str, Any], *, heads: list[Head] | None = None,
-                 replay: bool = True, allow_neg_inf: Sequence[str] = ()) -> None:
+                 replay: bool = True, allow_neg_inf: Sequence[str] = (),
+                 update_nonfinite: bool = False) -> None:
         self.model = model
+        self.update_nonfinite = update_nonfinite
         self.batch = batch
         self.heads = list(heads or [])
         self.replay = replay
@@ -473,6 +477,13 @@ class KerasProbe:
         ev.target_invalid = check_targets(self.paired_targets())
         found = first_nonfinite_variable(self.model)
         ev.weights_nonfinite = None if found is None else found[0]
+        if self.update_nonfinite:
+            # Finite gradients keep a float32 optimizer state finite: such state that is
+            # not was so before the update, which only spread it into the weights.
+            state = first_nonfinite_variable(self.model, optimizer_wide_only=True)
+            if state is not None:
+                ev.details["optimizer_state_nonfinite"] = state[0]
+                found = state
         self.found_state = None if found is None else found[1:]
         buffers = nonfinite_variables(list(self.model.non_trainable_variables))
         if buffers:  # restored from the snapshot when the step is skipped

@@ -63,9 +63,11 @@ def nonfinite_variables(variables: list[Any]) -> list[Any]:
     return found
 
 
-def first_nonfinite_variable(model: Any) -> tuple[str, str, np.ndarray] | None:
+def first_nonfinite_variable(model: Any, *, optimizer_wide_only: bool = False
+                             ) -> tuple[str, str, np.ndarray] | None:
     """The first trainable or optimizer variable holding NaN/Inf: its description, its name
-    (as ``where`` gives it) and its host copy.
+    (as ``where`` gives it) and its host copy. ``optimizer_wide_only``: optimizer variables
+    of float32 or wider only.
 
     Non-trainable model variables (BatchNormalization's moving statistics) are left out:
     the bad step's own forward writes them, so they say nothing about the state before it;
@@ -73,10 +75,10 @@ def first_nonfinite_variable(model: Any) -> tuple[str, str, np.ndarray] | None:
     """
     buffers = {id(v) for v in model.non_trainable_variables}
     for name, v in state_variables(model):
-        if id(v) in buffers:
+        if id(v) in buffers or (optimizer_wide_only and not name.startswith("optimizer.")):
             continue
         a = to_numpy(v, 2**62)
-        if a.dtype.kind != "f":
+        if a.dtype.kind != "f" or (optimizer_wide_only and a.dtype.itemsize < 4):
             continue
         nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
         if nan or inf:

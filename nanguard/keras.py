@@ -365,7 +365,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
                 self._snapshot.restore()
         heads = self._instrument.heads if self._instrument is not None else None
         probe = KerasProbe(self.model, batch, heads=heads, replay=not self.fallback,
-                           allow_neg_inf=self.config.allow_neg_inf)
+                           allow_neg_inf=self.config.allow_neg_inf, update_nonfinite=update_bad)
         verdict = self.session.conclude(record, probe, bad=bad, update_nonfinite=update_bad,
                                         update_step=step, can_skip=can_skip,
                                         has_snapshot=self._snapshot is not None)

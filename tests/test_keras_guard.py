@@ -579,6 +579,35 @@ def test_weights_corrupted_between_batches_are_dumped_by_name(tmp_path):
     assert all_finite(model)
 
 
+def test_optimizer_state_corrupted_between_batches_is_weights_nonfinite(tmp_path):
+    # Adam's velocity holds a NaN before a step: the step's finite gradients carry it into
+    # the weights. The cause is the state that was already non-finite, not an update that
+    # was too large (which would say "lower the learning rate").
+    x, y = data()
+
+    class CorruptSlot(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                slot = next(v for v in self.model.optimizer.variables
+                            if v.path.endswith("hidden_kernel_velocity"))
+                value = keras.ops.convert_to_numpy(slot).copy()
+                value[0, 0] = np.nan
+                slot.assign(value)
+
+    model = classifier(optimizer=keras.optimizers.Adam(1e-3))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[CorruptSlot(), guard])
+    event = guard.events[0]
+    assert (event.step, event.cause, event.action) == (2, "weights_nonfinite", "rollback")
+    assert event.where.startswith("optimizer.") and event.where.endswith("velocity")
+    assert "optimizer's state was non-finite" in event.message
+    dump = nanguard.load(guard.dumps[0])
+    slot = dump.tensors[f"localized.{event.where}"]
+    assert slot.shape == (8, 16) and np.isnan(slot[0, 0])
+    assert all_finite(model) and all(np.isfinite(a).all() for a in optimizer_state(model))
+
+
 def test_weights_blown_up_but_finite_are_named_with_the_learning_rate(tmp_path):
     # A one-batch LR spike leaves the variables finite but ~1e35; the next batch's output
     # overflows. The message says the weights are huge (not "an unstable operation").
