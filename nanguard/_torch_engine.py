@@ -636,6 +636,9 @@ class TorchEngine:
         self.early: EarlyStats | None = None  # the gradients' statistics at the last backward
         self.backward_grads: list[tuple[torch.Tensor, int]] | None = None  # (grad, version)
         self.scored: torch.Tensor | None = None  # this step's scores_classes, when computed
+        # With logits_module: the gradient the loss sent into that module's output (the
+        # recorder keeps the model output's only), for scores_classes at the next step.
+        self.logits_grad: torch.Tensor | None = None
         self.verdict: Verdict | None = None
         self.stepped: set[int] = set()  # ids of the optimizers that stepped in this step
         self.state_corrupt = False  # a snapshot due now found weights or state non-finite
@@ -685,6 +688,10 @@ class TorchEngine:
         out = first_float_tensor(output)
         if out is None:
             return
+        if (self.batch_targets is not None and self.config.logits_module is not None
+                and out.requires_grad and self.logits_grad is None
+                and self.output_scores_classes and self.micro_batches <= 1):
+            out.register_hook(self._keep_logits_grad)
         out = out.detach()
         self.output = out
         if self.batch_targets is not None:
@@ -692,6 +699,10 @@ class TorchEngine:
         lo, hi = torch.aminmax(out) if out.numel() else (out.new_tensor(0), out.new_tensor(0))
         self.lmin = lo if self.lmin is None else torch.minimum(self.lmin, lo)
         self.lmax = hi if self.lmax is None else torch.maximum(self.lmax, hi)
+
+    def _keep_logits_grad(self, grad: torch.Tensor) -> None:
+        if self.logits_grad is None:
+            self.logits_grad = grad.detach()
 
     def _defuse_labels(self, out: torch.Tensor) -> None:
         """Out-of-range class ids, found and made harmless before the user's loss sees them.
@@ -1055,6 +1066,8 @@ class TorchEngine:
         self.inputs = self.targets = self.batch_targets = self.output = None
         self.original_labels, self.labels_given_back = {}, set()
         self.labels_rejected = None
+        if self.logits_grad is not None:
+            self.last_output_grad, self.logits_grad = self.logits_grad, None
         if self.calls is not None:
             calls = self.calls.calls
             grads = calls[0].output_grads if calls and self.config.logits_module is None else {}

@@ -504,6 +504,8 @@ class ReplayResult:
     Attributes:
         finding: The first bad module, or None.
         output_nonfinite: The replayed model output holds NaN/Inf.
+        past_logits: The ``logits_module`` whose output was finite when the model's own
+            forward, after it, made the model output non-finite; None otherwise.
         notes: Why a part of the replay could not run, in words.
 
     Example:
@@ -513,6 +515,7 @@ class ReplayResult:
 
     finding: Finding | None = None
     output_nonfinite: bool = False
+    past_logits: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -560,6 +563,9 @@ def replay_call(
                 f.module in (loc.names[model], (prefix + logits_module) if logits_module else None)
                 or (final is not None and f._out_ref is not None and _same(f._out_ref, final))
             )
+            if (logits_module and f.module == loc.names[model] and logits_ref
+                    and not _nonfinite(logits_ref[:1])):
+                result.past_logits = prefix + logits_module
             result.finding = f
             return result
         logits_out = first_float_tensor(out)
@@ -753,6 +759,7 @@ def localize_step(
         evidence.where = f.module
         if f.hidden:
             evidence.activation = f.module
+        evidence.output_past_logits = result.past_logits
     else:
         evidence.grad_where = f.module
     arrays.update(f.arrays())

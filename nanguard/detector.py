@@ -43,6 +43,9 @@ class Evidence:
         activation: The first hidden module whose output went non-finite (replay).
         grad_where: The first module whose gradient went non-finite in the backward
             replay, from finite gradients at its output.
+        output_past_logits: The configured logits source (``logits_module``) whose output
+            was finite when the model's own forward, after it, made the model output
+            non-finite (replay).
         where: Where non-finite values first appeared (module, layer or parameter name).
         logits_dtype: dtype of the model output, for the ``exp`` overflow threshold.
         logits_seen: False when the step's output range was not recorded (the model was
@@ -62,6 +65,7 @@ class Evidence:
     update_nonfinite: bool = False
     activation: str | None = None
     grad_where: str | None = None
+    output_past_logits: str | None = None
     where: str | None = None
     logits_dtype: str = "float32"
     logits_seen: bool = True
@@ -223,6 +227,15 @@ def classify(
             + (f"outputs, and {huge}." if huge else
                "outputs. Look for an exp, log, pow or division there that overflows; clamp "
                "its input, add normalisation before it, or lower the learning rate.") + trend
+        )
+    if evidence.output_past_logits:
+        return "logits_nonfinite", where, (
+            f"Step {s}: the model output is non-finite while its logits source "
+            f"'{evidence.output_past_logits}' (logits_module) was finite (in "
+            f"[{_fmt(record.logits_min)}, {_fmt(record.logits_max)}]): an operation in the "
+            "model's forward after it made them non-finite (a division by a zero temperature "
+            "or scale, an exp?). Guard that operation (clamp its divisor, add an epsilon)."
+            + trend
         )
     if not logits_finite:
         return "logits_nonfinite", where, (

@@ -1441,6 +1441,49 @@ def test_a_bad_label_in_targets_sharing_the_inputs_storage_is_a_skip_not_a_crash
     assert weights_finite(model)
 
 
+class DictLM(torch.nn.Module):
+    """A Hugging Face-style model: the logits come from `head` inside a dict."""
+
+    def __init__(self, vocab=20):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(vocab, 16)
+        self.head = torch.nn.Linear(16, vocab)
+
+    def forward(self, ids):
+        return {"logits": self.head(self.emb(ids)), "hidden": self.emb(ids)}
+
+
+def test_logits_module_labels_are_defused_before_the_loss(tmp_path, label_branch):
+    # With logits_module the label check needs the gradient the loss sent into that module's
+    # output (whether it scores classes); without it the CPU branch left the ids to the loss,
+    # which raised, and the code after the loss in the step never ran.
+    model = DictLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    losses_seen = []
+    with NanGuard(model, opt, dump_dir=str(tmp_path), logits_module="head") as guard:
+        for i in range(5):
+            ids = torch.randint(0, 20, (4, 9), generator=g)
+            labels = ids.clone()
+            if i == 3:
+                labels[2, 5] = 21
+            opt.zero_grad()
+            with guard.step(ids, targets=labels):
+                logits = model(ids)["logits"]
+                loss = F.cross_entropy(logits.reshape(-1, 20), labels.reshape(-1))
+                losses_seen.append(i)
+                guard.backward(loss)
+                opt.step()
+            assert labels[2, 5] == (21 if i == 3 else ids[2, 5])  # given back after the step
+    assert losses_seen == [0, 1, 2, 3, 4]
+    assert [r.action for r in guard.history] == [None, None, None, "skip", None]
+    (event,) = guard.events
+    assert (event.step, event.cause) == (3, "target_invalid")
+    assert "21" in event.message
+    assert weights_finite(model)
+
+
 def test_a_dump_holds_the_inputs_that_share_storage_with_defused_labels_as_given(
         tmp_path, label_branch):
     # Id 25 is a valid input (the embedding has 36 rows) and an invalid target (20 classes).

@@ -299,3 +299,40 @@ def test_a_lower_precision_non_finite_output_gradient_does_not_blame_the_loss():
     # The same gradient in the output's own precision is the loss's doing.
     call.output_grads = {0: grad.float()}
     assert replay_call(model, call, backward=True).finding.module == "<loss>"
+
+
+class TemperatureLM(nn.Module):
+    """Divides its head's logits by a temperature buffer, after the head."""
+
+    def __init__(self, vocab=20):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, 16)
+        self.head = nn.Linear(16, vocab)
+        self.register_buffer("temperature", torch.tensor(1.0))
+
+    def forward(self, ids):
+        return {"logits": self.head(self.emb(ids)) / self.temperature}
+
+
+def test_a_fault_after_the_logits_module_blames_the_models_forward(tmp_path):
+    # logits_module="head" is finite; the model divides it by a temperature that is 0 at
+    # step 2. The event is the model output's, not the loss's (which read the inf logits).
+    model = TemperatureLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path), logits_module="head") as guard:
+        for i in range(4):
+            ids = torch.randint(0, 20, (4, 9), generator=g)
+            model.temperature.fill_(0.0 if i == 2 else 1.0)
+            opt.zero_grad()
+            with guard.step(ids, targets=ids):
+                logits = model(ids)["logits"]
+                guard.backward(F.cross_entropy(logits.reshape(-1, 20), ids.reshape(-1)))
+                opt.step()
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (2, "logits_nonfinite", "<TemperatureLM>")
+    assert "'head' (logits_module) was finite" in event.message
+    dump = nanguard.load(guard.dumps[0])
+    assert np.isinf(dump.tensors["localized.<TemperatureLM>.output"]).any()
+    assert np.isfinite(dump.tensors["output"]).all()  # the logits source, as recorded
