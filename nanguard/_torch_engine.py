@@ -312,6 +312,31 @@ def _class_dim(t: torch.Tensor, output: torch.Tensor) -> int | None:
     return None
 
 
+def _class_scores(targets: Any, logits: torch.Tensor, output: Any) -> torch.Tensor:
+    """The output tensor whose class dimension the targets' ids index.
+
+    The logits (the first floating tensor) unless the output holds several floating
+    tensors and none is named ``logits``: a ``(features, logits)`` tuple has the features
+    first, and their width is no class count. Then the widest that fits a class-id target
+    (:func:`_class_dim`): an id below it is valid for at least that output.
+    """
+    if isinstance(output, torch.Tensor) or isinstance(
+            getattr(output, "logits", None), torch.Tensor) or (
+            isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor)):
+        return logits
+    from nanguard._torch_replay import float_tensors
+
+    best, width = logits, -1
+    labels = [t for _, t in named_tensors(targets, "targets")
+              if not (t.is_floating_point() or t.dtype == torch.bool)]
+    for o in float_tensors(output):
+        for t in labels:
+            dim = _class_dim(t, o)
+            if dim is not None and o.shape[dim] > width:
+                best, width = o.detach(), int(o.shape[dim])
+    return best
+
+
 def scores_classes(grad: torch.Tensor | None, dim: int, n_classes: int) -> torch.Tensor | None:
     """Whether a loss read the output as class scores, from the gradient it sent into it.
 
@@ -624,6 +649,9 @@ class TorchEngine:
         self.targets: Any = None
         self.batch_targets: Any = None  # the latest micro-batch's targets
         self.output: torch.Tensor | None = None
+        # The output tensor whose width is the class count: the logits, or with several
+        # floating outputs and none named logits, the widest that fits the targets.
+        self.class_output: torch.Tensor | None = None
         self.lmin: torch.Tensor | None = None
         self.lmax: torch.Tensor | None = None
         self.loss: torch.Tensor | None = None
@@ -695,7 +723,8 @@ class TorchEngine:
         out = out.detach()
         self.output = out
         if self.batch_targets is not None:
-            self._defuse_labels(out)
+            self.class_output = _class_scores(self.batch_targets, out, output)
+            self._defuse_labels(self.class_output)
         lo, hi = torch.aminmax(out) if out.numel() else (out.new_tensor(0), out.new_tensor(0))
         self.lmin = lo if self.lmin is None else torch.minimum(self.lmin, lo)
         self.lmax = hi if self.lmax is None else torch.maximum(self.lmax, hi)
@@ -1064,6 +1093,7 @@ class TorchEngine:
         elif self.pending_update is None:  # no update left unchecked (an earlier
             self.last_batch = None            # one stays with its own batch)
         self.inputs = self.targets = self.batch_targets = self.output = None
+        self.class_output = None
         self.original_labels, self.labels_given_back = {}, set()
         self.labels_rejected = None
         if self.logits_grad is not None:
@@ -1385,7 +1415,8 @@ class TorchProbe:
         if e.scored is not None and not bool(e.scored):  # on a GPU, known only now
             e.output_scores_classes = False
         ev.target_invalid = e.describe_label_faults() or check_targets(
-            e.targets, e.output, e.ignore_index, classes=e.output_scores_classes)
+            e.targets, e.class_output if e.class_output is not None else e.output,
+            e.ignore_index, classes=e.output_scores_classes)
         if e.update_was_bad:
             ev.update_nonfinite = True
             ev.weights_nonfinite = self._first_nonfinite_state()

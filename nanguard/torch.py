@@ -380,7 +380,8 @@ class _Step:
             if (isinstance(exc, Exception) and not isinstance(exc, NonFiniteTrainingError)
                     and not engine.distributed):
                 labels = (engine.describe_label_faults()
-                          or check_targets(engine.targets, engine.output, engine.ignore_index)
+                          or check_targets(engine.targets, engine.class_output,
+                                           engine.ignore_index)
                           or engine.labels_rejected_by(exc))
             if labels:
                 engine.ids_index_the_output()

@@ -658,6 +658,51 @@ def test_an_embedding_model_trains_on_after_the_first_step(tmp_path):
     assert torch.equal(y, given)
 
 
+class FeaturesAndLogits(pl.LightningModule):
+    """forward returns (features, logits): 3 features, 6 classes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(N_IN, 3), torch.nn.ReLU())
+        self.head = torch.nn.Linear(3, 6)
+        self.labels_seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        h = self.body(x)
+        return h, self.head(h)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.labels_seen.append(y.clone())
+        return torch.nn.functional.cross_entropy(self(x)[1], y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_features_then_logits_tuple_counts_classes_by_the_logits(tmp_path):
+    # The contract's logits source is the first floating tensor (the features here), but
+    # their width is no class count: ids 3..5 are valid and must not be touched; an id 6
+    # at step 2 is out of [0, 6) and is.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5 * BATCH, N_IN, generator=g)
+    y = torch.arange(5 * BATCH) % 6
+    y[2 * BATCH + 1] = 6
+    given = y.clone()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = FeaturesAndLogits()
+    trainer(tmp_path, guard).fit(model, loader)
+    assert [r.action for r in guard.history] == [None, None, "skip", None, None]
+    (event,) = guard.events
+    assert (event.step, event.cause) == (2, "target_invalid")
+    assert "[0, 6)" in event.message
+    assert all(torch.equal(seen, given[i * BATCH:(i + 1) * BATCH])
+               for i, seen in enumerate(model.labels_seen) if i != 2)
+    assert torch.equal(y, given)
+
+
 def test_a_checkpoint_between_steps_never_holds_an_overflowed_update(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 

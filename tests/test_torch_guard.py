@@ -1454,6 +1454,39 @@ class DictLM(torch.nn.Module):
         return {"logits": self.head(self.emb(ids)), "hidden": self.emb(ids)}
 
 
+class FeaturesThenLogits(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 3), torch.nn.ReLU())
+        self.head = torch.nn.Linear(3, 6)
+
+    def forward(self, x):
+        h = self.body(x)
+        return h, self.head(h)
+
+
+def test_a_features_then_logits_tuple_counts_classes_by_the_logits(tmp_path, label_branch):
+    # The first floating tensor (the contract's logits source) is 3 features wide: ids 3..5
+    # are valid for the 6 logits the loss reads, and are left alone; 7 is out of [0, 6).
+    model = FeaturesThenLogits()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    xs = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    ys = torch.arange(64) % 6
+    ys[40] = 7  # batch 2
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for i in range(4):
+            x, y = xs[i * 16:(i + 1) * 16], ys[i * 16:(i + 1) * 16]
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x)[1], y))
+                opt.step()
+    assert [r.action for r in guard.history] == [None, None, "skip", None]
+    (event,) = guard.events
+    assert (event.step, event.cause) == (2, "target_invalid")
+    assert "[0, 6)" in event.message
+
+
 def test_logits_module_labels_are_defused_before_the_loss(tmp_path, label_branch):
     # With logits_module the label check needs the gradient the loss sent into that module's
     # output (whether it scores classes); without it the CPU branch left the ids to the loss,
