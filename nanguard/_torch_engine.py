@@ -688,7 +688,7 @@ class TorchEngine:
         self.refresh_distributed()
         last = None if self.snapshot is None else self.snapshot.step
         if self.snapshot_owed or self.session.snapshot_due(last):
-            self.take_snapshot(self.session.step)
+            self.take_snapshot(self.session.step, scheduled=not self.snapshot_owed)
             self.snapshot_owed = False  # after the copy: an interrupted one is owed still
 
     @property
@@ -1140,23 +1140,38 @@ class TorchEngine:
             return False
         return bool(maybe_finite(tensors)) or all_finite(tensors)
 
+    def weight_peaks(self) -> list[tuple[str, float]]:
+        """Each trained parameter's name and largest ``|w|`` (one transfer)."""
+        params = [p for p in self.params
+                  if p.requires_grad and p.numel() and p.layout == torch.strided]
+        if not params:
+            return []
+        with torch.no_grad():
+            peaks = stack_on([p.detach().abs().max() for p in params], params[0].device)
+        return [(self.names.get(p, "?"), v)
+                for p, v in zip(params, peaks.tolist(), strict=True)]
+
     def nonfinite_buffers(self) -> list[str]:
         """Floating buffers holding NaN/Inf (slow path only), by ``state_dict`` key."""
         return [name for name, buf in self.model.named_buffers()
                 if buf.is_floating_point() and not bool(torch.isfinite(buf).all())]
 
-    def take_snapshot(self, step: int) -> bool:
+    def take_snapshot(self, step: int, *, scheduled: bool = True) -> bool:
         """A snapshot, if the state is finite. If not, nothing else would notice: the per-step
         checks read the gradients and the updated weights, not the optimizer state (Adam's
         second moment overflowing float16, a corrupt optimizer checkpoint) nor frozen
         parameters; so the step is concluded as bad (``corrupt``), once until a snapshot is
-        taken again."""
+        taken again. Finite weights that one update blew up are not taken either
+        (:meth:`GuardSession.admit_snapshot`)."""
         if not self.weights_finite():
             self.refused_now = True
             if not self.refusal_reported:
                 self.refusal_reported = self.state_corrupt = True
             return False
         self.refusal_reported = False
+        peaks = [v for _, v in self.weight_peaks()]
+        if not self.session.admit_snapshot(max(peaks, default=0.0), scheduled=scheduled):
+            return False
         if self.distributed:  # kept until this step's measure: another rank may refuse
             self.prior_snapshot, self.snapshot_new = self.snapshot, True
         self.snapshot = Snapshot(step, self.model, self.optimizers)
@@ -1457,7 +1472,7 @@ class TorchProbe:
         if run and (ev.activation or not (detector.finite(record.logits_min)
                                           and detector.finite(record.logits_max))):
             # Only these messages use it (huge finite weights point at the learning rate).
-            detector.note_weights_peak(ev, self._weight_peaks())
+            detector.note_weights_peak(ev, e.weight_peaks())
         if math.isfinite(record.loss) and not math.isfinite(record.grad_norm):
             grads = [p.grad for p in e.params if p.grad is not None]
             if grads and all_finite([_sparse_values(g) if g.layout != torch.strided else g
@@ -1494,17 +1509,6 @@ class TorchProbe:
                         self.bad_call = k
                         return f"{found}, in the model's arguments{which}; {origin}"
         return None
-
-    def _weight_peaks(self) -> list[tuple[str, float]]:
-        """Each trained parameter's name and largest ``|w|`` (one transfer)."""
-        e = self.engine
-        params = [p for p in e.params
-                  if p.requires_grad and p.numel() and p.layout == torch.strided]
-        if not params:
-            return []
-        with torch.no_grad():
-            peaks = stack_on([p.detach().abs().max() for p in params], params[0].device)
-        return [(e.names.get(p, "?"), v) for p, v in zip(params, peaks.tolist(), strict=True)]
 
     def _first_nonfinite_state(self) -> str | None:
         e = self.engine

@@ -114,10 +114,14 @@ def _huge_weights(evidence: Evidence) -> str | None:
     peak = evidence.details.get("weights_peak")
     if not isinstance(peak, dict):
         return None
+    held = evidence.details.get("snapshot_peak")
+    undo = ("a rollback to a snapshot from before the growth undoes it"
+            if not isinstance(held, float) else
+            f"the last snapshot holds such weights too (|w| up to {_fmt(held)}), so a rollback "
+            "cannot undo it: restart from a checkpoint taken before the growth")
     return (f"its weights are finite but huge (|w| up to {_fmt(float(peak['value']))}, in "
             f"'{peak['name']}'): earlier updates blew them up, most likely with a learning "
-            "rate too high for them. Lower it or set clip_grad_norm; a rollback to a snapshot "
-            "from before the growth undoes it")
+            f"rate too high for them. Lower it or set clip_grad_norm; {undo}")
 
 
 def describe_ids(name: str, count: int, first: float, at: Sequence[int],

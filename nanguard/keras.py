@@ -27,6 +27,7 @@ from nanguard._keras_state import (
     Snapshot,
     build_optimizer,
     to_numpy,
+    weight_peaks,
 )
 from nanguard._keras_step import HEAD, STATS_KEY, StepInstrument
 from nanguard.config import ACTIONS, GuardConfig
@@ -311,7 +312,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
             last = None
         if self.session.snapshot_due(last):
             snap = Snapshot(self.session.step, self.model)
-            if snap.finite():
+            if snap.finite() and self.session.admit_snapshot(
+                    max((v for _, v in weight_peaks(self.model)), default=0.0)):
                 self._snapshot = snap
 
     def _name_params(self) -> None:

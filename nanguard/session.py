@@ -20,6 +20,9 @@ from nanguard.events import Event, NonFiniteTrainingError, StepRecord
 log = logging.getLogger("nanguard")
 # Events a state_dict carries at most (a checkpoint of a long bad run stays small).
 EVENTS_SAVED = 256
+# A due snapshot is refused when the weights' peak grew this much since the last attempt
+# and is huge (admit_snapshot): healthy weights grow a few-fold over a run, not 1000-fold.
+SNAPSHOT_JUMP = 1e3
 
 
 class Probe(Protocol):
@@ -177,6 +180,10 @@ class GuardSession:
         self.dumps_written = 0
         self.amp_skips = 0
         self.step = 0
+        # Largest |w| at the last snapshot attempt and in the snapshot held (admit_snapshot).
+        self.attempt_peak: float | None = None
+        self.held_peak: float | None = None
+        self.peak_refused_at: int | None = None
 
     def recent(self, until: int | None = None) -> list[StepRecord]:
         """The last ``history_size`` steps, oldest first (``guard.history``, dumps);
@@ -194,6 +201,8 @@ class GuardSession:
         """
         if last_snapshot_step is None:
             return True
+        if self.peak_refused_at is not None:
+            last_snapshot_step = max(last_snapshot_step, self.peak_refused_at)
         if self.step - last_snapshot_step < self.config.snapshot_every:
             return False
         calm = min(detector.GROWTH_WINDOW, self.config.snapshot_every)
@@ -201,6 +210,25 @@ class GuardSession:
         if any(r.action is not None for r in recent):
             return False
         return detector.growth(self.history) is None
+
+    def admit_snapshot(self, peak: float, *, scheduled: bool = True) -> bool:
+        """Whether to take a finite snapshot of weights whose largest ``|w|`` is ``peak``.
+
+        A scheduled one is refused when the weights are huge (``detector.HUGE_WEIGHT``) and
+        their peak grew over ``SNAPSHOT_JUMP``-fold since the last attempt: an update blew
+        them up (a one-step learning-rate spike) and the loss has not shown it yet; such a
+        snapshot would make every later rollback land on those weights. The refused attempt
+        counts for the schedule (the next comes ``snapshot_every`` steps later) and its peak
+        is the next attempt's reference, so weights that stay that large and train on are
+        taken then. An unscheduled one (after a ``load_state_dict``) is always taken.
+        """
+        last, self.attempt_peak = self.attempt_peak, peak
+        if (scheduled and last is not None and peak >= detector.HUGE_WEIGHT
+                and peak > SNAPSHOT_JUMP * last):
+            self.peak_refused_at = self.step
+            return False
+        self.held_peak = peak
+        return True
 
     def skipped_by_scaler(self, record: StepRecord) -> Verdict:
         """An AMP loss scaler skipped this step itself (its scaled gradients overflowed).
@@ -292,6 +320,9 @@ class GuardSession:
     ) -> Verdict:
         """Classify a bad step, climb the ladder, and write the event's dump; ``record`` is
         the history entry that takes the action, ``culprit`` the step the event is about."""
+        if ("weights_peak" in evidence.details and self.held_peak is not None
+                and self.held_peak >= detector.HUGE_WEIGHT):
+            evidence.details["snapshot_peak"] = self.held_peak
         cause, where, message = detector.classify(culprit, evidence, past)
         decision, self.ladder = policy.decide(
             self.ladder, self.config, step=record.step, bad=True, corrupt=corrupt,

@@ -363,6 +363,55 @@ def test_huge_finite_weights_turn_the_advice_to_the_learning_rate():
         assert ("finite but huge" in message) is huge
 
 
+def test_a_snapshot_of_weights_one_update_blew_up_is_refused_once():
+    # A one-step learning-rate spike leaves finite weights of ~1e36 right before a due
+    # snapshot: taking it would make every rollback land on them.
+    session = GuardSession(GuardConfig(snapshot_every=4), framework="none")
+    assert session.admit_snapshot(0.4)  # before the first step
+    for step in range(4):
+        session.conclude(rec(step), probe=None)
+    assert session.snapshot_due(0)
+    assert not session.admit_snapshot(2e36)
+    assert not session.snapshot_due(0)  # the refusal counts for the schedule
+    for step in range(4, 8):
+        session.conclude(rec(step), probe=None)
+    assert session.snapshot_due(0)
+    assert session.admit_snapshot(2e36)  # still that large and training on: taken
+    assert session.admit_snapshot(0.5)  # shrinking is never refused
+    assert not session.admit_snapshot(1e9) and session.admit_snapshot(1e9)
+    assert session.admit_snapshot(1e12, scheduled=False)  # after a load_state_dict
+
+
+def test_huge_weights_in_the_held_snapshot_say_a_rollback_cannot_undo_them(tmp_path):
+    bad = rec(5, loss=NAN, lmin=NAN, lmax=NAN)
+    evidence = Evidence()
+    note_weights_peak(evidence, [("b.weight", 2e36)])
+    _, _, message = classify(bad, evidence, [])
+    assert "a rollback to a snapshot from before the growth undoes it" in message
+    evidence.details["snapshot_peak"] = 1e36
+    _, _, message = classify(bad, evidence, [])
+    assert "the last snapshot holds such weights too (|w| up to 1e+36)" in message
+    assert "restart from a checkpoint" in message
+    # The session adds it when the snapshot it holds is that large.
+    session = GuardSession(GuardConfig(dump_dir=str(tmp_path)), framework="none")
+    assert session.admit_snapshot(1e36)  # the first: nothing to compare with
+
+    class Probe:
+        def evidence(self, record):
+            ev = Evidence()
+            note_weights_peak(ev, [("b.weight", 2e36)])
+            return ev
+
+        def tensors(self):
+            return {}
+
+        def state(self):
+            return {}
+
+    verdict = session.conclude(rec(0, loss=NAN, lmin=NAN, lmax=NAN), probe=Probe())
+    assert "the last snapshot holds such weights too" in verdict.event.message
+
+
 def test_logits_past_the_dtypes_range_blame_divergence_not_the_softmax():
     # A fused log-softmax subtracts the max: it overflows only when max - min leaves the
     # dtype's range. Then switching to it cannot help; the message says the model diverges.

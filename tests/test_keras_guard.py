@@ -1843,3 +1843,25 @@ def test_a_blamed_layer_with_rows_over_the_dump_limit_is_cut_not_dropped(tmp_pat
     assert all(v.nbytes <= 1024 for v in kept.values())
     assert kept["activation.sa.input"].shape == (1024 // 4,)  # a flat prefix of row 0
     assert kept["activation.sa.output.1"].shape == (8,)
+
+
+def test_a_one_step_lr_spike_before_a_due_snapshot_is_not_snapshotted(tmp_path):
+    # As for torch: one batch at lr=1e37 leaves finite weights of ~1e36 right before the
+    # snapshot due at step 4; the rollback must land before the spike.
+    x, y = data(n=16 * 14)
+
+    class Spike(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch in (3, 4):
+                self.model.optimizer.learning_rate.assign(1e37 if batch == 3 else 0.05)
+
+    model = classifier(lr=0.05)
+    start = weights(model)
+    recorder = Recorder()
+    guard = NanGuard(dump_dir=str(tmp_path), snapshot_every=4)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[Spike(), guard, recorder])
+    actions = [r.action for r in guard.history]
+    assert actions[3:8] == [None, "skip", "skip", "skip", "rollback"]
+    assert same(recorder.after[7][0], start)
+    assert guard.snapshot_step == 12 and all_finite(model)

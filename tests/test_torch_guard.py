@@ -2740,3 +2740,24 @@ def test_a_warm_up_that_clears_gradients_without_stepping_is_no_error(tmp_path):
                     if i >= 3:  # after the warm-up
                         opt.step()
     assert [r.step for r in guard.history] == [0, 1, 2, 3] and not guard.events
+
+
+def test_a_one_step_lr_spike_before_a_due_snapshot_is_not_snapshotted(tmp_path):
+    # The user's schedule sets lr=1e37 for one step: the update leaves finite weights of
+    # ~1e36 just before the snapshot due at step 4, whose loss is still unknown. Taking it
+    # would make every rollback land on those weights, and the run would abort.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    start = state_copy(model)
+    with NanGuard(model, opt, dump_dir=str(tmp_path), snapshot_every=4) as guard:
+        for i, (x, y) in enumerate(batches(14)):
+            opt.param_groups[0]["lr"] = 1e37 if i == 3 else 0.05
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y))
+                opt.step()
+            if i == 7:  # the rollback went to the snapshot from before the spike
+                assert same_bits(state_copy(model), start)
+    assert [r.action for r in guard.history][3:8] == [None, "skip", "skip", "skip", "rollback"]
+    assert guard.snapshot_step == 12 and weights_finite(model)
+    assert "a rollback to a snapshot from before the growth undoes it" in guard.events[0].message
