@@ -18,6 +18,15 @@ EXP_LIMITS: dict[str, float] = {
     "float64": math.log(1.7976931348623157e308),
 }
 GROWTH_WINDOW = 8
+# What a logit_overflow message suggests instead of a naive softmax, per framework.
+STABLE_LOSSES = {
+    "torch": "torch.nn.functional.cross_entropy or log_softmax",
+    "lightning": "torch.nn.functional.cross_entropy or log_softmax",
+    "keras": "a Keras loss with from_logits=True, such as "
+             "SparseCategoricalCrossentropy(from_logits=True), or keras.ops.log_softmax",
+    "": "torch.nn.functional.cross_entropy, log_softmax, or a Keras loss with "
+        "from_logits=True",
+}
 # A trained weight this large is no initialisation or slow drift: earlier updates blew it up
 # (healthy networks keep weights within a few hundred; float32 overflows at 3.4e38).
 HUGE_WEIGHT = 1e8
@@ -52,6 +61,8 @@ class Evidence:
             not called inside the guarded step, or a loss-only fallback): its NaN
             ``logits_min``/``logits_max`` then say nothing about the output.
         batch_seen: False when the batch could not be checked (a loss-only fallback).
+        framework: The adapter's framework (``"torch"``, ``"lightning"``, ``"keras"``), for
+            the function names a message suggests; set by the session.
         details: Extra numbers for the dump.
 
     Example:
@@ -70,6 +81,7 @@ class Evidence:
     logits_dtype: str = "float32"
     logits_seen: bool = True
     batch_seen: bool = True
+    framework: str = ""
     details: dict[str, object] = dataclasses.field(default_factory=dict)
 
 
@@ -261,15 +273,22 @@ def classify(
             f"{record.loss}: the model is diverging. Lower the learning rate or set "
             "clip_grad_norm; check the inputs' scale." + trend
         )
+    if peak > limit and not finite(record.loss) and peak > math.exp(limit / 2):
+        # Its square overflows: an MSE on it is inf too, and no softmax is to blame.
+        return "logit_overflow", where, (
+            f"Step {s}: the model output reaches {_fmt(peak)}, so large that its square "
+            f"overflows in {evidence.logits_dtype} (as in an MSE) as well as exp, and the loss "
+            f"is {record.loss}: the model is diverging. Lower the learning rate or set "
+            "clip_grad_norm; check the inputs' and targets' scale." + trend
+        )
     if peak > limit and not finite(record.loss):
         return "logit_overflow", where, (
             f"Step {s}: the model output reaches {_fmt(peak)}, beyond {limit:.1f} where exp "
             f"overflows in {evidence.logits_dtype}, and the loss is {record.loss}: an unstable "
             "softmax / cross-entropy. Compute the loss from the logits with a fused, stable "
-            "function (torch.nn.functional.cross_entropy, log_softmax, or a Keras loss with "
-            "from_logits=True) instead of exp(x)/sum(exp(x)). If no exp reads this output (a "
-            "regression), the loss itself went non-finite: look for a division by ~0 or a "
-            "log(0) in it." + trend
+            f"function ({STABLE_LOSSES.get(evidence.framework, STABLE_LOSSES[''])}) instead of "
+            "exp(x)/sum(exp(x)). If no exp reads this output (a regression), the loss itself "
+            "went non-finite: look for a division by ~0 or a log(0) in it." + trend
         )
     if not finite(record.loss):
         return "loss_nonfinite", None, (

@@ -323,6 +323,7 @@ class GuardSession:
         if ("weights_peak" in evidence.details and self.held_peak is not None
                 and self.held_peak >= detector.HUGE_WEIGHT):
             evidence.details["snapshot_peak"] = self.held_peak
+        evidence.framework = evidence.framework or self.framework
         cause, where, message = detector.classify(culprit, evidence, past)
         decision, self.ladder = policy.decide(
             self.ladder, self.config, step=record.step, bad=True, corrupt=corrupt,

@@ -342,6 +342,24 @@ def test_history_entries_read_both_ways():
         r["nope"]
 
 
+def test_an_output_whose_square_overflows_is_divergence_not_a_softmax():
+    # A regression diverging: outputs past sqrt(float32 max) make an MSE inf. No softmax
+    # is involved, and the message must not suggest one.
+    cause, _, message = classify(rec(15, loss=math.inf, lmin=-5.5e22, lmax=1.8e23),
+                                 Evidence(), [])
+    assert cause == "logit_overflow"
+    assert "its square overflows in float32" in message and "diverging" in message
+    assert "softmax" not in message
+    # Below that, an exp overflow: the stable function named is the adapter's own.
+    for framework, named, other in (("keras", "from_logits=True", "torch."),
+                                    ("torch", "torch.nn.functional.cross_entropy", "Keras"),
+                                    ("lightning", "torch.nn.functional.cross_entropy",
+                                     "Keras")):
+        _, _, message = classify(rec(5, loss=math.inf, lmin=-2e4, lmax=2e4),
+                                 Evidence(framework=framework), [])
+        assert "unstable softmax" in message and named in message and other not in message
+
+
 def test_huge_finite_weights_turn_the_advice_to_the_learning_rate():
     # A NaN output from finite inputs: an unstable op, unless the weights are huge (an
     # earlier update blew them up), when the message names the weight and the learning rate.
