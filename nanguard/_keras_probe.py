@@ -502,6 +502,8 @@ class KerasProbe:
                 if not is_output:
                     ev.activation = name
                 ev.details["replay_layer"] = name
+            elif not self.allow_neg_inf:  # (an allowed -inf reaching the output is no fault)
+                ev.details["replay_unreproduced"] = True
         if clean and logits_bad:
             # Only these messages use it (huge finite weights point at the learning rate).
             detector.note_weights_peak(ev, weight_peaks(self.model))

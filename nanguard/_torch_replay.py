@@ -748,6 +748,7 @@ def localize_step(
         ):
             info["notes"] = [*info.get("notes", []), "the replay did not reproduce the "
                              "non-finite output (a non-deterministic operation?)"]
+            evidence.details["replay_unreproduced"] = True
         evidence.details["replay"] = info
         return arrays
     if index:  # `nanguard replay` should rerun the call that went wrong

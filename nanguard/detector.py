@@ -122,6 +122,16 @@ def note_weights_peak(evidence: Evidence, peaks: Iterable[tuple[str, float]]) ->
         evidence.details["weights_peak"] = {"name": best[0], "value": float(best[1])}
 
 
+def _unreproduced(evidence: Evidence) -> str:
+    if not evidence.details.get("replay_unreproduced"):
+        return ""
+    why = ("a layer that computes differently in training (the replay runs with "
+           "training=False: dropout, BatchNormalization's batch statistics)"
+           if evidence.framework == "keras" else "a non-deterministic operation")
+    return (" Replaying the step gave a finite output, so which layer started it is unknown: "
+            f"{why}, or state that the forward itself changes?")
+
+
 def _huge_weights(evidence: Evidence) -> str | None:
     peak = evidence.details.get("weights_peak")
     if not isinstance(peak, dict):
@@ -260,7 +270,7 @@ def classify(
             + (f"are finite; {huge}." if huge else
                "and weights are finite. An operation in the model overflowed (a naive softmax "
                "or exp in the model?); use a numerically stable form such as log_softmax, add "
-               "normalisation, or lower the learning rate.") + trend
+               "normalisation, or lower the learning rate.") + _unreproduced(evidence) + trend
         )
     if peak > limit and not finite(record.loss) and (
             record.logits_max - record.logits_min > math.exp(limit)):

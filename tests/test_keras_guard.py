@@ -1865,3 +1865,25 @@ def test_a_one_step_lr_spike_before_a_due_snapshot_is_not_snapshotted(tmp_path):
     assert actions[3:8] == [None, "skip", "skip", "skip", "rollback"]
     assert same(recorder.after[7][0], start)
     assert guard.snapshot_step == 12 and all_finite(model)
+
+
+class _OverflowsInTraining(keras.layers.Layer):
+    def call(self, x, training=None):
+        return x * float("inf") if training else x
+
+
+def test_a_fault_the_inference_replay_does_not_reproduce_says_so(tmp_path):
+    # The replay runs with training=False: a layer that overflows only in training comes out
+    # finite there, and the message must not pretend to know where it started.
+    x, y = data()
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, name="head"),
+                              _OverflowsInTraining(name="odd")])
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path), actions=("skip",))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    event = guard.events[0]
+    assert (event.step, event.cause) == (0, "logits_nonfinite")
+    assert "Replaying the step gave a finite output" in event.message
+    assert "training=False" in event.message
+    assert all_finite(model)

@@ -336,3 +336,36 @@ def test_a_fault_after_the_logits_module_blames_the_models_forward(tmp_path):
     dump = nanguard.load(guard.dumps[0])
     assert np.isinf(dump.tensors["localized.<TemperatureLM>.output"]).any()
     assert np.isfinite(dump.tensors["output"]).all()  # the logits source, as recorded
+
+
+class Flaky(nn.Module):
+    """Overflows on its third call only: a replay of that call comes out finite."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.lin(x)
+        return out * float("inf") if self.calls == 3 else out
+
+
+def test_a_fault_the_replay_does_not_reproduce_says_so_in_the_message(tmp_path):
+    model = Flaky()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for _ in range(4):
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y))
+                opt.step()
+    (event,) = guard.events
+    assert (event.step, event.cause) == (2, "logits_nonfinite")
+    assert "Replaying the step gave a finite output" in event.message
+    assert "non-deterministic" in event.message
+    assert nanguard.load(guard.dumps[0]).event.details["replay"]["found"] is None
