@@ -147,6 +147,39 @@ def named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield from named_tensors(value, f"{prefix}.{i}")
 
 
+def named_extras(obj: Any, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
+    """The leaves of a nested batch that are not tensors, for the dump: numpy arrays, text
+    (a list of strings is one string array) and numbers as they are; anything else as a
+    0-d object array, which the dump leaves out and names in ``meta["left_out"]``."""
+    if obj is None or isinstance(obj, torch.Tensor):
+        return
+    if isinstance(obj, np.ndarray):
+        yield prefix, obj
+    elif isinstance(obj, (str, bytes, int, float, complex, np.generic)):
+        yield prefix, np.asarray(obj)
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from named_extras(value, f"{prefix}.{key}")
+    elif isinstance(obj, (list, tuple)):
+        if obj and all(isinstance(v, (str, bytes)) for v in obj):
+            yield prefix, np.array(obj, dtype=object)  # text: stored as a U/S array
+        elif len(obj) == 1:
+            yield from named_extras(obj[0], prefix)
+        else:
+            for i, value in enumerate(obj):
+                yield from named_extras(value, f"{prefix}.{i}")
+    else:
+        box = np.empty((), dtype=object)
+        box[()] = obj
+        yield prefix, box
+
+
+def _rows_of(a: np.ndarray, rows: tuple[int, int] | None) -> np.ndarray:
+    if rows is not None and a.ndim and a.shape[0] == rows[0]:
+        return a[: rows[1]]
+    return a
+
+
 def to_numpy(
     t: torch.Tensor, limit: int = MAX_DUMP_BYTES, rows: tuple[int, int] | None = None
 ) -> np.ndarray:
@@ -1554,12 +1587,15 @@ class TorchProbe:
                 for name, t in named_tensors(obj, prefix):
                     if t._version == e.last_versions.get(id(t)):  # not written since
                         out[name] = to_numpy(t)
+                out.update(named_extras(obj, prefix))
             return {**out, **self._found_state()}
         for name, t in named_tensors(e.inputs, "inputs"):
             out[name] = to_numpy(t, rows=self.rows)
         for name, t in named_tensors(e.targets, "targets"):
             # as the loader gave them
             out[name] = to_numpy(e.original_labels.get(id(t), (t, t, 0))[1], rows=self.rows)
+        for obj, prefix in ((e.inputs, "inputs"), (e.targets, "targets")):
+            out.update((name, _rows_of(a, self.rows)) for name, a in named_extras(obj, prefix))
         if e.output is not None:
             out["output"] = to_numpy(e.output, rows=self.rows)
         out.update(self.replayed)

@@ -156,7 +156,8 @@ class NanGuard(Readout):
         return _Step(self, inputs, targets)
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """Use instead of ``loss.backward()``: records the loss, then runs the backward pass."""
+        """Use instead of ``loss.backward()``: records the loss, then runs the backward pass;
+        ``kwargs`` (``retain_graph=True``, ...) go to ``loss.backward``."""
         self._check_open()
         if not self._engine.in_step:
             raise RuntimeError(

@@ -1028,3 +1028,31 @@ def test_a_second_fit_does_not_show_monitors_the_first_fits_values(tmp_path):
     assert [r.action for r in guard.history] == ["skip"]
     assert float(t.callback_metrics["nanguard/lr"]) == pytest.approx(0.1)  # not fit 1's 0.5
     assert math.isnan(float(t.callback_metrics["nanguard/loss"]))
+
+
+class TextBatches(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_dump_keeps_the_text_of_a_batch(tmp_path):
+    # The default collate turns a dataset of dicts into {"text": [str, ...], "x": ..., "y": ...}.
+    g = torch.Generator().manual_seed(0)
+    rows = [{"text": f"doc {i}", "x": torch.randn(3, generator=g), "y": i % 2} for i in range(8)]
+    rows[4]["x"][0] = math.nan
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    trainer(tmp_path, guard).fit(TextBatches(), torch.utils.data.DataLoader(rows, batch_size=2))
+    dump = nanguard.load(guard.dumps[0])
+    assert (dump.event.step, dump.event.cause) == (2, "input_nonfinite")
+    assert dump.tensors["inputs.text"].tolist() == ["doc 4", "doc 5"]

@@ -2761,3 +2761,23 @@ def test_a_one_step_lr_spike_before_a_due_snapshot_is_not_snapshotted(tmp_path):
     assert [r.action for r in guard.history][3:8] == [None, "skip", "skip", "skip", "rollback"]
     assert guard.snapshot_step == 12 and weights_finite(model)
     assert "a rollback to a snapshot from before the growth undoes it" in guard.events[0].message
+
+
+def test_a_dump_keeps_text_and_numpy_leaves_of_the_batch_and_names_the_rest(tmp_path):
+    # A text classifier's batch carries the raw strings beside the tensors: the dump keeps
+    # them (as a string array), numpy arrays as they are, and names what it cannot store.
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(2, 3)
+    x[0, 0] = math.nan
+    y = torch.tensor([0, 1])
+    batch = {"text": ["a cat", "a dog"], "ids": np.array([3, 4]), "x": x, "meta": object()}
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard, guard.step(batch, targets=y):
+        guard.backward(F.cross_entropy(model(batch["x"]), y))
+        opt.step()
+    dump = nanguard.load(guard.dumps[0])
+    assert dump.event.cause == "input_nonfinite"
+    assert dump.tensors["inputs.text"].tolist() == ["a cat", "a dog"]
+    assert dump.tensors["inputs.ids"].tolist() == [3, 4]
+    assert np.isnan(dump.tensors["inputs.x"][0, 0])
+    assert dump.meta["left_out"] == ["tensors/inputs.meta"]
