@@ -280,6 +280,9 @@ class StepInstrument:
             scale = _loss_scale(self.optimizer)
             if scale is not None:  # the gradients of a scaled loss: report the true norms
                 total, per = total / scale, per / scale
+            static = getattr(self.optimizer, "loss_scale_factor", None)
+            if static is not None:  # static loss scaling: `apply` divides the gradients by it
+                total, per = total / float(static), per / float(static)
             loss_ok = ops.all(ops.isfinite(cap.loss))
             good = ops.logical_and(loss_ok, ops.isfinite(total))
             go = ops.logical_or(good, ops.less(self.block_bad, 0.5))

@@ -531,6 +531,25 @@ def test_clip_grad_norm_bounds_the_update(tmp_path):
     assert moved == pytest.approx(0.1 * 0.5, rel=1e-3)
 
 
+def test_static_loss_scale_factor_reads_and_clips_the_true_gradients(tmp_path):
+    # SGD(loss_scale_factor=1024): Keras scales the loss and divides the gradients back in
+    # `apply`. The recorded norm and the clip are of the true gradients, not 1024x them.
+    x, y = data(n=16)
+    x *= 50
+    norms, moved = [], []
+    for factor in (None, 1024.0):
+        keras.utils.set_random_seed(0)
+        model = classifier(optimizer=keras.optimizers.SGD(0.1, loss_scale_factor=factor))
+        before = weights(model)
+        guard = NanGuard(dump_dir=str(tmp_path), clip_grad_norm=0.5)
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[guard])
+        norms.append(guard.history[0].grad_norm)
+        moved.append(np.sqrt(sum(((a - b) ** 2).sum()
+                                 for a, b in zip(weights(model), before, strict=True))))
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4) and norms[0] > 5
+    assert moved[1] == pytest.approx(0.1 * 0.5, rel=1e-3)
+
+
 def test_update_that_overflows_is_rolled_back_at_once(tmp_path, capsys):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 8)).astype("float32")
