@@ -54,6 +54,19 @@ def describe_nonfinite(name: str, a: np.ndarray) -> str | None:
     return None
 
 
+def makes_no_nan(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (unwrapped from a ``LossScaleOptimizer``) is a built-in whose
+    update of finite numbers never makes a NaN (``detector.NAN_FREE_UPDATES``)."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None and isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = inner
+    cls = type(optimizer)
+    eps = getattr(optimizer, "epsilon", 1.0)
+    return (cls.__name__ in detector.NAN_FREE_UPDATES
+            and cls.__module__.startswith("keras.") and isinstance(eps, (int, float))
+            and eps > 0)
+
+
 def check_targets(heads: list[tuple[Head, np.ndarray, np.ndarray | None]]) -> str | None:
     """NaN/Inf in floating targets, or class ids outside ``[0, n_classes)`` (other than
     the loss's ``ignore_class``), for each output's targets against that output.
@@ -484,25 +497,34 @@ class KerasProbe:
             if state is not None:
                 ev.details["optimizer_state_nonfinite"] = state[0]
                 found = state
+            elif (found is not None and np.isnan(found[2]).any() and math.isfinite(record.lr)
+                  and makes_no_nan(self.model.optimizer)):
+                ev.details["nan_before_update"] = True
         self.found_state = None if found is None else found[1:]
         buffers = nonfinite_variables(list(self.model.non_trainable_variables))
         if buffers:  # restored from the snapshot when the step is skipped
             ev.details["nonfinite_buffers"] = [v.path for v in buffers[:20]]
         logits_bad = not (detector.finite(record.logits_min) and detector.finite(record.logits_max))
         clean = not (ev.input_nonfinite or ev.target_invalid or ev.weights_nonfinite)
-        if clean_loss_bad_grads(record):
+        grads_only = clean_loss_bad_grads(record)
+        if grads_only:
             ev.grad_where = grad_norm_owner(self.model, record)
             if clean and self.replay:
                 ev.details.update(overflowing_norm(self.model, self.batch))
-        if self.replay and clean and logits_bad and self.batch.get("x") is not None:
+        if (self.replay and clean and (logits_bad or grads_only)
+                and self.batch.get("x") is not None):
+            # With a finite loss too: a hidden NaN that a later layer dropped in the compiled
+            # step (TensorFlow's fused oneDNN ReLU maps NaN to 0) leaves only NaN gradients;
+            # the replay, op by op, shows the layer that made it.
             self.localized = localize(self.model, self.batch["x"], self.allow_neg_inf)
             if self.localized is not None:
                 name, is_output, _, _ = self.localized
-                ev.where = name
+                if logits_bad or not is_output:
+                    ev.where = name
+                    ev.details["replay_layer"] = name
                 if not is_output:
                     ev.activation = name
-                ev.details["replay_layer"] = name
-            elif not self.allow_neg_inf:  # (an allowed -inf reaching the output is no fault)
+            elif logits_bad and not self.allow_neg_inf:  # (an allowed -inf is no fault)
                 ev.details["replay_unreproduced"] = True
         if clean and logits_bad:
             # Only these messages use it (huge finite weights point at the learning rate).

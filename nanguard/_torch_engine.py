@@ -1439,6 +1439,25 @@ def _layer_norms(present: list[bool], norms: list[float]) -> list[float]:
     return [next(it) if has else 0.0 for has in present]
 
 
+def _makes_no_nan(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a built-in ``torch.optim`` one whose update of finite numbers
+    never makes a NaN (``detector.NAN_FREE_UPDATES``; every group's ``eps`` > 0 and its
+    numeric settings finite: an infinite rate times a zero gradient is NaN)."""
+    cls = type(optimizer)
+    if not (cls.__name__ in detector.NAN_FREE_UPDATES
+            and cls.__module__.startswith("torch.optim")):
+        return False
+    for group in optimizer.param_groups:
+        numbers = [_float(v) for k, v in group.items() if k != "params"
+                   and (isinstance(v, (int, float)) and not isinstance(v, bool)
+                        or isinstance(v, torch.Tensor) and v.numel() == 1)]
+        numbers += [b for v in group.values() if isinstance(v, tuple)
+                    for b in v if isinstance(b, float)]  # betas
+        if not all(map(math.isfinite, numbers)) or _float(group.get("eps", 1.0)) <= 0:
+            return False
+    return True
+
+
 class TorchProbe:
     """The slow path: looks closely at a bad step (batch, weights, optimizer state)."""
 
@@ -1471,9 +1490,19 @@ class TorchProbe:
             # Finite gradients keep a float32 optimizer state finite (their float32 norm
             # overflows first): such state that is not was so before the update, which only
             # spread it. A 16-bit state can overflow in the update itself: not concluded.
-            state = self._first_nonfinite_optimizer_state(wide_only=True)
+            # Nor when the loop changes the gradients after they were measured (its own
+            # clipping, a division): the optimizer may have used non-finite ones.
+            weight = self.found_state
+            state = (None if e.measure_at_backward
+                     else self._first_nonfinite_optimizer_state(wide_only=True))
             if state:
                 ev.details["optimizer_state_nonfinite"] = state
+            elif (weight is not None and not e.measure_at_backward
+                  and bool(weight[1].detach().isnan().any())
+                  and all(map(_makes_no_nan, e.optimizers))
+                  and all(math.isfinite(_float(lr)) for lr in e.update_lrs or [math.nan])):
+                ev.details["nan_before_update"] = True
+                self.found_state = weight
             lr = e.lr_of(ev.weights_nonfinite.split(":")[0] if ev.weights_nonfinite else None)
             if lr is not None:
                 ev.details["lr_of_where"] = lr

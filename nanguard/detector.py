@@ -18,6 +18,13 @@ EXP_LIMITS: dict[str, float] = {
     "float64": math.log(1.7976931348623157e308),
 }
 GROWTH_WINDOW = 8
+# Built-in optimizers (torch.optim, keras.optimizers) whose update of finite weights, finite
+# gradients and finite state (with eps > 0) may overflow to Inf but never makes a NaN: it
+# has no 0/0, inf - inf or 0 * inf. A NaN weight after their update was NaN before it.
+NAN_FREE_UPDATES = frozenset({
+    "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "Nadam", "RAdam",
+    "Adadelta", "Lion",
+})
 # What a logit_overflow message suggests instead of a naive softmax, per framework.
 STABLE_LOSSES = {
     "torch": "torch.nn.functional.cross_entropy or log_softmax",
@@ -221,6 +228,15 @@ def classify(
             "weights. Finite gradients keep a float32 state finite, so it was non-finite "
             "before the step: something outside the training step wrote it (a corrupt "
             "optimizer checkpoint?). Only a finite snapshot can restore it."
+        )
+    if evidence.update_nonfinite and evidence.details.get("nan_before_update"):
+        return "weights_nonfinite", _name(evidence.weights_nonfinite), (
+            f"Step {s}: a weight holds NaN ({evidence.weights_nonfinite}) after an update made "
+            f"from finite gradients (norm {_fmt(record.grad_norm)}) by an optimizer whose update "
+            "of finite numbers can overflow to Inf but never makes a NaN: the NaN was there "
+            "before the step, and a later layer kept it from the loss (a ReLU, a mask). "
+            "Something outside the training step wrote it (a corrupt checkpoint, a manual "
+            "edit); only a finite snapshot can restore it."
         )
     if evidence.update_nonfinite:
         where = _name(evidence.weights_nonfinite)

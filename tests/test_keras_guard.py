@@ -155,6 +155,79 @@ assert not same(rec.before[2][0], rec.after[2][0])
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+def test_faults_a_fused_relu_hides_are_named_with_onednn_kernels(tmp_path):
+    # With the default kernels (on this host the fused ReLU maps NaN to 0): a NaN kernel
+    # loaded before fit is weights_nonfinite, not an update too large; a NaN made by a
+    # hidden layer before such a ReLU is that layer's, not a backward fault of the next.
+    code = f"""
+import numpy as np, keras, nanguard
+from keras import ops
+from nanguard.keras import NanGuard
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(32, 4)).astype("float32")
+y = rng.integers(0, 3, 32)
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu", name="hid"),
+                          keras.layers.Dense(3, name="head")])
+model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+kernel = ops.convert_to_numpy(model.get_layer("hid").kernel).copy()
+kernel[0, 0] = np.nan
+model.get_layer("hid").kernel.assign(kernel)
+try:
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[NanGuard(dump_dir={str(tmp_path / "a")!r})])
+    raise AssertionError("no abort")
+except nanguard.NonFiniteTrainingError as err:
+    assert (err.event.step, err.event.cause) == (0, "weights_nonfinite"), err.event
+    assert "hid/kernel" in err.event.where and "learning rate" not in err.event.message
+
+x = np.abs(x) + 0.1
+x[20] = -5.0  # log(-5) is NaN, in batch 2
+inp = keras.Input((4,))
+h = keras.layers.Lambda(lambda t: ops.log(t), name="logl")(inp)
+h = keras.layers.Dense(8, activation="relu", name="hid")(h)
+model = keras.Model(inp, keras.layers.Dense(3, name="head")(h))
+model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+guard = NanGuard(dump_dir={str(tmp_path / "b")!r})
+model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[guard])
+assert [(e.step, e.cause, e.where) for e in guard.events] == [
+    (2, "activation_nonfinite", "logl")], guard.events
+"""
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_a_nan_weight_a_mask_keeps_from_the_loss_is_weights_nonfinite(tmp_path):
+    # A layer that drops NaN (as missing-value handling does) keeps a corrupted kernel from
+    # the loss: the update from finite gradients cannot have made that NaN.
+    x, y = data()
+
+    class Corrupt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                kernel = self.model.get_layer("hidden").kernel
+                value = keras.ops.convert_to_numpy(kernel).copy()
+                value[0, 0] = np.nan
+                kernel.assign(value)
+
+    model = keras.Sequential([
+        keras.Input((8,)), keras.layers.Dense(16, name="hidden"),
+        keras.layers.Lambda(lambda t: keras.ops.where(keras.ops.isnan(t), 0.0, t), name="fill"),
+        keras.layers.Dense(3, name="head"),
+    ])
+    model.compile(keras.optimizers.Adam(1e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[Corrupt(), guard])
+    event = guard.events[0]
+    assert (event.step, event.cause, event.action) == (2, "weights_nonfinite", "rollback")
+    assert "hidden/kernel" in event.where and "was there before the step" in event.message
+    assert all_finite(model)
+
+
 def test_uncompiled_model_is_a_clear_error():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     guard = NanGuard()

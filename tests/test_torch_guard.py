@@ -2781,3 +2781,39 @@ def test_a_dump_keeps_text_and_numpy_leaves_of_the_batch_and_names_the_rest(tmp_
     assert dump.tensors["inputs.ids"].tolist() == [3, 4]
     assert np.isnan(dump.tensors["inputs.x"][0, 0])
     assert dump.meta["left_out"] == ["tensors/inputs.meta"]
+
+
+class FillsNaN(torch.nn.Module):
+    """Replaces NaN activations by 0 (missing-value handling), keeping a NaN weight from the
+    loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(4, 8)
+        self.b = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.relu(torch.where(torch.isnan(h), torch.zeros_like(h), h)))
+
+
+@pytest.mark.parametrize("opt_name", ["Adam", "SGD"])
+def test_a_nan_weight_a_mask_keeps_from_the_loss_is_weights_nonfinite(tmp_path, opt_name):
+    model = FillsNaN()
+    opt = getattr(torch.optim, opt_name)(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for i in range(6):
+            if i == 3:
+                with torch.no_grad():
+                    model.a.weight[0, 0] = math.nan
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y))
+                opt.step()
+    event = guard.events[0]
+    assert (event.step, event.cause, event.where) == (3, "weights_nonfinite", "a.weight")
+    assert "was there before the step" in event.message
+    assert weights_finite(model)
