@@ -114,12 +114,17 @@ class Snapshot:
             v.assign(a)
 
     def restore_nonfinite(self, variables: list[Any]) -> list[str]:
-        """Put back those of ``variables`` now holding NaN/Inf (a skipped step's forward
-        left BatchNormalization's moving statistics NaN); their paths."""
+        """Put back those of ``variables`` the step left non-finite (a skipped step's forward
+        left BatchNormalization's moving statistics NaN); their paths. An Inf the snapshot
+        holds at the same place is intended (a ``-inf`` mask): that variable is kept."""
         wanted = {id(v) for v in nonfinite_variables(variables)}
         fixed = []
         for v, a in self.saved:
             if id(v) in wanted:
+                now = to_numpy(v, 2**62)
+                if (now.shape == a.shape and not np.isnan(now).any()
+                        and not (np.isinf(now) & np.isfinite(a)).any()):
+                    continue
                 v.assign(a)
                 fixed.append(v.path)
         return fixed

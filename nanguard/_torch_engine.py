@@ -1185,9 +1185,21 @@ class TorchEngine:
                 for p, v in zip(params, peaks.tolist(), strict=True)]
 
     def nonfinite_buffers(self) -> list[str]:
-        """Floating buffers holding NaN/Inf (slow path only), by ``state_dict`` key."""
-        return [name for name, buf in self.model.named_buffers()
-                if buf.is_floating_point() and not bool(torch.isfinite(buf).all())]
+        """Floating buffers the step left non-finite (slow path only), by ``state_dict`` key:
+        those holding NaN, or an Inf where the snapshot's copy is finite. An Inf that the
+        snapshot holds at the same place is intended (a ``-inf`` mask, a running max that
+        starts at ``-inf``): such a buffer is neither repaired nor reported."""
+        saved = self.snapshot.model if self.snapshot is not None else {}
+        found = []
+        for name, buf in self.model.named_buffers():
+            if not buf.is_floating_point() or bool(torch.isfinite(buf).all()):
+                continue
+            was = saved.get(name)
+            if (was is not None and was.shape == buf.shape and not bool(buf.isnan().any())
+                    and not bool((torch.isinf(buf.detach().cpu()) & torch.isfinite(was)).any())):
+                continue
+            found.append(name)
+        return found
 
     def take_snapshot(self, step: int, *, scheduled: bool = True) -> bool:
         """A snapshot, if the state is finite. If not, nothing else would notice: the per-step

@@ -2817,3 +2817,39 @@ def test_a_nan_weight_a_mask_keeps_from_the_loss_is_weights_nonfinite(tmp_path, 
     assert (event.step, event.cause, event.where) == (3, "weights_nonfinite", "a.weight")
     assert "was there before the step" in event.message
     assert weights_finite(model)
+
+
+class RunningMax(torch.nn.Module):
+    """Keeps a running max of input features 0-2 in a buffer that starts at -inf; feature 3
+    is never tracked, so its entry stays -inf on purpose."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(4, 3)
+        self.register_buffer("feat_max", torch.full((4,), -math.inf))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.feat_max[:3] = torch.maximum(self.feat_max[:3], x[:, :3].amax(0))
+        return self.fc(x)
+
+
+def test_a_skip_keeps_a_buffer_whose_inf_is_intended(tmp_path):
+    # The loss divides by zero at step 6: the forward and its buffer are fine. Only buffers
+    # the step made non-finite are put back; this one's -inf was in the snapshot already.
+    model = RunningMax()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with NanGuard(model, opt, dump_dir=str(tmp_path), snapshot_every=4) as guard:
+        for i in range(8):
+            x, y = torch.full((2, 4), float(i)), torch.tensor([0, 1])
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                loss = F.cross_entropy(model(x), y)
+                guard.backward(loss / torch.zeros(()) if i == 6 else loss)
+                opt.step()
+            if i == 6:
+                assert model.feat_max.tolist() == [6.0, 6.0, 6.0, -math.inf]
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (6, "loss_nonfinite", "skip")
+    assert "nonfinite_buffers" not in event.details
