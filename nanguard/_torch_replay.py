@@ -828,7 +828,8 @@ def _call_arrays(
 
     ``evidence.details["replay_call"]`` gets how to rebuild the call: ``call`` (its index in
     the step), ``micro_batches``, ``args``/``kwargs`` (each a tensor's name in the dump with
-    its dtype when the dump upcast it, a JSON value, a list/tuple/dict of those, or
+    its dtype when the dump upcast it, a JSON value, a list/tuple/dict of those, a
+    ``packed_sequence`` (an RNN's ``PackedSequence``, rebuilt as one), or
     ``unsupported`` with the type's name), ``autocast`` (``[device, dtype]`` pairs) and
     ``output_grads`` (the dtypes of upcast output gradients).
     """
@@ -897,7 +898,10 @@ def _encode(obj: Any, path: str, out: dict[str, np.ndarray], rows: tuple[int, in
     if obj is None or isinstance(obj, (bool, int, str)) or (
             isinstance(obj, float) and math.isfinite(obj)):
         return {"value": obj}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, torch.nn.utils.rnn.PackedSequence):  # an RNN's packed batch
+        return {"packed_sequence": [_encode(v, f"{path}.{i}", out, None, names)
+                                    for i, v in enumerate(obj)]}
+    if type(obj) in (list, tuple):  # a namedtuple's own type would be lost
         kind = "list" if isinstance(obj, list) else "tuple"
         return {kind: [_encode(v, f"{path}.{i}", out, rows, names) for i, v in enumerate(obj)]}
     if isinstance(obj, Mapping) and all(isinstance(k, str) for k in obj):
@@ -1003,15 +1007,31 @@ def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> Rep
     )
     model.train(train)
     config = dump.meta.get("config", {})
+    # As in the step: the backward is replayed only for a finite loss with non-finite
+    # gradients. With the step's output (or loss) non-finite, its recorded gradient is
+    # non-finite because of it, and a backward from it would blame the loss.
+    record = next((r for r in reversed(dump.history) if r.step == dump.event.step), None)
+    dumped = dump.tensors.get("output")
+    output_bad = (dumped is not None and dumped.dtype.kind == "f"
+                  and not bool(np.isfinite(dumped).all()))
+    backward = bool(grads) and not output_bad and (
+        record is None or (math.isfinite(record.loss) and not math.isfinite(record.grad_norm)))
     try:
         result = replay_call(
             model,
             call,
             allow_neg_inf=tuple(config.get("allow_neg_inf") or ()),
             logits_module=config.get("logits_module"),
-            backward=bool(grads),
+            backward=backward,
         )
         result.notes[:0] = notes
+        if result.finding is None and grads and not backward and result.output_nonfinite:
+            result.notes.append("backward not replayed: the forward's output is already "
+                                "non-finite, and no module turned finite inputs into it")
+        if result.finding is None and output_bad and not result.output_nonfinite:
+            result.notes.append("the dumped model output is non-finite but the replay's is "
+                                "finite: the replay did not reproduce the step (a "
+                                "non-deterministic operation, or state the forward changes?)")
         return result
     except Exception as err:  # noqa: BLE001 - the user's model on the dumped call
         raise ReplayInputError(
@@ -1068,6 +1088,10 @@ def _decode(spec: Any, tensors: Mapping[str, np.ndarray], where: str) -> Any:
         return items if "list" in spec else tuple(items)
     if "dict" in spec:
         return {k: _decode(v, tensors, f"{where}['{k}']") for k, v in spec["dict"].items()}
+    if "packed_sequence" in spec:
+        fields = [_decode(v, tensors, f"{where}[{i}]")
+                  for i, v in enumerate(spec["packed_sequence"])]
+        return torch.nn.utils.rnn.PackedSequence(*fields)
     raise ReplayInputError(
         f"the step's model call took its {where} as a {spec.get('unsupported', '?')}, which a "
         "dump cannot hold, so replay cannot rebuild the call"

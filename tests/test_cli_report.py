@@ -96,6 +96,42 @@ FACTORY = textwrap.dedent(
     def build_masked():
         torch.manual_seed(0)
         return Masked()
+
+
+    class Packed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(4, 8, batch_first=True)
+            self.fc, self.act, self.head = torch.nn.Linear(8, 8), Exp(), torch.nn.Linear(8, 3)
+
+        def forward(self, packed, gain=1.0):
+            _, (h, _) = self.rnn(packed)
+            return self.head(self.act(self.fc(h[-1]) * gain))
+
+
+    def build_packed():
+        torch.manual_seed(0)
+        return Packed()
+
+
+    class Counting(torch.nn.Module):
+        # Overflows at its fourth training call only (a schedule kept in a buffer).
+
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.head = torch.nn.Linear(4, 8), Exp(), torch.nn.Linear(8, 2)
+            self.register_buffer("t", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            gain = 1e3 if int(self.t) == 3 else 1.0
+            if self.training:
+                self.t += 1
+            return self.head(self.act(self.fc(x) * gain))
+
+
+    def build_counting():
+        torch.manual_seed(0)
+        return Counting()
     """
 )
 
@@ -412,3 +448,37 @@ def test_replay_of_a_batch_over_the_dump_limit_keeps_the_same_rows_everywhere(
     assert set(rows.values()) == {256}, rows  # 64 MiB of 256 KiB rows
     assert main(["replay", guard.dumps[-1], "--model", f"{factory}:build_masked"]) == 0
     assert "first bad module: act (forward)" in capsys.readouterr().out
+
+
+def test_replay_rebuilds_a_packed_sequence_argument(factory, tmp_path, capsys):
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    model = build_from(factory, "build_packed")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path / "d"), dump_state="always") as guard:
+        for i in range(3):
+            x, y = torch.randn(5, 6, 4, generator=g), torch.randint(0, 3, (5,), generator=g)
+            packed = pack_padded_sequence(x, torch.tensor([6, 5, 4, 3, 2]), batch_first=True)
+            opt.zero_grad()
+            with guard.step(packed, targets=y):
+                guard.backward(F.cross_entropy(model(packed, gain=1e4 if i == 2 else 1.0), y))
+                opt.step()
+    assert [(e.step, e.cause, e.where) for e in guard.events] == [
+        (2, "activation_nonfinite", "act")]
+    assert main(["replay", guard.dumps[0], "--model", f"{factory}:build_packed"]) == 0
+    assert "first bad module: act (forward)" in capsys.readouterr().out
+
+
+def test_replay_that_does_not_reproduce_a_non_finite_output_does_not_blame_the_loss(
+        factory, tmp_path, capsys):
+    # The dumped output is non-finite; a replay of the same call is finite (the model's
+    # forward depends on a buffer it updates). Its recorded gradient is non-finite because
+    # the output was: a backward from it would blame the loss.
+    guard = train(build_from(factory, "build_counting"), tmp_path / "d", [1.0] * 5)
+    (event,) = guard.events
+    assert (event.step, event.cause) == (3, "logits_nonfinite")
+    assert event.details["replay_unreproduced"] is True
+    assert main(["replay", guard.dumps[0], "--model", f"{factory}:build_counting"]) == 1
+    out = capsys.readouterr().out
+    assert "<loss>" not in out and "the replay did not reproduce the step" in out
