@@ -201,11 +201,15 @@ class GuardSession:
         """
         if last_snapshot_step is None:
             return True
+        every, calm = self.config.snapshot_every, min(detector.GROWTH_WINDOW,
+                                                      self.config.snapshot_every)
         if self.peak_refused_at is not None:
+            # After weights one update blew up: the next try comes no sooner, and only after
+            # calmer steps, than GROWTH_WINDOW, so a rollback still lands before them.
             last_snapshot_step = max(last_snapshot_step, self.peak_refused_at)
-        if self.step - last_snapshot_step < self.config.snapshot_every:
+            every = calm = max(every, detector.GROWTH_WINDOW)
+        if self.step - last_snapshot_step < every:
             return False
-        calm = min(detector.GROWTH_WINDOW, self.config.snapshot_every)
         recent = list(self.history)[-calm:]
         if any(r.action is not None for r in recent):
             return False
@@ -218,16 +222,18 @@ class GuardSession:
         their peak grew over ``SNAPSHOT_JUMP``-fold since the last attempt: an update blew
         them up (a one-step learning-rate spike) and the loss has not shown it yet; such a
         snapshot would make every later rollback land on those weights. The refused attempt
-        counts for the schedule (the next comes ``snapshot_every`` steps later) and its peak
-        is the next attempt's reference, so weights that stay that large and train on are
-        taken then. An unscheduled one (after a ``load_state_dict``) is always taken.
+        counts for the schedule (the next comes ``snapshot_every`` steps later, and no sooner
+        than ``GROWTH_WINDOW`` steps that all had no action) and its peak is the next
+        attempt's reference, so weights that stay that large and train on are taken then; a
+        rollback voids the refusal. An unscheduled one (after a ``load_state_dict``) is
+        always taken.
         """
         last, self.attempt_peak = self.attempt_peak, peak
         if (scheduled and last is not None and peak >= detector.HUGE_WEIGHT
                 and peak > SNAPSHOT_JUMP * last):
             self.peak_refused_at = self.step
             return False
-        self.held_peak = peak
+        self.held_peak, self.peak_refused_at = peak, None
         return True
 
     def skipped_by_scaler(self, record: StepRecord) -> Verdict:
@@ -331,6 +337,9 @@ class GuardSession:
         )
         record.action = decision.action
         record.cause = cause
+        if decision.restores:
+            # The weights go back to the held snapshot's: a refused one's are gone.
+            self.attempt_peak, self.peak_refused_at = self.held_peak, None
         undo = decision.action == "abort" and evidence.update_nonfinite and has_snapshot
         event = Event(
             step=culprit.step,

@@ -391,13 +391,22 @@ def test_a_snapshot_of_weights_one_update_blew_up_is_refused_once():
     assert session.snapshot_due(0)
     assert not session.admit_snapshot(2e36)
     assert not session.snapshot_due(0)  # the refusal counts for the schedule
-    for step in range(4, 8):
+    for step in range(4, 11):
         session.conclude(rec(step), probe=None)
+    assert not session.snapshot_due(0)  # after a refusal: GROWTH_WINDOW (8) calm steps
+    session.conclude(rec(11), probe=None)
     assert session.snapshot_due(0)
     assert session.admit_snapshot(2e36)  # still that large and training on: taken
     assert session.admit_snapshot(0.5)  # shrinking is never refused
     assert not session.admit_snapshot(1e9) and session.admit_snapshot(1e9)
     assert session.admit_snapshot(1e12, scheduled=False)  # after a load_state_dict
+    # A rollback puts the held snapshot's weights back: a pending refusal is void.
+    assert not session.admit_snapshot(1e20)
+    session.conclude(rec(12, loss=NAN), probe=None)
+    session.conclude(rec(13, loss=NAN), probe=None)
+    session.conclude(rec(14, loss=NAN), probe=None)
+    assert session.conclude(rec(15, loss=NAN), probe=None).action == "rollback"
+    assert session.peak_refused_at is None and session.attempt_peak == 1e12
 
 
 def test_huge_weights_in_the_held_snapshot_say_a_rollback_cannot_undo_them(tmp_path):
