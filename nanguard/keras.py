@@ -471,8 +471,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
         rec = verdict.record
         if finite(rec.grad_norm) and rec.grad_norm > self._epoch_grad_max:
             self._epoch_grad_max = rec.grad_norm
-        if rec.step % self.config.log_every:
-            return
+        if rec.step % self.config.log_every and verdict.action is None:
+            return  # a step with an action is always in its batch's logs
         self._batch_logs[self._batch] = {
             "nanguard_loss": rec.loss,
             "nanguard_logits_min": rec.logits_min,

@@ -1979,3 +1979,14 @@ def test_a_fault_the_inference_replay_does_not_reproduce_says_so(tmp_path):
     assert "Replaying the step gave a finite output" in event.message
     assert "training=False" in event.message
     assert all_finite(model)
+
+
+def test_a_step_with_an_action_is_in_the_batch_logs_whatever_log_every(tmp_path):
+    x, y = data()
+    x[2 * 16 + 1, 0] = np.nan  # batch 2
+    recorder = Recorder()
+    guard = NanGuard(dump_dir=str(tmp_path), log_every=4)
+    classifier().fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                     callbacks=[guard, recorder])
+    assert ["nanguard_bad" in logs for logs in recorder.logs] == [True, False, True, False]
+    assert recorder.logs[2]["nanguard_bad"] == 1.0 and recorder.logs[0]["nanguard_bad"] == 0.0
