@@ -419,11 +419,16 @@ class Snapshot:
             self.optim.append(saved)
 
     def restore_buffers(self, model: torch.nn.Module, names: list[str]) -> None:
-        """Copy back only these buffers (``state_dict`` keys), as they were in the snapshot."""
+        """Copy back only these buffers (``state_dict`` keys), as they were in the snapshot,
+        with the integer buffers of the same modules: BatchNorm's ``num_batches_tracked``
+        goes back with its running statistics (with ``momentum=None`` it weighs them)."""
         if not names:
             return
         live = _live_state(model)
+        owners = {name.rpartition(".")[0] for name in names}
         wanted = {id(live[name]) for name in names if name in live}
+        wanted |= {id(t) for key, t in live.items()
+                   if key.rpartition(".")[0] in owners and not t.is_floating_point()}
         with torch.no_grad():
             for name, target in self._targets(live).items():
                 if id(target) in wanted:
@@ -583,6 +588,9 @@ class TorchEngine:
         # (its own clip_grad_norm_, scaler.unscale_): then they are measured right after the
         # backward, before the change. None until the first step shows it.
         self.measure_at_backward: bool | None = None
+        # Code after the measurement may change the gradients before the optimizer reads
+        # them (Lightning: a module's on_before_optimizer_step, a later callback's).
+        self.grads_may_change_after_measure = False
         # The gradient the loss sent into the logits at the last step (when the logits are
         # the model's output): evidence whether the output scores classes (scores_classes).
         self.last_output_grad: torch.Tensor | None = None
@@ -1505,11 +1513,13 @@ class TorchProbe:
             # Nor when the loop changes the gradients after they were measured (its own
             # clipping, a division): the optimizer may have used non-finite ones.
             weight = self.found_state
-            state = (None if e.measure_at_backward
-                     else self._first_nonfinite_optimizer_state(wide_only=True))
+            measured = not (e.measure_at_backward or e.grads_may_change_after_measure)
+            if not measured:
+                ev.details["grads_changed_after_measure"] = True
+            state = self._first_nonfinite_optimizer_state(wide_only=True) if measured else None
             if state:
                 ev.details["optimizer_state_nonfinite"] = state
-            elif (weight is not None and not e.measure_at_backward
+            elif (weight is not None and measured
                   and bool(weight[1].detach().isnan().any())
                   and all(map(_makes_no_nan, e.optimizers))
                   and all(math.isfinite(_float(lr)) for lr in e.update_lrs or [math.nan])):

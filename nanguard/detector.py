@@ -238,6 +238,17 @@ def classify(
             "Something outside the training step wrote it (a corrupt checkpoint, a manual "
             "edit); only a finite snapshot can restore it."
         )
+    if evidence.update_nonfinite and evidence.details.get("grads_changed_after_measure"):
+        where = _name(evidence.weights_nonfinite)
+        return "update_nonfinite", where, (
+            f"Step {s}: the gradients were finite when measured (norm {_fmt(record.grad_norm)}) "
+            f"but the optimizer update made the weights non-finite{_at(where)}. Code that runs "
+            "after the measurement can change the gradients (your own clipping or normalisation: "
+            "a loop's code between guard.backward and optimizer.step(), a LightningModule's "
+            "on_before_optimizer_step or configure_gradient_clipping): check it for a "
+            "division by a zero norm first; otherwise the update is too large: lower the "
+            f"learning rate (it was {_fmt(_lr_of(record, evidence))}) or set clip_grad_norm."
+        )
     if evidence.update_nonfinite:
         where = _name(evidence.weights_nonfinite)
         return "update_nonfinite", where, (

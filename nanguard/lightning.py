@@ -185,6 +185,7 @@ class NanGuard(Readout, _CallbackBase):
         engine.attach()
         if engine.calls is not None:
             engine.calls.is_redirect = _redirected
+        engine.grads_may_change_after_measure = _changes_grads_later(self, trainer, pl_module)
         self._engine = engine
         self._handles = [opt.register_step_post_hook(self._after_step) for opt in engine.optimizers]
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -348,12 +349,17 @@ class NanGuard(Readout, _CallbackBase):
         record = verdict.record
         quiet = _barebones(trainer)
         monitored = not quiet and self._monitored(trainer)
-        if monitored or (not quiet and self._flushes(trainer)):
+        flushes = not quiet and self._flushes(trainer)
+        if monitored or flushes:
             # A monitor reads callback_metrics right after this step: a step the guard kept
             # from the weights shows the last good step's values, so EarlyStopping
             # (check_finite) does not end the run the guard has just saved.
+            # A step whose line the loggers write shows its own values, unless a monitor
+            # watches these names.
             good, kept_out = self._last_good, verdict.decision.blocks_update
-            self._log(pl_module, good if monitored and kept_out and good is not None else record)
+            stand_in = (monitored and kept_out and good is not None
+                        and (not flushes or self._watched(trainer)))
+            self._log(pl_module, good if stand_in and good is not None else record)
         if not verdict.decision.blocks_update:
             self._last_good = record
         verdict.raise_if_abort()
@@ -390,10 +396,7 @@ class NanGuard(Readout, _CallbackBase):
         - a batch after which validation runs, counted as Lightning counts it
           (``val_check_interval``; across epochs with ``check_val_every_n_epoch=None``).
         """
-        monitors = [getattr(cb, "monitor", None) for cb in getattr(trainer, "callbacks", [])]
-        monitors += [getattr(c, "monitor", None)
-                     for c in getattr(trainer, "lr_scheduler_configs", None) or []]
-        if any(m in STEP_KEYS for m in monitors if isinstance(m, str)):
+        if NanGuard._watched(trainer):
             return True
         loop = trainer.fit_loop.epoch_loop
         if loop.batch_progress.is_last_batch or trainer.should_stop:
@@ -404,6 +407,14 @@ class NanGuard(Readout, _CallbackBase):
         idx = loop.total_batch_idx if trainer.check_val_every_n_epoch is None else loop.batch_idx
         return (isinstance(every, int) and every > 0 and trainer.enable_validation
                 and (idx + 1) % every == 0)
+
+    @staticmethod
+    def _watched(trainer: pl.Trainer) -> bool:
+        """Whether a callback or a ``ReduceLROnPlateau`` schedule monitors a per-step name."""
+        monitors = [getattr(cb, "monitor", None) for cb in getattr(trainer, "callbacks", [])]
+        monitors += [getattr(c, "monitor", None)
+                     for c in getattr(trainer, "lr_scheduler_configs", None) or []]
+        return any(m in STEP_KEYS for m in monitors if isinstance(m, str))
 
     def _log(self, pl_module: pl.LightningModule, rec: StepRecord) -> None:
         # Through pl_module.log like the user's own metrics: they reach the loggers and
@@ -499,3 +510,25 @@ def _split_batch(batch: Any, per_loader: bool = False) -> tuple[Any, Any]:
             if key in batch:
                 return {k: v for k, v in batch.items() if k != key}, batch[key]
     return batch, None
+
+
+def _changes_grads_later(guard: Any, trainer: Any, pl_module: Any) -> bool:
+    """Whether code that runs after the guard measures the gradients (in its
+    ``on_before_optimizer_step``) may change them: the module's own
+    ``on_before_optimizer_step`` or ``configure_gradient_clipping``, or a later callback's
+    ``on_before_optimizer_step``. Lightning's own clipping never makes them non-finite."""
+
+    def overrides(obj: Any, base_name: str, names: tuple[str, ...]) -> bool:
+        # The framework's base class (lightning's or pytorch_lightning's) from the MRO.
+        base = next((c for c in type(obj).__mro__ if c.__name__ == base_name
+                     and c.__module__.split(".")[0] in ("lightning", "pytorch_lightning")),
+                    None)
+        return base is not None and any(
+            getattr(type(obj), n, None) is not getattr(base, n, None) for n in names)
+
+    if overrides(pl_module, "LightningModule",
+                 ("on_before_optimizer_step", "configure_gradient_clipping")):
+        return True
+    callbacks = list(getattr(trainer, "callbacks", []))
+    later = callbacks[callbacks.index(guard) + 1:] if guard in callbacks else []
+    return any(overrides(c, "Callback", ("on_before_optimizer_step",)) for c in later)

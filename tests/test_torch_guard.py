@@ -1201,7 +1201,8 @@ def test_nan_batch_leaves_batchnorm_statistics_finite(tmp_path):
     stats = {}
 
     def keep(i):
-        stats[i] = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+        stats[i] = {k: v.clone() for k, v in model.state_dict().items()
+                    if "running" in k or "num_batches" in k}
 
     with NanGuard(model, opt, dump_dir=str(tmp_path), snapshot_every=2) as guard:
         run(guard, model, opt, data, before_step=keep)
@@ -1210,8 +1211,9 @@ def test_nan_batch_leaves_batchnorm_statistics_finite(tmp_path):
     assert opt.param_groups[0]["lr"] == 0.1  # a skip: no rollback, no lower learning rate
     assert nanguard.load(guard.dumps[0]).event.details["nonfinite_buffers"] == [
         "1.running_mean", "1.running_var"]
-    # After step 3: the statistics of the last snapshot (taken as step 2 began), bit for bit.
-    assert stats[4].keys() == stats[2].keys()
+    # After step 3: the statistics of the last snapshot (taken as step 2 began), bit for bit,
+    # num_batches_tracked with them (momentum=None BatchNorm weighs the statistics by it).
+    assert "1.num_batches_tracked" in stats[2] and stats[4].keys() == stats[2].keys()
     assert all(torch.equal(stats[4][k], stats[2][k]) for k in stats[2])
     model.eval()
     assert torch.isfinite(model(data[0][0])).all()
