@@ -15,6 +15,7 @@ from keras import ops
 
 from nanguard import detector
 from nanguard._keras_state import (
+    Snapshot,
     first_nonfinite_variable,
     nonfinite_variables,
     state_variables,
@@ -422,13 +423,16 @@ class KerasProbe:
             intended: the replay blames neither them nor the ``-inf`` flowing from them.
         update_nonfinite: The step's update, made from finite gradients, left the weights
             non-finite.
+        snapshot: The last snapshot: a non-trainable variable whose Inf it holds at the same
+            place is not reported as left non-finite.
     """
 
     def __init__(self, model: Any, batch: Mapping[str, Any], *, heads: list[Head] | None = None,
                  replay: bool = True, allow_neg_inf: Sequence[str] = (),
-                 update_nonfinite: bool = False) -> None:
+                 update_nonfinite: bool = False, snapshot: Snapshot | None = None) -> None:
         self.model = model
         self.update_nonfinite = update_nonfinite
+        self.snapshot = snapshot
         self.batch = batch
         self.heads = list(heads or [])
         self.replay = replay
@@ -501,7 +505,9 @@ class KerasProbe:
                   and makes_no_nan(self.model.optimizer)):
                 ev.details["nan_before_update"] = True
         self.found_state = None if found is None else found[1:]
-        buffers = nonfinite_variables(list(self.model.non_trainable_variables))
+        buffers = list(self.model.non_trainable_variables)
+        buffers = ([v for v, _ in self.snapshot.left_nonfinite(buffers)]
+                   if self.snapshot is not None else nonfinite_variables(buffers))
         if buffers:  # restored from the snapshot when the step is skipped
             ev.details["nonfinite_buffers"] = [v.path for v in buffers[:20]]
         logits_bad = not (detector.finite(record.logits_min) and detector.finite(record.logits_max))

@@ -105,9 +105,14 @@ class Snapshot:
     def __init__(self, step: int, model: Any) -> None:
         self.step = step
         self.saved = [(v, to_numpy(v, 2**62)) for _, v in state_variables(model)]
+        self._buffers = {id(v) for v in model.non_trainable_variables}
 
     def finite(self) -> bool:
-        return all(np.isfinite(a).all() for _, a in self.saved if a.dtype.kind == "f")
+        """Whether the trainable and optimizer variables are finite and the non-trainable
+        ones hold no NaN: a non-trainable variable may hold ``-inf`` on purpose (a mask, a
+        running max that starts there)."""
+        return all((not np.isnan(a).any()) if id(v) in self._buffers else np.isfinite(a).all()
+                   for v, a in self.saved if a.dtype.kind == "f")
 
     def restore(self) -> None:
         for v, a in self.saved:
@@ -117,17 +122,25 @@ class Snapshot:
         """Put back those of ``variables`` the step left non-finite (a skipped step's forward
         left BatchNormalization's moving statistics NaN); their paths. An Inf the snapshot
         holds at the same place is intended (a ``-inf`` mask): that variable is kept."""
-        wanted = {id(v) for v in nonfinite_variables(variables)}
         fixed = []
+        for v, a in self.left_nonfinite(variables):
+            v.assign(a)
+            fixed.append(v.path)
+        return fixed
+
+    def left_nonfinite(self, variables: list[Any]) -> list[tuple[Any, np.ndarray]]:
+        """Those of ``variables`` holding NaN, or Inf where the snapshot's copy is finite,
+        each with that copy (an Inf the snapshot holds at the same place is intended)."""
+        wanted = {id(v) for v in nonfinite_variables(variables)}
+        found = []
         for v, a in self.saved:
             if id(v) in wanted:
                 now = to_numpy(v, 2**62)
                 if (now.shape == a.shape and not np.isnan(now).any()
                         and not (np.isinf(now) & np.isfinite(a)).any()):
                     continue
-                v.assign(a)
-                fixed.append(v.path)
-        return fixed
+                found.append((v, a))
+        return found
 
 
 class MetricState:

@@ -367,7 +367,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
                 self._snapshot.restore()
         heads = self._instrument.heads if self._instrument is not None else None
         probe = KerasProbe(self.model, batch, heads=heads, replay=not self.fallback,
-                           allow_neg_inf=self.config.allow_neg_inf, update_nonfinite=update_bad)
+                           allow_neg_inf=self.config.allow_neg_inf, update_nonfinite=update_bad,
+                           snapshot=self._snapshot)
         verdict = self.session.conclude(record, probe, bad=bad, update_nonfinite=update_bad,
                                         update_step=step, can_skip=can_skip,
                                         has_snapshot=self._snapshot is not None)

@@ -1990,3 +1990,38 @@ def test_a_step_with_an_action_is_in_the_batch_logs_whatever_log_every(tmp_path)
                      callbacks=[guard, recorder])
     assert ["nanguard_bad" in logs for logs in recorder.logs] == [True, False, True, False]
     assert recorder.logs[2]["nanguard_bad"] == 1.0 and recorder.logs[0]["nanguard_bad"] == 0.0
+
+
+class _RunningMax(keras.layers.Layer):
+    """Keeps the running max of features 0-2 in a non-trainable variable starting at -inf;
+    feature 3 is never tracked, so its -inf is intended."""
+
+    def build(self, input_shape):
+        self.running = self.add_weight(shape=(4,), initializer=keras.initializers.Constant(
+            -np.inf), trainable=False, name="running")
+
+    def call(self, x, training=None):
+        if training:
+            top = keras.ops.max(x[:, :3], axis=0)
+            self.running.assign(keras.ops.concatenate(
+                [keras.ops.maximum(self.running[:3], top), self.running[3:]]))
+        return x
+
+
+def test_a_skip_keeps_a_non_trainable_variable_whose_inf_is_intended(tmp_path):
+    x, y = data()
+    y[2 * 16 + 3] = 9  # batch 2: a label out of range, a skip
+    model = keras.Sequential([keras.Input((8,)), _RunningMax(name="rmax"),
+                              keras.layers.Dense(3, name="head")])
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    recorder = Recorder()
+    guard = NanGuard(dump_dir=str(tmp_path), snapshot_every=1)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[guard, recorder])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (2, "target_invalid", "skip")
+    assert "nonfinite_buffers" not in event.details
+    assert guard.snapshot_step == 2  # snapshots are taken with that -inf in them
+    running = keras.ops.convert_to_numpy(model.get_layer("rmax").running)
+    assert np.isneginf(running[3]) and running[:3].tolist() == x[:, :3].max(0).tolist()
