@@ -23,6 +23,7 @@ from nanguard._keras_state import (
     weight_peaks,
 )
 from nanguard._keras_step import Head, float_tensors, sparse_classes
+from nanguard.dump import named_leaves
 from nanguard.events import StepRecord
 
 ACTIVATION_DUMP_BYTES = 16 * 2**20  # per tensor of the localized layer in the dump
@@ -31,19 +32,8 @@ ACTIVATION_DUMP_TOTAL = 64 * 2**20  # all of them together
 
 def named_arrays(obj: Any, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
     """Every tensor of a nested batch as a host array, with a readable path."""
-    if obj is None:
-        return
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            yield from named_arrays(value, f"{prefix}.{key}")
-    elif isinstance(obj, (list, tuple)):
-        if len(obj) == 1:
-            yield from named_arrays(obj[0], prefix)
-        else:
-            for i, value in enumerate(obj):
-                yield from named_arrays(value, f"{prefix}.{i}")
-    else:
-        yield prefix, to_numpy(obj)
+    for name, leaf in named_leaves(obj, prefix):
+        yield name, to_numpy(leaf)
 
 
 def describe_nonfinite(name: str, a: np.ndarray) -> str | None:

@@ -20,7 +20,7 @@ import torch
 
 from nanguard import detector
 from nanguard.config import GuardConfig
-from nanguard.dump import environment
+from nanguard.dump import environment, named_leaves
 from nanguard.events import StepRecord
 from nanguard.session import GuardSession, Verdict
 
@@ -134,47 +134,30 @@ def _eager(hook: GuardHook, *args: Any, **kwargs: Any) -> Any:
 
 def named_tensors(obj: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor in a nested batch, with a readable path (``inputs.0``, ``inputs.x``)."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            yield from named_tensors(value, f"{prefix}.{key}")
-    elif isinstance(obj, (list, tuple)):
-        if len(obj) == 1:
-            yield from named_tensors(obj[0], prefix)
-        else:
-            for i, value in enumerate(obj):
-                yield from named_tensors(value, f"{prefix}.{i}")
+    for name, leaf in named_leaves(obj, prefix):
+        if isinstance(leaf, torch.Tensor):
+            yield name, leaf
 
 
 def named_extras(obj: Any, prefix: str) -> Iterator[tuple[str, np.ndarray]]:
     """The leaves of a nested batch that are not tensors, for the dump: numpy arrays, text
     (a list of strings is one string array) and numbers as they are; anything else as a
     0-d object array, which the dump leaves out and names in ``meta["left_out"]``."""
-    if obj is None or isinstance(obj, torch.Tensor):
-        return
-    if isinstance(obj, np.ndarray):
-        yield prefix, obj
-    elif isinstance(obj, (str, bytes, int, float, complex, np.generic)):
-        yield prefix, np.asarray(obj)
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            yield from named_extras(value, f"{prefix}.{key}")
-    elif isinstance(obj, (list, tuple)):
-        if obj and all(isinstance(v, (str, bytes)) for v in obj):
-            yield prefix, np.array(obj, dtype=object)  # text: stored as a U/S array
-        elif len(obj) == 1:
-            yield from named_extras(obj[0], prefix)
+    for name, leaf in named_leaves(obj, prefix):
+        if isinstance(leaf, torch.Tensor):
+            continue
+        if isinstance(leaf, (np.ndarray, list, tuple, str, bytes, int, float, complex,
+                             np.generic)):
+            yield name, np.asarray(leaf, dtype=object if isinstance(leaf, list | tuple)
+                                   else None)
         else:
-            for i, value in enumerate(obj):
-                yield from named_extras(value, f"{prefix}.{i}")
-    else:
-        box = np.empty((), dtype=object)
-        box[()] = obj
-        yield prefix, box
+            box = np.empty((), dtype=object)
+            box[()] = leaf
+            yield name, box
 
 
-def _rows_of(a: np.ndarray, rows: tuple[int, int] | None) -> np.ndarray:
+def _rows_of(a: Any, rows: tuple[int, int] | None) -> Any:
+    """A tensor or array of ``rows[0]`` rows cut to its first ``rows[1]`` (see dump_rows)."""
     if rows is not None and a.ndim and a.shape[0] == rows[0]:
         return a[: rows[1]]
     return a
@@ -186,9 +169,7 @@ def to_numpy(
     """A CPU numpy copy cut along the first dimension to ``limit`` bytes (bfloat16 and
     float8 upcast to float32); ``rows = (batch, kept)``: a tensor of ``batch`` rows keeps its
     first ``kept`` (the rows every tensor of the step keeps, see ``dump_rows``)."""
-    t = t.detach()
-    if rows is not None and t.ndim and t.shape[0] == rows[0]:
-        t = t[: rows[1]]
+    t = _rows_of(t.detach(), rows)
     if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
         t = t.float()
     if t.ndim and t.numel() * t.element_size() > limit:
@@ -1203,10 +1184,9 @@ class TorchEngine:
             if not buf.is_floating_point() or bool(torch.isfinite(buf).all()):
                 continue
             was = saved.get(name)
-            if (was is not None and was.shape == buf.shape and not bool(buf.isnan().any())
-                    and not bool((torch.isinf(buf.detach().cpu()) & torch.isfinite(was)).any())):
-                continue
-            found.append(name)
+            if not detector.inf_as_before(to_numpy(buf, 2**62),
+                                          None if was is None else to_numpy(was, 2**62)):
+                found.append(name)
         return found
 
     def take_snapshot(self, step: int, *, scheduled: bool = True) -> bool:

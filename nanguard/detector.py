@@ -8,6 +8,8 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
+
 from nanguard.events import StepRecord
 
 # Largest x with exp(x) finite: log(max finite value) of each dtype.
@@ -127,6 +129,14 @@ def note_weights_peak(evidence: Evidence, peaks: Iterable[tuple[str, float]]) ->
                default=None)
     if best is not None and best[1] >= HUGE_WEIGHT:
         evidence.details["weights_peak"] = {"name": best[0], "value": float(best[1])}
+
+
+def inf_as_before(now: np.ndarray, was: np.ndarray | None) -> bool:
+    """Whether a buffer's only non-finite entries (``now``) are Infs its snapshot copy
+    (``was``) holds at the same places: intended (a ``-inf`` mask, a running max that
+    starts at ``-inf``), not left by a bad step."""
+    return (was is not None and now.shape == was.shape and not np.isnan(now).any()
+            and not (np.isinf(now) & np.isfinite(was)).any())
 
 
 def _unreproduced(evidence: Evidence) -> str:

@@ -12,7 +12,7 @@ import secrets
 import stat
 import urllib.parse
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -262,6 +262,26 @@ def _entry(name: str) -> str:
     module names...), so that ``load`` gives back the exact name and two names never share
     an entry."""
     return urllib.parse.quote(name, safe="._-")
+
+
+def named_leaves(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """The leaves of a nested batch with the path every adapter's dump names them by:
+    ``inputs.x`` for a dict's key, ``inputs.0`` for a list's item, the list's own path for
+    a list of one item; a list of strings (a text batch) is one leaf. ``None`` is skipped."""
+    if obj is None:
+        return
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            yield from named_leaves(value, f"{prefix}.{key}")
+    elif isinstance(obj, (list, tuple)) and not (
+            obj and all(isinstance(v, (str, bytes)) for v in obj)):
+        if len(obj) == 1:
+            yield from named_leaves(obj[0], prefix)
+        else:
+            for i, value in enumerate(obj):
+                yield from named_leaves(value, f"{prefix}.{i}")
+    else:
+        yield prefix, obj
 
 
 def _npy(array: Any) -> bytes | None:
