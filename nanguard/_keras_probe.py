@@ -48,14 +48,40 @@ def describe_nonfinite(name: str, a: np.ndarray) -> str | None:
 def makes_no_nan(optimizer: Any) -> bool:
     """Whether ``optimizer`` (unwrapped from a ``LossScaleOptimizer``) is a built-in whose
     update of finite numbers never makes a NaN (``detector.NAN_FREE_UPDATES``)."""
-    inner = getattr(optimizer, "inner_optimizer", None)
-    if inner is not None and isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = inner
+    optimizer = _unwrapped(optimizer)
     cls = type(optimizer)
     eps = getattr(optimizer, "epsilon", 1.0)
     return (cls.__name__ in detector.NAN_FREE_UPDATES
             and cls.__module__.startswith("keras.") and isinstance(eps, (int, float))
             and eps > 0)
+
+
+def bounded_step(optimizer: Any, lr: float) -> bool:
+    """Whether ``optimizer`` (unwrapped from a ``LossScaleOptimizer``) is a built-in whose step
+    of each weight is bounded by the learning rate ``lr`` it stepped with
+    (``detector.bounded_step``)."""
+    optimizer = _unwrapped(optimizer)
+    cls = type(optimizer)
+    if not cls.__module__.startswith("keras."):
+        return False
+
+    def number(name: str, default: float = 0.0) -> float:
+        value = getattr(optimizer, name, default)
+        return float(value) if isinstance(value, (int, float)) else math.nan
+
+    return detector.bounded_step(
+        cls.__name__, lr=lr, eps=number("epsilon"), beta1=number("beta_1"),
+        beta2=number("beta_2", number("rho")), momentum=number("momentum"),
+        centered=bool(getattr(optimizer, "centered", False)),
+        decay=0.0 if getattr(optimizer, "weight_decay", None) is None
+        else number("weight_decay"))
+
+
+def _unwrapped(optimizer: Any) -> Any:
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None and isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return inner
+    return optimizer
 
 
 def check_targets(heads: list[tuple[Head, np.ndarray, np.ndarray | None]]) -> str | None:
@@ -494,6 +520,9 @@ class KerasProbe:
             elif (found is not None and np.isnan(found[2]).any() and math.isfinite(record.lr)
                   and makes_no_nan(self.model.optimizer)):
                 ev.details["nan_before_update"] = True
+            elif (found is not None and found[2].dtype.itemsize >= 4 and np.isinf(found[2]).any()
+                  and math.isfinite(record.lr) and bounded_step(self.model.optimizer, record.lr)):
+                ev.details["inf_before_update"] = True
         self.found_state = None if found is None else found[1:]
         buffers = list(self.model.non_trainable_variables)
         buffers = ([v for v, _ in self.snapshot.left_nonfinite(buffers)]

@@ -1458,6 +1458,26 @@ def _makes_no_nan(optimizer: Any) -> bool:
     return True
 
 
+def _bounded_step(optimizer: Any, lrs: list[float]) -> bool:
+    """Whether ``optimizer`` is a built-in ``torch.optim`` one whose step of each weight is
+    bounded by its learning rate (``detector.bounded_step``) in every group, at the rates
+    ``lrs`` it stepped with (one per group)."""
+    cls = type(optimizer)
+    if not cls.__module__.startswith("torch.optim") or len(lrs) != len(optimizer.param_groups):
+        return False
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        betas = group.get("betas", (0.0, group.get("alpha", 0.0)))
+        decoupled = cls.__name__ == "AdamW" or group.get("decoupled_weight_decay", False)
+        if not detector.bounded_step(
+                cls.__name__, lr=_float(lr), eps=_float(group.get("eps", 0.0)),
+                beta1=_float(betas[0]), beta2=_float(betas[1]),
+                momentum=_float(group.get("momentum", 0.0)),
+                centered=bool(group.get("centered", False)),
+                decay=_float(group.get("weight_decay", 0.0)) if decoupled else 0.0):
+            return False
+    return True
+
+
 class TorchProbe:
     """The slow path: looks closely at a bad step (batch, weights, optimizer state)."""
 
@@ -1505,6 +1525,12 @@ class TorchProbe:
                   and all(math.isfinite(_float(lr)) for lr in e.update_lrs or [math.nan])):
                 ev.details["nan_before_update"] = True
                 self.found_state = weight
+            elif (weight is not None and measured and e.update_lrs
+                  and weight[1].dtype in (torch.float32, torch.float64, torch.bfloat16)
+                  and bool(weight[1].detach().isinf().any())
+                  and self._bounded_steps(e.update_lrs)):
+                ev.details["inf_before_update"] = True
+                self.found_state = weight
             lr = e.lr_of(ev.weights_nonfinite.split(":")[0] if ev.weights_nonfinite else None)
             if lr is not None:
                 ev.details["lr_of_where"] = lr
@@ -1545,6 +1571,16 @@ class TorchProbe:
         if e.distributed:
             ev = agree_across_ranks(e, record, ev)
         return ev
+
+    def _bounded_steps(self, lrs: list[float]) -> bool:
+        """Whether every optimizer's step was bounded by its rates ``lrs`` (the groups' in
+        order, as :meth:`TorchEngine.measure` reads them)."""
+        for opt in self.engine.optimizers:
+            n = len(opt.param_groups)
+            if not _bounded_step(opt, lrs[:n]):
+                return False
+            lrs = lrs[n:]
+        return True
 
     def _nonfinite_model_args(self, step: int) -> str | None:
         """NaN/Inf in what the model was called with while the batch given to the guard is

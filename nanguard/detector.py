@@ -27,6 +27,47 @@ NAN_FREE_UPDATES = frozenset({
     "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adamax", "NAdam", "Nadam", "RAdam",
     "Adadelta", "Lion",
 })
+# Built-in optimizers whose step moves a weight by at most its learning rate times a factor
+# their settings bound (the gradient over its own running scale, or its sign), whatever the
+# finite gradient: under the settings ``bounded_step`` checks, their update cannot take a
+# finite float32 (or wider) weight to Inf, whose last finite values are ~1e31 apart. An Inf
+# weight after their update was Inf before it. (SGD's step is the gradient itself; RAdam's
+# first steps are plain momentum: either can overflow, so they are not here.)
+BOUNDED_STEP_UPDATES = frozenset({
+    "Adam", "AdamW", "NAdam", "Nadam", "Adamax", "Adagrad", "RMSprop", "Lion",
+})
+
+
+def bounded_step(kind: str, *, lr: float, eps: float, beta1: float = 0.0,
+                 beta2: float = 0.0, momentum: float = 0.0, centered: bool = False,
+                 decay: float = 0.0) -> bool:
+    """Whether a built-in optimizer named ``kind`` (:data:`BOUNDED_STEP_UPDATES`) with these
+    settings moves each weight by a bounded multiple of ``lr`` whatever the finite gradient.
+
+    Adam-style ratios of averages are bounded when ``beta1**2 < beta2`` (Adamax:
+    ``beta1 < beta2``), RMSprop's when it is not centred (``beta2``: its ``alpha``/``rho``
+    below 1) and its momentum below 1, Adagrad's always; ``eps > 0`` for all but Lion (a
+    sign). ``decay``: a decoupled weight decay, ``w * (1 - lr * decay)``, which cannot grow a
+    weight while ``lr * decay`` is in [0, 2].
+    """
+    numbers = (lr, eps, beta1, beta2, momentum, decay)
+    if kind not in BOUNDED_STEP_UPDATES or not all(map(math.isfinite, numbers)):
+        return False
+    if not (0.0 <= lr <= 1e6 and 0.0 <= lr * decay <= 2.0):
+        return False
+    if kind == "Lion":
+        return True
+    if eps <= 0:
+        return False
+    if kind in ("Adam", "AdamW", "NAdam", "Nadam"):
+        return 0.0 <= beta1 < 1.0 and 0.0 < beta2 < 1.0 and beta1 * beta1 < beta2
+    if kind == "Adamax":
+        return 0.0 <= beta1 < beta2 < 1.0
+    if kind == "RMSprop":
+        return not centered and 0.0 <= momentum < 1.0 and 0.0 <= beta2 < 1.0
+    return True  # Adagrad: |g| / sqrt(sum of g**2) <= 1
+
+
 # What a logit_overflow message suggests instead of a naive softmax, per framework.
 STABLE_LOSSES = {
     "torch": "torch.nn.functional.cross_entropy or log_softmax",
@@ -247,6 +288,17 @@ def classify(
             "before the step, and a later layer kept it from the loss (a ReLU, a mask). "
             "Something outside the training step wrote it (a corrupt checkpoint, a manual "
             "edit); only a finite snapshot can restore it."
+        )
+    if evidence.update_nonfinite and evidence.details.get("inf_before_update"):
+        return "weights_nonfinite", _name(evidence.weights_nonfinite), (
+            f"Step {s}: a weight holds Inf ({evidence.weights_nonfinite}) after an update made "
+            f"from finite gradients (norm {_fmt(record.grad_norm)}) by an optimizer whose step "
+            "is bounded by its learning rate (the gradient over its running scale): it cannot "
+            "take a finite weight to Inf, so the Inf was there before the step (or a corrupt "
+            "optimizer state made it), and a later "
+            "layer kept it from the loss (a saturated tanh or sigmoid, a mask). Something "
+            "outside the training step wrote it (a corrupt checkpoint, a manual edit); only a "
+            "finite snapshot can restore it."
         )
     if evidence.update_nonfinite and evidence.details.get("grads_changed_after_measure"):
         where = _name(evidence.weights_nonfinite)

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nanguard.session
-from nanguard import ACTIONS, CAUSES, GuardConfig, LadderState, StepRecord, decide
+from nanguard import ACTIONS, CAUSES, GuardConfig, LadderState, StepRecord, decide, detector
 from nanguard.detector import Evidence, classify, growth, is_bad, note_weights_peak
 from nanguard.session import GuardSession
 
@@ -448,3 +448,25 @@ def test_logits_past_the_dtypes_range_blame_divergence_not_the_softmax():
     assert "instead of exp(x)/sum(exp(x))" not in message
     _, _, message = classify(rec(5, loss=math.inf, lmin=-2e4, lmax=2e4), Evidence(), [])
     assert "instead of exp(x)/sum(exp(x))" in message
+
+
+@pytest.mark.parametrize(("kind", "settings", "bounded"), [
+    ("Adam", {"beta1": 0.9, "beta2": 0.999}, True),
+    ("Adam", {"beta1": 0.99, "beta2": 0.9}, False),   # beta1**2 > beta2: unbounded ratio
+    ("Adam", {"beta1": 0.9, "beta2": 0.999, "eps": 0.0}, False),
+    ("AdamW", {"beta1": 0.9, "beta2": 0.999, "decay": 0.01}, True),
+    ("AdamW", {"beta1": 0.9, "beta2": 0.999, "decay": 3e3}, False),  # lr * decay > 2
+    ("Adamax", {"beta1": 0.9, "beta2": 0.999}, True),
+    ("Adamax", {"beta1": 0.999, "beta2": 0.9}, False),
+    ("RMSprop", {"beta2": 0.99, "momentum": 0.9}, True),
+    ("RMSprop", {"beta2": 0.99, "centered": True}, False),
+    ("RMSprop", {"beta2": 1.0}, False),
+    ("Adagrad", {}, True),
+    ("Lion", {"eps": 0.0, "beta1": 0.9, "beta2": 0.99}, True),
+    ("SGD", {}, False),                                # its step is the gradient itself
+    ("RAdam", {"beta1": 0.9, "beta2": 0.999}, False),  # first steps: plain momentum
+    ("Adam", {"beta1": 0.9, "beta2": 0.999, "lr": math.inf}, False),
+])
+def test_bounded_step_knows_which_updates_cannot_overflow(kind, settings, bounded):
+    settings = {"lr": 1e-3, "eps": 1e-8, **settings}
+    assert detector.bounded_step(kind, **settings) is bounded

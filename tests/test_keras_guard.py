@@ -228,6 +228,35 @@ def test_a_nan_weight_a_mask_keeps_from_the_loss_is_weights_nonfinite(tmp_path):
     assert all_finite(model)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop", "lion"])
+def test_an_inf_weight_a_saturated_tanh_keeps_from_the_loss_is_weights_nonfinite(
+        tmp_path, optimizer):
+    # An Inf bias saturates its tanh unit: the loss stays finite and that weight's gradient
+    # is 0. These optimizers' steps are bounded by the LR: the update cannot have made it.
+    x, y = data()
+
+    class Corrupt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                bias = self.model.get_layer("hidden").bias
+                value = keras.ops.convert_to_numpy(bias).copy()
+                value[0] = np.inf
+                bias.assign(value)
+
+    model = keras.Sequential([
+        keras.Input((8,)), keras.layers.Dense(16, activation="tanh", name="hidden"),
+        keras.layers.Dense(3, name="head"),
+    ])
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[Corrupt(), guard])
+    event = guard.events[0]
+    assert (event.step, event.cause, event.action) == (2, "weights_nonfinite", "rollback")
+    assert "hidden/bias" in event.where and "Inf was there before the step" in event.message
+    assert all_finite(model)
+
+
 def test_uncompiled_model_is_a_clear_error():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     guard = NanGuard()

@@ -2821,6 +2821,47 @@ def test_a_nan_weight_a_mask_keeps_from_the_loss_is_weights_nonfinite(tmp_path, 
     assert weights_finite(model)
 
 
+class Saturates(torch.nn.Module):
+    """A tanh layer: an Inf in its bias saturates the unit at 1, so the loss stays finite
+    and that weight's gradient is 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(4, 8)
+        self.b = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize(("opt_name", "kwargs"), [
+    ("Adam", {}), ("AdamW", {"weight_decay": 0.01}), ("RMSprop", {"momentum": 0.9}),
+    ("Adagrad", {}),
+])
+def test_an_inf_weight_a_saturated_tanh_keeps_from_the_loss_is_weights_nonfinite(
+        tmp_path, opt_name, kwargs):
+    # These optimizers move a weight by a bounded multiple of the LR: their update cannot
+    # have made that Inf (it was "update_nonfinite, lower the LR").
+    model = Saturates()
+    opt = getattr(torch.optim, opt_name)(model.parameters(), lr=1e-3, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for i in range(6):
+            if i == 3:
+                with torch.no_grad():
+                    model.a.bias[0] = math.inf
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y))
+                opt.step()
+    event = guard.events[0]
+    assert (event.step, event.cause, event.where) == (3, "weights_nonfinite", "a.bias")
+    assert "Inf was there before the step" in event.message
+    assert weights_finite(model)
+
+
 class RunningMax(torch.nn.Module):
     """Keeps a running max of input features 0-2 in a buffer that starts at -inf; feature 3
     is never tracked, so its entry stays -inf on purpose."""
