@@ -185,6 +185,11 @@ def localize(model: Any, x: Any, allow_neg_inf: Sequence[str] = ()) -> Localized
         return None
     if any(len(getattr(layer, "_inbound_nodes", ())) > 1 for layer in layers):
         return _localize_by_calls(model, x, blame)
+    # A functional model's raw ops (`h / t` between layers) are operations, not layers:
+    # replayed too, so that an op's NaN is not blamed on the layer it feeds.
+    operations = getattr(model, "operations", None)
+    if isinstance(operations, list):
+        layers = [op for op in operations if not isinstance(op, keras.layers.InputLayer)]
     try:
         outputs = [layer.output for layer in layers]
         replay = keras.Model(model.inputs, outputs)
@@ -275,6 +280,9 @@ def _localize_by_calls(model: Any, x: Any,
         for layer in patched:
             vars(layer).pop("call", None)
     if not found:
+        outs = [to_numpy(t, 2**62) for t in float_tensors(result)]
+        if any(_flags(outs)):  # every layer finite: the model's own call() made it
+            return model.name, True, _cut_all(_host_arrays(x)), _cut_all(outs)
         return None
     layer, ins, outs, tensors = found[0]
     last = any(t is o for t in tensors for o in float_tensors(result))
@@ -508,6 +516,11 @@ class KerasProbe:
                 if ev.input_nonfinite:
                     break
         ev.target_invalid = check_targets(self.paired_targets())
+        if not ev.target_invalid and not math.isfinite(record.loss):
+            peaks = [float(np.abs(y).max()) for _, y, _ in self.paired_targets()
+                     if y.dtype.kind == "f" and y.size]
+            if peaks:  # huge finite targets (a missing-value sentinel) overflow a loss
+                ev.details["targets_peak"] = max(peaks)
         found = first_nonfinite_variable(self.model)
         ev.weights_nonfinite = None if found is None else found[0]
         if self.update_nonfinite:
@@ -549,6 +562,8 @@ class KerasProbe:
                     ev.details["replay_layer"] = name
                 if not is_output:
                     ev.activation = name
+                elif name == self.model.name:  # no layer: the model's own call() made it
+                    ev.details["made_in_model_code"] = True
             elif logits_bad and not self.allow_neg_inf:  # (an allowed -inf is no fault)
                 ev.details["replay_unreproduced"] = True
         if clean and logits_bad:

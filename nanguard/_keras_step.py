@@ -312,6 +312,14 @@ class StepInstrument:
 
         return apply
 
+    def empty_means(self) -> list[str]:
+        """The names of the loss means this step feeds (``loss``, ``a_loss``, ...) that hold
+        no batch at all now: each one the guard left out, when the epoch had some."""
+        means = [self.tracker] if self.tracker is not None else []
+        means += list(getattr(self.compile_loss, "metrics", None) or [])
+        return [m.name for m in means if getattr(m, "count", None) is not None
+                and float(ops.convert_to_numpy(m.count)) == 0.0]
+
     def _track(self, metric: Any) -> Callable[..., Any]:
         orig = metric.update_state
 

@@ -751,8 +751,8 @@ class TorchEngine:
         self.lmin = lo if self.lmin is None else torch.minimum(self.lmin, lo)
         self.lmax = hi if self.lmax is None else torch.maximum(self.lmax, hi)
 
-    def _keep_logits_grad(self, grad: torch.Tensor) -> None:
-        if self.logits_grad is None:
+    def _keep_logits_grad(self, grad: torch.Tensor | None) -> None:
+        if self.logits_grad is None and grad is not None:
             self.logits_grad = grad.detach()
 
     def _defuse_labels(self, out: torch.Tensor) -> None:
@@ -862,8 +862,13 @@ class TorchEngine:
             self.measure_at_backward = changed
         return changed
 
-    def add_loss(self, loss: torch.Tensor) -> None:
+    def add_loss(self, loss: torch.Tensor, gradient: Any = None) -> None:
+        """Add a backward's loss to the step's; ``gradient``: the weights that backward was
+        given for a non-scalar loss (``loss.backward(gradient=w)`` backpropagates the sum of
+        ``w * loss``, and that sum is the loss recorded)."""
         loss = loss.detach()
+        if isinstance(gradient, torch.Tensor) and gradient.shape == loss.shape:
+            loss = loss * gradient.detach().to(loss.device)
         if loss.ndim or loss.dtype != _wide(loss.dtype):
             loss = loss.to(_wide(loss.dtype)).reshape(-1).sum()
         self.loss = loss if self.loss is None else self.loss + loss
@@ -1504,6 +1509,11 @@ class TorchProbe:
         ev.target_invalid = e.describe_label_faults() or check_targets(
             e.targets, e.class_output if e.class_output is not None else e.output,
             e.ignore_index, classes=e.output_scores_classes)
+        if not ev.target_invalid and not math.isfinite(record.loss):
+            peaks = [float(t.detach().abs().max()) for _, t in named_tensors(e.targets, "")
+                     if t.is_floating_point() and t.numel()]
+            if peaks:  # huge finite targets (a missing-value sentinel) overflow a loss
+                ev.details["targets_peak"] = max(peaks)
         if e.update_was_bad:
             ev.update_nonfinite = True
             ev.weights_nonfinite = self._first_nonfinite_state()

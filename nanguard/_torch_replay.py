@@ -149,7 +149,9 @@ def _autocast_state() -> list[tuple[str, torch.dtype]]:
     ]
 
 
-def _keep_grad(call: RecordedCall, index: int, grad: torch.Tensor) -> None:
+def _keep_grad(call: RecordedCall, index: int, grad: torch.Tensor | None) -> None:
+    if grad is None:  # an output of a compiled graph that also computed the loss
+        return
     prev = call.output_grads.get(index)
     call.output_grads[index] = grad if prev is None else prev + grad
 
@@ -506,6 +508,8 @@ class ReplayResult:
         output_nonfinite: The replayed model output holds NaN/Inf.
         past_logits: The ``logits_module`` whose output was finite when the model's own
             forward, after it, made the model output non-finite; None otherwise.
+        model_code: The model itself is to blame and none of its submodules: an operation
+            in its own ``forward``, outside any submodule, made the output non-finite.
         notes: Why a part of the replay could not run, in words.
 
     Example:
@@ -516,6 +520,7 @@ class ReplayResult:
     finding: Finding | None = None
     output_nonfinite: bool = False
     past_logits: str | None = None
+    model_code: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -566,6 +571,8 @@ def replay_call(
             if (logits_module and f.module == loc.names[model] and logits_ref
                     and not _nonfinite(logits_ref[:1])):
                 result.past_logits = prefix + logits_module
+            elif f.module == loc.names[model] and next(model.children(), None) is not None:
+                result.model_code = True  # no submodule made it: the forward's own code
             result.finding = f
             return result
         logits_out = first_float_tensor(out)
@@ -585,7 +592,8 @@ def replay_call(
                 f"the {OUTPUT_GRAD_BUDGET // 2**20} MiB of output gradients kept per step)"
                 if call.grads_over_budget else
                 "backward not replayed: no gradient of the model output was recorded "
-                "(the step's forward ran without autograd or its output was not used)"
+                "(the step's forward ran without autograd, its output was not used, or a "
+                "compiled graph computed the loss from it)"
             )
             return result
         grads = call.output_grads
@@ -761,6 +769,8 @@ def localize_step(
         if f.hidden:
             evidence.activation = f.module
         evidence.output_past_logits = result.past_logits
+        if result.model_code:
+            evidence.details["made_in_model_code"] = True
     else:
         evidence.grad_where = f.module
     arrays.update(f.arrays())

@@ -260,6 +260,13 @@ def classify(
             f"the last {grew[2]} steps before it: the learning rate is likely too high."
         )
 
+    if evidence.input_nonfinite and evidence.input_nonfinite.startswith("sample_weight"):
+        return "input_nonfinite", _name(evidence.input_nonfinite), (
+            f"Step {s}: the batch's sample weights hold non-finite values "
+            f"({evidence.input_nonfinite}). Check the sample_weight given to fit, or its "
+            "class_weight, which Keras turns into these weights (a weight computed as "
+            "1 / count is inf for a class with no samples)."
+        )
     if evidence.input_nonfinite:
         return "input_nonfinite", _name(evidence.input_nonfinite), (
             f"Step {s}: the batch's inputs hold non-finite values ({evidence.input_nonfinite}). "
@@ -352,6 +359,16 @@ def classify(
             "or scale, an exp?). Guard that operation (clamp its divisor, add an epsilon)."
             + trend
         )
+    if not logits_finite and evidence.details.get("made_in_model_code") and not huge:
+        return "logits_nonfinite", where, (
+            f"Step {s}: the model output is non-finite (min {_fmt(record.logits_min)}, max "
+            f"{_fmt(record.logits_max)}) while its inputs and weights are finite, and in the "
+            "replay no layer turned finite inputs into non-finite outputs: an operation in the "
+            "model's own code, outside its layers, made it (a division by a zero temperature "
+            "or scale, an exp or log in forward/call, or a raw op between layers). Guard that "
+            "operation (clamp its divisor, add an epsilon; log_softmax instead of an exp over a "
+            "sum)." + trend
+        )
     if not logits_finite:
         return "logits_nonfinite", where, (
             f"Step {s}: the model output is non-finite (min {_fmt(record.logits_min)}, max "
@@ -388,6 +405,16 @@ def classify(
             f"function ({STABLE_LOSSES.get(evidence.framework, STABLE_LOSSES[''])}) instead of "
             "exp(x)/sum(exp(x)). If no exp reads this output (a regression), the loss itself "
             "went non-finite: look for a division by ~0 or a log(0) in it." + trend
+        )
+    targets_peak = evidence.details.get("targets_peak")
+    if (not finite(record.loss) and isinstance(targets_peak, float)
+            and targets_peak > math.exp(limit / 2)):
+        return "loss_nonfinite", None, (
+            f"Step {s}: {finite_so_far} but the targets reach {_fmt(targets_peak)}, and the "
+            f"loss is {record.loss}: a loss of targets this large overflows (a squared error "
+            "does past the square root of the largest float). Such a target is a sentinel "
+            "for a missing value, or the targets are unscaled: mask or drop those samples, "
+            "or scale the targets." + trend
         )
     if not finite(record.loss):
         return "loss_nonfinite", None, (

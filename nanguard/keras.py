@@ -132,6 +132,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         self._batch = 0
         self._batch_logs: dict[int, dict[str, float]] = {}
         self._epoch_grad_max = -math.inf  # the epoch's largest finite gradient norm
+        self._epoch_bad_from = 0  # bad steps before the epoch began
         self._blocking = True
         self._snapshot_complete = True  # False: the model had no variables before step 0
         self._cache: tuple[tuple[Any, ...], StepInstrument, Any, LearningRate] | None = None
@@ -258,12 +259,20 @@ class NanGuard(Readout, keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch_grad_max = -math.inf
+        self._epoch_bad_from = self.session.ladder.total_bad
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         """Epoch-level numbers for the callbacks that read epoch logs (``CSVLogger``,
         ``History``, TensorBoard's epoch scalars)."""
         if logs is None:
             return
+        if self._instrument is not None and self.session.ladder.total_bad > self._epoch_bad_from:
+            # Every batch of the epoch left out of Keras's loss mean: its mean of no batch
+            # reads 0.0, a perfect epoch to ModelCheckpoint or EarlyStopping. NaN, as the
+            # epoch would read without the guard.
+            for key in self._instrument.empty_means():
+                if key in logs:
+                    logs[key] = math.nan
         for name, value in self.session.counters().items():
             # amp_skips: every epoch when the step is instrumented with a LossScaleOptimizer
             # (only then are its skips seen), so History's lists and CSVLogger's columns

@@ -173,7 +173,7 @@ class NanGuard(Readout):
                 "its own guard.step() (a GAN's discriminator and generator phases, each "
                 "critic iteration), or run every backward before the first optimizer.step()."
             )
-        self._engine.add_loss(loss)
+        self._engine.add_loss(loss, kwargs.get("gradient"))
         if self.scaler is not None:
             self.scaler.scale(loss).backward(**kwargs)
             self._engine.after_backward(getattr(self.scaler, "_scale", None))

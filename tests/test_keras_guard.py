@@ -257,6 +257,86 @@ def test_an_inf_weight_a_saturated_tanh_keeps_from_the_loss_is_weights_nonfinite
     assert all_finite(model)
 
 
+def test_an_epoch_with_every_batch_skipped_logs_a_nan_loss_not_zero(tmp_path):
+    # Keras's mean of no batch reads 0.0: ModelCheckpoint(save_best_only) saved that epoch
+    # as the best and EarlyStopping restored it. Without the guard the epoch reads NaN.
+    x, y = data(48, 5)
+
+    def batches():
+        epoch = 0
+        while True:
+            for b in range(3):
+                xb = x[b * 16:(b + 1) * 16].copy()
+                if epoch == 1:  # the whole epoch from a corrupted shard
+                    xb[0, 0] = np.nan
+                yield xb, y[b * 16:(b + 1) * 16]
+            epoch += 1
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="tanh"),
+                              keras.layers.Dense(3)])
+    model.compile(keras.optimizers.Adam(1e-2),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    best = keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras"), monitor="loss",
+                                           save_best_only=True)
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"), max_skips=10)
+    history = model.fit(batches(), steps_per_epoch=3, epochs=3, verbose=0,
+                        callbacks=[guard, best]).history
+    loss = history["loss"]
+    assert history["nanguard_bad_steps"] == [0.0, 3.0, 3.0]
+    assert math.isfinite(loss[0]) and math.isnan(loss[1]) and math.isfinite(loss[2])
+    assert best.best == min(loss[0], loss[2])
+
+
+class DividesInCall(keras.Model):
+    """Divides its output layer's result by a temperature from the inputs in call(): 0 for
+    an all-zero row."""
+
+    def __init__(self):
+        super().__init__(name="net")
+        self.d1 = keras.layers.Dense(8, activation="relu", name="d1")
+        self.out = keras.layers.Dense(3, name="out")
+
+    def call(self, x, training=False):
+        return self.out(self.d1(x)) / keras.ops.mean(keras.ops.abs(x), axis=-1, keepdims=True)
+
+
+def divides(kind):
+    if kind == "subclassed":
+        return DividesInCall()
+    inputs = keras.Input((8,))
+    t = keras.ops.mean(keras.ops.abs(inputs), axis=-1, keepdims=True)
+    h = keras.layers.Dense(8, activation="relu", name="d1")(inputs)
+    if kind == "functional_mid":
+        h = h / t  # a raw op between two layers
+    out = keras.layers.Dense(3, name="out")(h)
+    return keras.Model(inputs, out if kind == "functional_mid" else out / t)
+
+
+@pytest.mark.parametrize(("kind", "cause", "where"), [
+    ("subclassed", "logits_nonfinite", "net"),
+    ("functional_end", "logits_nonfinite", "true_divide"),
+    ("functional_mid", "activation_nonfinite", "true_divide"),
+])
+def test_a_raw_op_in_the_model_is_not_blamed_on_a_layer(tmp_path, kind, cause, where):
+    # Before: the output layer 'out' was named (its inputs already NaN, or its output
+    # finite), and the message said the replay had not reproduced the fault, which it had.
+    x, y = data(96)
+    x[36] = 0.0  # batch 2's temperature is 0
+    keras.utils.set_random_seed(0)
+    model = divides(kind)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    # An op's name is Keras's, made unique per process: true_divide, true_divide_1, ...
+    assert (event.step, event.cause) == (2, cause) and event.where.startswith(where)
+    assert not event.details.get("replay_unreproduced")
+    if kind == "subclassed":
+        assert "the model's own code" in event.message and event.details["made_in_model_code"]
+    assert all_finite(model)
+
+
 def test_uncompiled_model_is_a_clear_error():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     guard = NanGuard()
@@ -1829,6 +1909,36 @@ def test_non_finite_sample_weight_is_named_and_dumped(tmp_path, capsys):
     assert "sample_weight: 0 NaN, 1 Inf of 16 values" in event.message
     report = inspect_json(guard.dumps[0], capsys)
     assert report["tensors"]["sample_weight"]["inf"] == 1
+    assert all_finite(model)
+
+
+def test_a_huge_finite_target_overflowing_the_loss_is_said_so(tmp_path):
+    x, _ = data()
+    y = np.random.default_rng(1).normal(size=(64, 1)).astype("float32")
+    y[37] = 1e30  # a missing value's sentinel; batch 2
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause) == (2, "loss_nonfinite")
+    assert "the targets reach 1e+30" in event.message
+    assert all_finite(model)
+
+
+def test_an_inf_class_weight_names_class_weight_as_a_suspect(tmp_path):
+    # Keras turns class_weight into the batch's sample weights: the message said "Fix the
+    # data: check the loader" and named only a sample_weight the user never passed.
+    x, y = data()
+    model = classifier()
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, class_weight={0: 1.0, 1: np.inf, 2: 1.0}, batch_size=16, epochs=1,
+              shuffle=False, verbose=0, callbacks=[guard])
+    event = guard.events[0]
+    assert (event.step, event.cause, event.where) == (0, "input_nonfinite", "sample_weight")
+    assert "class_weight" in event.message and "loader" not in event.message
     assert all_finite(model)
 
 

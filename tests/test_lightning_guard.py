@@ -436,6 +436,33 @@ def test_a_compiled_lightning_module(tmp_path):
     assert_finite(model)
 
 
+class LossInForward(Classifier):
+    """Computes its loss in forward (Hugging Face style): compiled by AOTAutograd, the
+    logits' gradient hook receives None."""
+
+    def forward(self, x, labels):
+        logits = self.net(x)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self(x, labels=y)["loss"]
+
+
+def test_a_compiled_module_computing_its_loss_in_forward(tmp_path):
+    # backend="aot_eager": AOTAutograd, as the default inductor, without a C compiler. The
+    # bad step raised AttributeError out of trainer.fit before the fix.
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = LossInForward()
+    trainer(tmp_path, guard).fit(torch.compile(model, backend="aot_eager"),
+                                 make_data(6, nan_batches=(3,)))
+    assert [r.action for r in guard.history] == [None, None, None, "skip", None, None]
+    (event,) = guard.events
+    assert (event.step, event.cause) == (3, "input_nonfinite")
+    assert nanguard.load(guard.dumps[0]).event.step == 3
+    assert_finite(model)
+
+
 def test_standalone_pytorch_lightning_package(tmp_path):
     ptl = pytest.importorskip("pytorch_lightning")
 

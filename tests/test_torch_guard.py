@@ -1114,6 +1114,102 @@ def test_torch_compiled_model_is_guarded_under_its_own_names(tmp_path):
     assert "model.0.weight" in state and not any("_orig_mod" in k for k in state)
 
 
+def test_a_per_sample_loss_with_backward_weights_records_their_weighted_sum(tmp_path):
+    # loss.backward(gradient=w) backpropagates sum(w * loss): that is the step's loss (it
+    # was the plain sum, len(batch) times the mean the user computes).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        opt.zero_grad()
+        with guard.step(x, targets=y):
+            per_sample = F.cross_entropy(model(x), y, reduction="none")
+            guard.backward(per_sample, gradient=torch.full_like(per_sample, 1 / 6))
+            opt.step()
+    assert guard.history[0].loss == pytest.approx(float(per_sample.detach().mean()), rel=1e-6)
+
+
+def test_a_huge_finite_target_overflowing_the_loss_is_said_so(tmp_path):
+    # A missing label stored as 1e30: the squared error overflows. The message blamed a
+    # division by ~0 and suggested a built-in loss, which it already was.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for i in range(4):
+            x, y = torch.randn(8, 8, generator=g), torch.randn(8, 1, generator=g)
+            if i == 2:
+                y[5] = 1e30
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.mse_loss(model(x), y))
+                opt.step()
+    (event,) = guard.events
+    assert (event.step, event.cause) == (2, "loss_nonfinite")
+    assert "the targets reach 1e+30" in event.message and "sentinel" in event.message
+    assert weights_finite(model)
+
+
+class DividesInForward(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.d1, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.d1(x))) / x.abs().mean(-1, keepdim=True)
+
+
+def test_an_op_in_the_models_own_forward_is_named_so(tmp_path):
+    model = DividesInForward()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = batches(4)
+    data[2][0][3] = 0.0  # a zero temperature for one row
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, data)
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (2, "logits_nonfinite", "<DividesInForward>")
+    assert event.details["made_in_model_code"] and "the model's own code" in event.message
+
+
+class LossInside(torch.nn.Module):
+    """Computes its loss in forward, as Hugging Face models do: compiled, the logits are an
+    output of the same graph as the loss, and their gradient hook receives None."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 32), NaiveSoftmax())
+        self.head = torch.nn.Linear(32, 4)
+
+    def forward(self, x, labels):
+        logits = self.head(self.body(x))
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_compiled_model_computing_its_loss_in_forward(tmp_path):
+    # backend="aot_eager": AOTAutograd (as inductor, the default) without a C compiler. A bad
+    # step raised AttributeError inside the guard (a None output gradient) before the fix.
+    net = LossInside()
+    model = torch.compile(net, backend="aot_eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = batches(6)
+    data[2][0][0, 0] = float("nan")
+    data[4] = (data[4][0] * 1e4, data[4][1])  # the hidden naive softmax overflows
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for x, y in data:
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(model(x, labels=y)["loss"])
+                opt.step()
+    causes = [(e.step, e.cause, e.where) for e in guard.events]
+    assert causes == [(2, "input_nonfinite", "inputs"), (4, "activation_nonfinite", "body.1")]
+    assert [nanguard.load(p).event.step for p in guard.dumps] == [2, 4]
+    assert weights_finite(net)
+
+
 class CompiledBody(torch.nn.Module):
     def __init__(self):
         super().__init__()
