@@ -130,6 +130,29 @@ class Snapshot:
             fixed.append(v.path)
         return fixed
 
+    def restore_nonfinite_weights(self, model: Any) -> list[str]:
+        """Put back the trainable variables holding NaN/Inf, or whose optimizer slots do,
+        each with its slots (Keras names a slot ``<optimizer>/<variable path with _>_<slot>``),
+        as they were in the snapshot: a skip's repair of weights an applied update made
+        non-finite. Their paths."""
+        trainable = list(model.trainable_variables)
+        slots = list(model.optimizer.variables) if model.optimizer is not None else []
+
+        def owner(slot: Any) -> Any:
+            name = slot.path.split("/", 1)[-1]
+            return next((v for v in trainable
+                         if name.startswith(v.path.replace("/", "_") + "_")), None)
+
+        bad = {id(v) for v in nonfinite_variables(trainable)}
+        bad |= {id(o) for o in map(owner, nonfinite_variables(slots)) if o is not None}
+        wanted = bad | {id(s) for s in slots if id(owner(s)) in bad}
+        fixed = []
+        for v, a in self.saved:
+            if id(v) in wanted:
+                v.assign(a)
+                fixed.append(v.path)
+        return fixed
+
     def left_nonfinite(self, variables: list[Any]) -> list[tuple[Any, np.ndarray]]:
         """Those of ``variables`` holding NaN, or Inf where the snapshot's copy is finite,
         each with that copy (an Inf the snapshot holds at the same place is intended)."""

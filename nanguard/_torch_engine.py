@@ -415,6 +415,27 @@ class Snapshot:
                 if id(target) in wanted:
                     target.data.copy_(self.model[name])
 
+    def restore_params(self, model: torch.nn.Module, optimizers: list[Any],
+                       params: list[torch.Tensor]) -> None:
+        """Copy back only these parameters, each with its optimizer state, as they were in
+        the snapshot (a skip's repair of weights an applied update made non-finite)."""
+        ids = {id(p) for p in params}
+        with torch.no_grad():
+            for name, target in self._targets(_live_state(model)).items():
+                if id(target) in ids:
+                    target.data.copy_(self.model[name])
+        for k, (opt, saved) in enumerate(zip(optimizers, self.optim, strict=True)):
+            for i, p in enumerate(_opt_params(opt)):
+                if id(p) not in ids:
+                    continue
+                if (k, i) in self.outside:
+                    with torch.no_grad():
+                        p.copy_(self.outside[(k, i)])
+                if i in saved:
+                    opt.state[p] = {key: _copy(v, device) for key, (v, device) in saved[i].items()}
+                else:
+                    opt.state.pop(p, None)
+
     def _targets(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Where each saved tensor goes back to: the model's tensor of the same name (also
         a buffer reassigned or swapped since), else, for a name gone from the model, the
@@ -1023,6 +1044,9 @@ class TorchEngine:
             # The bad step's forward already ran: a NaN batch leaves BatchNorm's running
             # statistics NaN (training goes on on batch statistics, evaluation would not).
             self.snapshot.restore_buffers(self.model, self.nonfinite_buffers())
+            if decision.repair:
+                self.snapshot.restore_params(self.model, self.optimizers,
+                                             self.nonfinite_params())
         if decision.lower_lr:
             self.lower_lr(self.config.lr_factor)
         if decision.action is None and self.config.clip_grad_norm is not None:
@@ -1166,6 +1190,19 @@ class TorchEngine:
         if frozen and bool(torch.stack([p.detach().isnan().any() for p in frozen]).any()):
             return False
         return bool(maybe_finite(tensors)) or all_finite(tensors)
+
+    def nonfinite_params(self) -> list[torch.Tensor]:
+        """The parameters holding NaN/Inf (frozen ones: NaN), or whose optimizer state does
+        (slow path only)."""
+        found = [p for p in self.params if p.requires_grad and not all_finite([p.detach()])]
+        found += [p for p in self.frozen_params() if bool(p.detach().isnan().any())]
+        for opt in self.optimizers:
+            for p, st in opt.state.items():
+                tensors = [v for v in st.values()
+                           if isinstance(v, torch.Tensor) and v.is_floating_point()]
+                if tensors and not all_finite(tensors) and all(p is not q for q in found):
+                    found.append(p)
+        return found
 
     def weight_peaks(self) -> list[tuple[str, float]]:
         """Each trained parameter's name and largest ``|w|`` (one transfer)."""

@@ -462,6 +462,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
             # The update was kept out, but the step's forward already wrote the moving
             # statistics: a NaN batch leaves them NaN (evaluation would be NaN ever after).
             self._snapshot.restore_nonfinite(list(self.model.non_trainable_variables))
+            if decision.repair:
+                self._snapshot.restore_nonfinite_weights(self.model)
         if self._metrics is not None and decision.action is not None:
             # The bad batch is left out of Keras's running loss and metrics, as the
             # instrumented step leaves it out of the loss (else NaN all epoch).

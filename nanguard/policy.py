@@ -31,11 +31,16 @@ class Decision(NamedTuple):
             "log" (a bad step let through because no rung of the ladder is left).
         lower_lr: Multiply every learning rate by ``lr_factor`` now.
         reason: Why, in words.
+        repair: A skip of a step whose weights or optimizer state are already non-finite,
+            with no rollback to undo it: the adapter puts back the non-finite tensors (each
+            parameter with its optimizer state) from the last finite snapshot, leaving the
+            rest as they are, so a skip-only ladder does not train on from NaN weights.
     """
 
     action: str | None
     lower_lr: bool
     reason: str
+    repair: bool = False
 
     @property
     def restores(self) -> bool:
@@ -112,6 +117,12 @@ def decide(
         # The ladder is spent but the user asked for protection: keep the update out. (Not
         # when the weights are already non-finite: a skip would not undo that.)
         return Decision("skip", False, f"{why}; no rung left, skipping"), state
+    if corrupt and "skip" in actions and has_snapshot:
+        # The contract's rule 1 keeps a bad update from the weights; one that got there
+        # (found after the update) can only be undone from a snapshot. Without a rollback
+        # to do it, the skip puts back just the tensors that are non-finite.
+        return Decision("skip", False, f"{why}; no rollback left: the non-finite tensors "
+                        "put back from the last finite snapshot", repair=True), state
     if actions:
         return Decision("log", False, f"{why}; no rung left that can undo it, logged"), state
     return Decision("log", False, "monitoring only (actions=()), logged"), state

@@ -446,6 +446,10 @@ class GuardSession:
 
 def _did(decision: policy.Decision, config: GuardConfig, *, undo: bool = False) -> str:
     action = decision.action
+    if action == "skip" and decision.repair:
+        return (" nanguard skipped the step and put the non-finite weights (with their "
+                "optimizer state) back from the last finite snapshot; the rest of the model "
+                "is left as it is (no rollback in actions, or none left).")
     if action == "skip":
         return " nanguard skipped the step."
     if action in ("rollback", "lower_lr"):

@@ -162,13 +162,23 @@ def test_neither_skip_nor_rollback_allowed_aborts_at_once():
     assert (d.action, d.lower_lr) == ("lower_lr", True)
 
 
-def test_non_finite_weights_without_rollback_are_logged_not_called_skipped():
-    # Only a snapshot undoes weights that are already non-finite: without the rollback rung,
-    # neither a skip nor lower_lr can, so the step is an abort (if allowed) or logged.
-    for actions in (("skip",), ("skip", "lower_lr"), ("lower_lr",)):
+def test_non_finite_weights_without_rollback_are_repaired_by_a_skip_or_logged():
+    # Only a snapshot undoes weights that are already non-finite (an update found bad after
+    # it was applied): without the rollback rung, a skip puts back the non-finite tensors
+    # from the snapshot (the contract's rule 1: a bad update never stays in the weights);
+    # without a skip or a snapshot the step is an abort (if allowed) or logged.
+    for actions in (("skip",), ("skip", "lower_lr")):
         d = decide(LadderState(), GuardConfig(actions=actions), step=0, bad=True,
                    corrupt=True)[0]
-        assert (d.action, d.lower_lr) == ("log", False), actions
+        assert (d.action, d.lower_lr, d.repair) == ("skip", False, True), actions
+        assert d.blocks_update and "put back from the last finite snapshot" in d.reason
+        spent = decide(LadderState(rollbacks=1), GuardConfig(actions=("skip", "rollback"),
+                       max_rollbacks=1), step=0, bad=True, corrupt=True)[0]
+        assert (spent.action, spent.repair) == ("skip", True)
+    for actions, kw in ((("lower_lr",), {}), (("skip",), {"has_snapshot": False})):
+        d = decide(LadderState(), GuardConfig(actions=actions), step=0, bad=True,
+                   corrupt=True, **kw)[0]
+        assert (d.action, d.lower_lr, d.repair) == ("log", False, False), actions
         assert "no rung left that can undo it" in d.reason
     d = decide(LadderState(), GuardConfig(actions=("skip", "lower_lr", "abort")), step=0,
                bad=True, corrupt=True)[0]

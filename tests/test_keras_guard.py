@@ -747,10 +747,13 @@ def test_update_that_overflows_is_rolled_back_at_once(tmp_path, capsys):
     assert "lin" in first.where
     assert same(rec.after[0][0], before)  # restored within the same step
     assert inspect_json(guard.dumps[0], capsys)["cause"] == "update_nonfinite"
-    # Rollbacks used up and no abort in `actions`: the weights are non-finite now and no
-    # rung left can undo that, so the step is logged, not called a skip (documented limit).
-    assert guard.events[1].action == "log"
-    assert not all_finite(model)
+    # Rollbacks used up and no abort in `actions`: the update reached the weights and only
+    # the snapshot undoes it: the skip puts the non-finite variables (and their optimizer
+    # slots) back from it, so the run does not train on from Inf weights (it was logged).
+    assert guard.events[1].action == "skip" and "back from the last finite snapshot" in (
+        guard.events[1].message)
+    assert all(same(after[0], before) for after in rec.after[1:])
+    assert all_finite(model)
 
 
 def test_weights_corrupted_between_batches_are_dumped_by_name(tmp_path):

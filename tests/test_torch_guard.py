@@ -2203,9 +2203,10 @@ def test_weights_blown_up_but_finite_are_named_with_the_learning_rate(tmp_path):
     assert peak["name"].startswith(("0.", "2.")) and 1e8 <= peak["value"] < 3.4e38
 
 
-def test_without_rollback_an_overflowed_update_is_logged_not_called_skipped(tmp_path):
+def test_without_rollback_an_overflowed_update_is_repaired_from_the_snapshot(tmp_path):
     # actions=("skip",): the bad update is found a step late, when it is in the weights
-    # already; nothing on the ladder can undo that, and the history must not say "skip".
+    # already. It was logged and the run trained on from Inf weights; the skip now puts back
+    # the non-finite parameters (with their optimizer state) from the snapshot.
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
 
@@ -2213,13 +2214,19 @@ def test_without_rollback_an_overflowed_update_is_logged_not_called_skipped(tmp_
         opt.param_groups[0]["lr"] = 3e38 if i == 3 else 1e-2
 
     guard = NanGuard(model, opt, actions=("skip",), dump_dir=str(tmp_path))
-    run(guard, model, opt, batches(6), loss_fn=lambda o, y: F.cross_entropy(o, y) * 100.0,
+    run(guard, model, opt, batches(5), loss_fn=lambda o, y: F.cross_entropy(o, y) * 100.0,
         before_step=boost)
+    snapshot = {k: v.clone() for k, v in guard._engine.snapshot.model.items()}
     guard.close()
-    assert not weights_finite(model)
-    assert [r.action for r in guard.history][4:] == ["log", "log"]
-    assert guard.events[0].cause == "update_nonfinite" and guard.events[0].action == "log"
-    assert "skipped" not in guard.events[0].message
+    assert weights_finite(model)
+    assert [r.action for r in guard.history][3:] == [None, "skip"]
+    event = guard.events[0]
+    assert (event.step, event.cause, event.action) == (3, "update_nonfinite", "skip")
+    assert "put the non-finite weights (with their optimizer state) back" in event.message
+    # The parameters the update made Inf are the snapshot's again (step 4's update is kept
+    # out).
+    live = model.state_dict()
+    assert any(torch.equal(live[k], snapshot[k]) for k in live)
 
 
 def test_an_abort_leaves_the_optimizer_unhooked(tmp_path):
