@@ -575,6 +575,7 @@ class TorchEngine:
         # update was last applied; read only when an update_nonfinite event names one.
         self.measured_lrs: list[Any] = []
         self.update_lrs: list[Any] = []
+        self.amp_scale: float | None = None  # a GradScaler's scale below 1 at a bad step
         # (inputs, targets) of the last step whose update went in, held (references only)
         # until that update is found finite: an update_nonfinite event, caught a step late,
         # dumps the batch of the step it is about.
@@ -1020,14 +1021,21 @@ class TorchEngine:
             return bool(self.any_rank_loss_bad)
         return not math.isfinite(record.loss)
 
-    def scaler_skipped(self, record: StepRecord) -> bool:
+    def scaler_skipped(self, record: StepRecord, scaler: Any) -> bool:
         """Finite loss, non-finite gradients under a GradScaler: the scaler's own skip.
 
         The scaler found the Inf/NaN when it unscaled the gradients, skips (or skipped)
         ``optimizer.step()`` and lowers its scale; that is AMP working, not a nanguard event.
         Such a step is kept in the history with ``cause="amp_scaler_skip"`` and no action.
+        Not once the scale is below 1: gradients still non-finite then are so unscaled (a
+        NaN from the backward, not a float16 overflow the scaler can fix), which would
+        otherwise be skipped silently for the rest of the run while the scale falls to 0.
         """
         if self.loss_bad(record) or math.isfinite(record.grad_norm) or self.update_was_bad:
+            return False
+        scale = float(scaler.get_scale())  # one read, on this slow path only
+        if scale < 1.0:
+            self.amp_scale = scale
             return False
         self.session.skipped_by_scaler(record)
         self.verdict = None
@@ -1537,6 +1545,8 @@ class TorchProbe:
         buffers = e.nonfinite_buffers()
         if buffers:  # restored from the snapshot when the step is skipped (carry_out)
             ev.details["nonfinite_buffers"] = [clean_name(b) for b in buffers[:20]]
+        if e.amp_scale is not None:
+            ev.details["amp_scale"], e.amp_scale = e.amp_scale, None
         if e.output is not None:
             ev.logits_dtype = str(e.output.dtype).replace("torch.", "")
         ev.logits_seen = e.lmin is not None
@@ -1584,16 +1594,20 @@ class TorchProbe:
         else:
             ev.weights_nonfinite = self._first_nonfinite_state()
         self.bad_call = 0
+        calls = e.calls.calls_for(record.step) if e.calls is not None else []
         for name, t in named_tensors(e.inputs, "inputs"):
             found = _describe_nonfinite(name, t)
             if found:
                 ev.input_nonfinite = found
+                # The dump's call to replay: the micro-batch's whose arguments hold it.
+                self.bad_call = next((k for k, call in enumerate(calls) if any(
+                    _describe_nonfinite("", t) for _, t in named_tensors(
+                        (call.args, call.kwargs), ""))), 0)
                 break
         else:
             ev.input_nonfinite = self._nonfinite_model_args(record.step)
         from nanguard._torch_replay import dump_rows, localize_step
 
-        calls = e.calls.calls_for(record.step) if e.calls is not None else []
         self.rows = dump_rows(e, calls)
 
         earlier = ev.input_nonfinite or ev.target_invalid or ev.weights_nonfinite

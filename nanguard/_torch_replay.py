@@ -965,6 +965,11 @@ def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> Rep
         )
     model = eager_module(model)  # a torch.compile wrapper: the dump holds eager names
     own = model.state_dict()
+    wrapped = "module."
+    if (set(state) != set(own) and all(k.startswith(wrapped) for k in state)
+            and {k[len(wrapped):] for k in state} == set(own)):
+        # A DDP (or DataParallel) run's dump, replayed on the plain model it wrapped.
+        state = {k[len(wrapped):]: v for k, v in state.items()}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from nanguard.dump import SUFFIX, Dump, DumpError, load, tensor_summary
-from nanguard.events import StepRecord
+from nanguard.events import Event, StepRecord
 from nanguard.report import MissingExtra
 
 HISTORY_ROWS = 12
@@ -245,14 +245,23 @@ def _inspect(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _rank_note(ev: Event, meta: dict[str, Any]) -> str:
+    if meta.get("world_size", 1) <= 1:
+        return ""
+    found = ev.details.get("cause_rank")
+    if isinstance(found, int) and found != ev.rank:
+        return (f" (found on rank {found}; this dump is rank {ev.rank}'s, whose own batch "
+                "may be finite)")
+    return f" (rank {ev.rank})"
+
+
 def render_report(dump: Dump, rows: int = HISTORY_ROWS) -> str:
     """The human report: cause, step, where, the fix, and the last steps' stats."""
     ev = dump.event
     meta = dump.meta
     lines = [
         f"nanguard dump {_printable(dump.path)}",
-        f"  cause   {ev.cause}  at step {ev.step}"
-        + (f" (rank {ev.rank})" if meta.get("world_size", 1) > 1 else ""),
+        f"  cause   {ev.cause}  at step {ev.step}" + _rank_note(ev, meta),
         f"  where   {ev.where or 'unknown'}",
         f"  action  {ev.action}",
         f"  what    {ev.message}",

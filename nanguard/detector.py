@@ -180,6 +180,15 @@ def inf_as_before(now: np.ndarray, was: np.ndarray | None) -> bool:
             and not (np.isinf(now) & np.isfinite(was)).any())
 
 
+def _amp_scale(evidence: Evidence) -> str:
+    scale = evidence.details.get("amp_scale")
+    if not isinstance(scale, float):
+        return ""
+    return (f" The GradScaler has lowered its scale to {_fmt(scale)} and the gradients are "
+            "still non-finite: they are so without scaling, not a float16 overflow the "
+            "scaler can fix.")
+
+
 def _unreproduced(evidence: Evidence) -> str:
     if not evidence.details.get("replay_unreproduced"):
         return ""
@@ -428,6 +437,7 @@ def classify(
             f"non-finite after the gradient norm grew from a median of {_fmt(grew[0])} to "
             f"{_fmt(grew[1])} over the last {grew[2]} steps: exploding gradients. Set "
             "clip_grad_norm (e.g. 1.0), lower the learning rate, or add normalisation."
+            + _amp_scale(evidence)
         )
     if not finite(record.grad_norm) and evidence.details.get("grad_entries_finite"):
         reached = (f" (the model output reached {_fmt(peak)})"
@@ -450,7 +460,7 @@ def classify(
             f"non-finite{_at(evidence.grad_where)}, with no growth before: an operation's "
             "backward is unstable (sqrt, "
             "pow or log at 0, a division by ~0 in a custom layer). Make that operation safe "
-            "near 0, for example by adding an epsilon." + near_exp
+            "near 0, for example by adding an epsilon." + near_exp + _amp_scale(evidence)
         )
     return "update_nonfinite", None, (
         f"Step {s}: the gradients were finite (norm {_fmt(record.grad_norm)}) but the optimizer "

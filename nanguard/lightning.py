@@ -312,7 +312,7 @@ class NanGuard(Readout, _CallbackBase):
             "its hooks: compile it after attaching the guard."
         )
         record = engine.measure()
-        if self._scaler is not None and engine.scaler_skipped(record):
+        if self._scaler is not None and engine.scaler_skipped(record, self._scaler):
             return
         verdict = engine.decide(record=record)
         self._finish(pl_module, verdict)

@@ -94,7 +94,8 @@ def decide(
             consecutive_skips=state.consecutive_skips + 1
         )
     why = ("weights or optimizer state non-finite" if corrupt
-           else f"{config.max_skips} skips" if can_skip else "the update is already applied")
+           else "the update is already applied" if not can_skip
+           else f"{config.max_skips} skips" if "skip" in actions else "skip not in actions")
     if "abort" in actions and "skip" not in actions and "rollback" not in actions:
         # The contract's rule 4: a bad step aborts when neither skip nor rollback is allowed
         # (lower_lr acts with a rollback; alone with abort it has nothing to act with).

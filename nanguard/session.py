@@ -331,6 +331,13 @@ class GuardSession:
             evidence.details["snapshot_peak"] = self.held_peak
         evidence.framework = evidence.framework or self.framework
         cause, where, message = detector.classify(culprit, evidence, past)
+        found_on = evidence.details.get("cause_rank")
+        if isinstance(found_on, int) and found_on != self.rank:
+            # Every rank adopts the evidence of the rank whose cause comes first: say whose.
+            message = message.replace(
+                f"Step {culprit.step}:", f"Step {culprit.step}, on rank {found_on} (this rank, "
+                f"{self.rank}, takes the same action; its own numbers are in "
+                "details['local_numbers']):", 1)
         decision, self.ladder = policy.decide(
             self.ladder, self.config, step=record.step, bad=True, corrupt=corrupt,
             has_snapshot=has_snapshot, can_skip=can_skip,

@@ -323,6 +323,11 @@ def _about_class_ids(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of bounds" in text or "Class values" in text)
 
 
+def _scale_version(scaler: Any) -> int:
+    scale = getattr(scaler, "_scale", None)
+    return scale._version if isinstance(scale, torch.Tensor) else 0  # created at version 0
+
+
 class _Step:
     """The context of one training step (``with guard.step(x, targets=y):``)."""
 
@@ -336,6 +341,7 @@ class _Step:
         if engine.in_step:
             raise RuntimeError("guard.step() contexts cannot be nested.")
         self.index = engine.session.step  # of this step (an open one's, if continued)
+        self.scale_version = _scale_version(self.guard.scaler)
         if engine.open:  # the last guard.step() did not reach optimizer.step()
             engine.continue_step(self.inputs, self.targets)
             return self
@@ -406,6 +412,16 @@ class _Step:
         finally:
             engine.end_step(keep_open=keep_open)
 
+    def _scaler_stepped(self) -> bool:
+        """Whether ``scaler.step(optimizer)`` ran in this context (and skipped the
+        optimizer's step): its state says STEPPED until ``scaler.update()``, which changes
+        the scale in place."""
+        scaler, opt = self.guard.scaler, self.guard._engine.optimizers[0]
+        state = getattr(scaler, "_per_optimizer_states", {}).get(id(opt))
+        stage = getattr(state, "get", lambda _: None)("stage")
+        return (getattr(stage, "name", None) == "STEPPED"
+                or _scale_version(scaler) != self.scale_version)
+
     def _without_optimizer_step(self) -> bool:
         """The step's context ends with no ``optimizer.step()`` in it; whether the step
         stays open for the next ``guard.step()``.
@@ -416,14 +432,14 @@ class _Step:
         the scaler refused: those are concluded here.
         """
         guard, engine = self.guard, self.guard._engine
-        if guard.scaler is None:
+        if guard.scaler is None or not self._scaler_stepped():
+            # An accumulation micro-batch (also one with a NaN loss: the whole step is bad,
+            # and concluded when the scaler steps at the window's end).
             engine.keep_open()
             return True
+        # The scaler stepped and kept the optimizer from stepping: the window ends here, as
+        # the scaler's own skip or as a bad step.
         record = engine.measure()
-        if engine.scaler_skipped(record):
-            return False
-        if engine.update_was_bad or engine.loss_bad(record):
+        if not engine.scaler_skipped(record, guard.scaler):
             guard._finish(engine.decide(record=record))
-            return False
-        engine.keep_open()
-        return True
+        return False

@@ -251,6 +251,26 @@ def test_replay_of_an_accumulated_step_reruns_the_micro_batch_that_went_wrong(
     assert "first bad module: 1 (forward)" in capsys.readouterr().out
 
 
+class Wrapped(torch.nn.Module):
+    """Holds the model as `.module`, as DistributedDataParallel does: its dump's state is
+    named `module.0.weight`, ..."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_replay_of_a_ddp_dump_on_the_plain_model(factory, tmp_path, capsys):
+    # It exited 2: "parameters do not match (not in the model: module.0.bias, ...)".
+    guard = train(Wrapped(build_from(factory)), tmp_path / "ddp", [1.0] * 3 + [300.0])
+    assert nanguard.load(guard.dumps[-1]).state.keys() >= {"model.module.0.weight"}
+    assert main(["replay", guard.dumps[-1], "--model", f"{factory}:build"]) == 0
+    assert "first bad module: 1 (forward)" in capsys.readouterr().out
+
+
 def _one_line_error(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""

@@ -151,6 +151,14 @@ def test_missing_rungs_are_passed_over():
     assert (first.action, first.lower_lr) == ("lower_lr", True)
 
 
+def test_a_reason_counts_no_skips_the_ladder_has_no_rung_for():
+    # With actions=("rollback", "abort") the abort's reason read "3 skips, 3 rollbacks".
+    cfg = GuardConfig(actions=("rollback", "abort"), max_rollbacks=1)
+    decisions, _ = _climb(cfg, [True, True])
+    assert [d.action for d in decisions] == ["rollback", "abort"]
+    assert decisions[1].reason == "skip not in actions, 1 rollbacks: abort"
+
+
 def test_neither_skip_nor_rollback_allowed_aborts_at_once():
     # The contract: "after max_rollbacks rollbacks, or on a bad step when neither skip nor
     # rollback is allowed: abort", also with lower_lr in actions.

@@ -22,6 +22,7 @@ if not torch.distributed.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 import nanguard  # noqa: E402
+from nanguard.cli import render_report  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
@@ -73,6 +74,10 @@ def check_agreement(results: list[dict], outdir: Path) -> None:
             assert dump.meta["rank"] == rank
             assert dump.meta["world_size"] == 2
             assert dump.event.details["cause_rank"] == 1
+            # Rank 0's own batch is finite: its message and report say whose the fault was.
+            said = "on rank 1 (this rank, 0, takes the same action"
+            assert (said in dump.event.message) == (rank == 0)
+            assert ("found on rank 1" in render_report(dump)) == (rank == 0)
     # bit-identical weights on both ranks at the end
     w0 = torch.load(outdir / "rank0.pt")
     w1 = torch.load(outdir / "rank1.pt")
@@ -86,10 +91,11 @@ def test_plain_torch_guard_ranks_agree(tmp_path):
     results = run_ranks("_ddp_torch.py", tmp_path)
     check_agreement(results, tmp_path)
     # Gradient accumulation (no_sync micro-batches), a NaN in rank 1's micro-batch 4 only.
-    # Without a scaler step 2 (micro-batches 4-5) is judged at optimizer.step(): 6 steps.
-    # With one, the bad micro-batch is concluded when its context ends (the scaler path
-    # measures there), so micro-batch 5 opens step 3: 7 steps. Both ranks branch alike.
-    for kind, expected_steps in (("plain", 6), ("scaler", 7)):
+    # Step 2 (micro-batches 4-5) is one bad step, judged at its end: at optimizer.step()
+    # without a scaler, when scaler.step() kept the optimizer from stepping with one (the
+    # bad micro-batch was concluded at once there before, and micro-batch 5 opened a step
+    # of its own: 7 steps). Both ranks branch alike.
+    for kind, expected_steps in (("plain", 6), ("scaler", 6)):
         r0, r1 = (r["accumulation"][kind] for r in results)
         assert r0["steps"] == r1["steps"] == list(range(expected_steps)), kind
         assert r0["actions"] == r1["actions"], kind

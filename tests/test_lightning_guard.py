@@ -285,6 +285,30 @@ def test_fp16_gradscaler_skips_are_the_scalers(tmp_path):
     assert_finite(model)
 
 
+class SqrtAtZero(Classifier):
+    """A finite loss whose backward is NaN at any scale: sqrt at 0."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x)
+        return torch.nn.functional.cross_entropy(out, y) + torch.sqrt((out * 0).sum())
+
+
+def test_gradients_non_finite_at_every_scale_are_not_the_scalers_skips(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    # The scaler would halve its scale silently to 0; below 1 these are nanguard events.
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1000)
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"), actions=("skip",))
+    model = SqrtAtZero()
+    t = trainer(tmp_path, guard, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    t.fit(model, make_data(8))
+    assert guard.amp_skips == 3  # at scales 4, 2 and 1
+    assert [r.cause for r in guard.history][3:] == ["grad_nonfinite"] * 5
+    assert guard.events[0].details["amp_scale"] == 0.5
+    assert_finite(model)
+
+
 def test_checkpoint_saves_and_restores_counters(tmp_path):
     guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
     model = Classifier()

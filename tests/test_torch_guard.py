@@ -1090,6 +1090,81 @@ def test_gradient_accumulation_with_a_grad_scaler(tmp_path):
 
 
 
+def test_a_nan_micro_batch_with_a_grad_scaler_makes_its_whole_window_one_skipped_step(tmp_path):
+    # Before: the NaN micro-batch was concluded at once as a step, the rest of its window
+    # became the next step and scaler.step applied their partial update; every later index
+    # was one off.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    data = batches(12)
+    data[4][0][1, 1] = float("nan")  # the middle micro-batch of optimizer step 1
+    windows = []
+    with NanGuard(model, opt, scaler=scaler, dump_dir=str(tmp_path)) as guard:
+        for i, (x, y) in enumerate(data):
+            if i % 3 == 0:
+                before = [p.detach().clone() for p in model.parameters()]
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y) / 3)
+                if i % 3 == 2:
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad()
+            if i % 3 == 2:
+                windows.append(all(torch.equal(a, p) for a, p in zip(
+                    before, model.parameters(), strict=True)))
+    assert guard.step_count == 4 and [r.step for r in guard.history] == [0, 1, 2, 3]
+    assert windows == [False, True, False, False]  # window 1 left the weights as they were
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where, event.action) == (
+        1, "input_nonfinite", "inputs.1", "skip")
+
+
+def test_a_nan_micro_batch_is_the_call_its_dump_replays(tmp_path):
+    # The dump's replay call was the step's first micro-batch, a clean one, so
+    # `nanguard replay` replayed a finite batch.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(6)
+    data[4][0][1, 1] = float("nan")  # micro-batch 1 of step 1
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for i, (x, y) in enumerate(data):
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y) / 3)
+                if i % 3 == 2:
+                    opt.step()
+                    opt.zero_grad()
+    dump = nanguard.load(guard.dumps[0])
+    assert (dump.event.step, dump.event.where) == (1, "inputs.1")
+    assert dump.event.details["replay_call"]["call"] == 1
+    np.testing.assert_array_equal(dump.tensors["replay.args.0"], dump.tensors["inputs.1"])
+
+
+def test_gradients_non_finite_at_every_scale_are_not_the_scalers_skips(tmp_path):
+    # A finite loss whose backward is NaN at any scale (sqrt at 0): the scaler halves its
+    # scale at each skip, silently, down to 0. Below a scale of 1 they are nanguard events.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=1000)
+    guard = NanGuard(model, opt, scaler=scaler, dump_dir=str(tmp_path))
+    with pytest.raises(nanguard.NonFiniteTrainingError) as err:
+        for x, y in batches(40):
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                out = model(x)
+                guard.backward(F.cross_entropy(out, y) + torch.sqrt((out * 0).sum()))
+                scaler.step(opt)
+                scaler.update()
+    guard.close()
+    # At scales 16, 8, 4 and 2 the scaler's skips; at 1 (lowered to 0.5 by its update) an
+    # event.
+    assert guard.amp_skips == 4
+    first = guard.events[0]
+    assert (first.step, first.cause, first.action) == (4, "grad_nonfinite", "skip")
+    assert first.details["amp_scale"] == 0.5 and "GradScaler" in first.message
+    assert err.value.event.cause == "grad_nonfinite" and weights_finite(model)
+
+
 class NaiveSoftmax(torch.nn.Module):
     def forward(self, z):
         e = torch.exp(z)
