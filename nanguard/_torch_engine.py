@@ -559,6 +559,7 @@ class TorchEngine:
             world_size=world_size,
         )
         self.session.extra_meta["param_names"] = [self.names[p] for p in self.params]
+        self.session.extra_meta["ignore_index"] = self.ignore_index  # not a shared option
         self.snapshot: Snapshot | None = None
         self.prior_snapshot: Snapshot | None = None  # the one before, for DDP (see measure)
         self.logits_name = config.logits_module or "output"

@@ -139,6 +139,11 @@ class NanGuard(Readout):
         snap = self._engine.snapshot
         return None if snap is None else snap.step
 
+    @property
+    def ignore_index(self) -> int:
+        """The class id the loss ignores (never an invalid target), as validated."""
+        return self._engine.ignore_index
+
     # -- the loop ----------------------------------------------------------------------
     def step(self, inputs: Any = None, targets: Any = None) -> _Step:
         """Mark one training step; the batch is checked on a bad step and kept for dumps.

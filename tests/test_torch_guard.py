@@ -98,6 +98,7 @@ def test_nan_batch_is_skipped_and_dumped(tmp_path):
     assert dump.tensors["output"].shape == (16, 4)
     assert dump.state == {}  # dump_state="abort": only aborts carry the model
     assert dump.meta["environment"]["torch"] == torch.__version__
+    assert dump.meta["ignore_index"] == guard.ignore_index == -100
 
 
 @pytest.mark.parametrize("give_batch", [True, False])
