@@ -190,6 +190,11 @@ def localize(model: Any, x: Any, allow_neg_inf: Sequence[str] = ()) -> Localized
     operations = getattr(model, "operations", None)
     if isinstance(operations, list):
         layers = [op for op in operations if not isinstance(op, keras.layers.InputLayer)]
+        # Their names are Keras's, made unique per process (`add_1`): one cannot list them
+        # in allow_neg_inf, so a raw op's -inf (a mask added to scores) counts as intended;
+        # its NaN or +inf is blamed.
+        raw = [op.name for op in layers if not isinstance(op, keras.layers.Layer)]
+        blame = detector.Blame((*allow_neg_inf, *raw))
     try:
         outputs = [layer.output for layer in layers]
         replay = keras.Model(model.inputs, outputs)
@@ -281,7 +286,10 @@ def _localize_by_calls(model: Any, x: Any,
             vars(layer).pop("call", None)
     if not found:
         outs = [to_numpy(t, 2**62) for t in float_tensors(result)]
-        if any(_flags(outs)):  # every layer finite: the model's own call() made it
+        nan, pos, neg = _flags(outs)
+        if nan or pos or (neg and not blame.neg_inf_seen):
+            # No layer to blame: the model's own call() made it (an allowed layer's -inf
+            # reaching the output is intended).
             return model.name, True, _cut_all(_host_arrays(x)), _cut_all(outs)
         return None
     layer, ins, outs, tensors = found[0]

@@ -131,20 +131,31 @@ class Snapshot:
         return fixed
 
     def restore_nonfinite_weights(self, model: Any) -> list[str]:
-        """Put back the trainable variables holding NaN/Inf, or whose optimizer slots do,
-        each with its slots (Keras names a slot ``<optimizer>/<variable path with _>_<slot>``),
+        """Put back the trainable variables holding NaN/Inf, or whose optimizer slots do, or
+        that the update blew up (``detector.blew_up`` against this snapshot), each with its
+        slots (Keras names a slot ``<optimizer>/<variable path with _>_<slot>``),
         as they were in the snapshot: a skip's repair of weights an applied update made
         non-finite. Their paths."""
         trainable = list(model.trainable_variables)
         slots = list(model.optimizer.variables) if model.optimizer is not None else []
 
         def owner(slot: Any) -> Any:
+            # The longest match: `w_scale_momentum` is w_scale's, not w's.
             name = slot.path.split("/", 1)[-1]
-            return next((v for v in trainable
-                         if name.startswith(v.path.replace("/", "_") + "_")), None)
+            found = [v for v in trainable if name.startswith(v.path.replace("/", "_") + "_")]
+            return max(found, key=lambda v: len(v.path), default=None)
 
         bad = {id(v) for v in nonfinite_variables(trainable)}
         bad |= {id(o) for o in map(owner, nonfinite_variables(slots)) if o is not None}
+        # And the weights the same update blew up while leaving them finite (1e38 next to
+        # the Inf): every later step would be bad.
+        saved = {id(v): a for v, a in self.saved}
+        for v in trainable:
+            a, was = to_numpy(v, 2**62), saved.get(id(v))
+            if (id(v) not in bad and was is not None and a.dtype.kind == "f" and a.size
+                    and np.isfinite(a).all()
+                    and detector.blew_up(float(np.abs(a).max()), float(np.abs(was).max()))):
+                bad.add(id(v))
         wanted = bad | {id(s) for s in slots if id(owner(s)) in bad}
         fixed = []
         for v, a in self.saved:

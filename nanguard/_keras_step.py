@@ -312,13 +312,12 @@ class StepInstrument:
 
         return apply
 
-    def empty_means(self) -> list[str]:
-        """The names of the loss means this step feeds (``loss``, ``a_loss``, ...) that hold
-        no batch at all now: each one the guard left out, when the epoch had some."""
+    def mean_names(self) -> list[str]:
+        """The names of the loss means this step feeds: ``loss``, and ``a_loss``, ... of a
+        multi-output model."""
         means = [self.tracker] if self.tracker is not None else []
         means += list(getattr(self.compile_loss, "metrics", None) or [])
-        return [m.name for m in means if getattr(m, "count", None) is not None
-                and float(ops.convert_to_numpy(m.count)) == 0.0]
+        return [m.name for m in means]
 
     def _track(self, metric: Any) -> Callable[..., Any]:
         orig = metric.update_state

@@ -436,6 +436,19 @@ class Snapshot:
                 else:
                     opt.state.pop(p, None)
 
+    def blown_up(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """The model's finite floating tensors whose largest ``|w|`` is huge and grew
+        ``detector.BLOW_UP``-fold since this snapshot (slow path only)."""
+        found = []
+        for name, target in self._targets(_live_state(model)).items():
+            was = self.model[name]
+            if target.is_floating_point() and target.numel() and was.numel():
+                with torch.no_grad():
+                    peak = float(target.detach().abs().max())
+                if math.isfinite(peak) and detector.blew_up(peak, float(was.abs().max())):
+                    found.append(target)
+        return found
+
     def _targets(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Where each saved tensor goes back to: the model's tensor of the same name (also
         a buffer reassigned or swapped since), else, for a name gone from the model, the
@@ -891,7 +904,9 @@ class TorchEngine:
         ``w * loss``, and that sum is the loss recorded)."""
         loss = loss.detach()
         if isinstance(gradient, torch.Tensor) and gradient.shape == loss.shape:
-            loss = loss * gradient.detach().to(loss.device)
+            # In the wide dtype: a float16 product can overflow where backward's does not.
+            wide = _wide(loss.dtype)
+            loss = loss.to(wide) * gradient.detach().to(loss.device, wide)
         if loss.ndim or loss.dtype != _wide(loss.dtype):
             loss = loss.to(_wide(loss.dtype)).reshape(-1).sum()
         self.loss = loss if self.loss is None else self.loss + loss
@@ -1054,8 +1069,7 @@ class TorchEngine:
             # statistics NaN (training goes on on batch statistics, evaluation would not).
             self.snapshot.restore_buffers(self.model, self.nonfinite_buffers())
             if decision.repair:
-                self.snapshot.restore_params(self.model, self.optimizers,
-                                             self.nonfinite_params())
+                self.snapshot.restore_params(self.model, self.optimizers, self.params_to_repair())
         if decision.lower_lr:
             self.lower_lr(self.config.lr_factor)
         if decision.action is None and self.config.clip_grad_norm is not None:
@@ -1200,10 +1214,16 @@ class TorchEngine:
             return False
         return bool(maybe_finite(tensors)) or all_finite(tensors)
 
-    def nonfinite_params(self) -> list[torch.Tensor]:
-        """The parameters holding NaN/Inf (frozen ones: NaN), or whose optimizer state does
-        (slow path only)."""
+    def params_to_repair(self) -> list[torch.Tensor]:
+        """The parameters a skip's repair puts back (slow path only): those holding NaN/Inf
+        (frozen ones: NaN), or whose optimizer state does, and those the bad update blew up
+        while leaving them finite (``detector.blew_up`` against the snapshot's copy: the
+        same update that took one weight to Inf takes others to 1e38, which would keep every
+        later step bad)."""
         found = [p for p in self.params if p.requires_grad and not all_finite([p.detach()])]
+        if self.snapshot is not None:
+            found += [p for p in self.snapshot.blown_up(self.model)
+                      if p.requires_grad and all(p is not q for q in found)]
         found += [p for p in self.frozen_params() if bool(p.detach().isnan().any())]
         for opt in self.optimizers:
             for p, st in opt.state.items():
@@ -1559,7 +1579,7 @@ class TorchProbe:
             e.ignore_index, classes=e.output_scores_classes)
         if not ev.target_invalid and not math.isfinite(record.loss):
             peaks = [float(t.detach().abs().max()) for _, t in named_tensors(e.targets, "")
-                     if t.is_floating_point() and t.numel()]
+                     if t.is_floating_point() and t.numel() and t.layout == torch.strided]
             if peaks:  # huge finite targets (a missing-value sentinel) overflow a loss
                 ev.details["targets_peak"] = max(peaks)
         if e.update_was_bad:

@@ -33,6 +33,7 @@ NAN_FREE_UPDATES = frozenset({
 # finite float32 (or wider) weight to Inf, whose last finite values are ~1e31 apart. An Inf
 # weight after their update was Inf before it. (SGD's step is the gradient itself; RAdam's
 # first steps are plain momentum: either can overflow, so they are not here.)
+FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number
 BOUNDED_STEP_UPDATES = frozenset({
     "Adam", "AdamW", "NAdam", "Nadam", "Adamax", "Adagrad", "RMSprop", "Lion",
 })
@@ -46,9 +47,9 @@ def bounded_step(kind: str, *, lr: float, eps: float, beta1: float = 0.0,
 
     Adam-style ratios of averages are bounded when ``beta1**2 < beta2`` (Adamax:
     ``beta1 < beta2``), RMSprop's when it is not centred (``beta2``: its ``alpha``/``rho``
-    below 1) and its momentum below 1, Adagrad's always; ``eps > 0`` for all but Lion (a
-    sign). ``decay``: a decoupled weight decay, ``w * (1 - lr * decay)``, which cannot grow a
-    weight while ``lr * decay`` is in [0, 2].
+    below 1) and its momentum below 1, Adagrad's always; ``eps`` at least float32's smallest
+    normal number for all but Lion (a sign). ``decay``: a decoupled weight decay,
+    ``w * (1 - lr * decay)``, which cannot grow a weight while ``lr * decay`` is in [0, 2].
     """
     numbers = (lr, eps, beta1, beta2, momentum, decay)
     if kind not in BOUNDED_STEP_UPDATES or not all(map(math.isfinite, numbers)):
@@ -57,7 +58,7 @@ def bounded_step(kind: str, *, lr: float, eps: float, beta1: float = 0.0,
         return False
     if kind == "Lion":
         return True
-    if eps <= 0:
+    if eps < FLOAT32_TINY:  # an eps that is 0 in float32 leaves g / sqrt(v) unbounded
         return False
     if kind in ("Adam", "AdamW", "NAdam", "Nadam"):
         return 0.0 <= beta1 < 1.0 and 0.0 < beta2 < 1.0 and beta1 * beta1 < beta2
@@ -80,6 +81,15 @@ STABLE_LOSSES = {
 # A trained weight this large is no initialisation or slow drift: earlier updates blew it up
 # (healthy networks keep weights within a few hundred; float32 overflows at 3.4e38).
 HUGE_WEIGHT = 1e8
+# Healthy weights grow a few-fold over a run, not 1000-fold: a huge peak that grew this much
+# since a reference (a snapshot) was blown up by an update (a one-step learning-rate spike).
+BLOW_UP = 1e3
+
+
+def blew_up(peak: float, before: float) -> bool:
+    """Whether a weight's largest ``|w|`` (``peak``) is huge and grew ``BLOW_UP``-fold from
+    ``before``, its value at a reference point."""
+    return peak >= HUGE_WEIGHT and peak > BLOW_UP * before
 GROWTH_RATIO = 4.0
 
 
@@ -416,8 +426,11 @@ def classify(
             "went non-finite: look for a division by ~0 or a log(0) in it." + trend
         )
     targets_peak = evidence.details.get("targets_peak")
-    if (not finite(record.loss) and isinstance(targets_peak, float)
-            and targets_peak > math.exp(limit / 2)):
+    # A loss is computed in float32 at least (autocast too); a squared error overflows to
+    # +inf (or a NaN from inf - inf), never to -inf.
+    loss_limit = max(limit, EXP_LIMITS["float32"])
+    if (not finite(record.loss) and record.loss != -math.inf
+            and isinstance(targets_peak, float) and targets_peak > math.exp(loss_limit / 2)):
         return "loss_nonfinite", None, (
             f"Step {s}: {finite_so_far} but the targets reach {_fmt(targets_peak)}, and the "
             f"loss is {record.loss}: a loss of targets this large overflows (a squared error "

@@ -132,7 +132,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         self._batch = 0
         self._batch_logs: dict[int, dict[str, float]] = {}
         self._epoch_grad_max = -math.inf  # the epoch's largest finite gradient norm
-        self._epoch_bad_from = 0  # bad steps before the epoch began
+        self._epoch_steps = self._epoch_counted = 0  # steps, and those in the loss means
         self._blocking = True
         self._snapshot_complete = True  # False: the model had no variables before step 0
         self._cache: tuple[tuple[Any, ...], StepInstrument, Any, LearningRate] | None = None
@@ -259,18 +259,19 @@ class NanGuard(Readout, keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._epoch_grad_max = -math.inf
-        self._epoch_bad_from = self.session.ladder.total_bad
+        self._epoch_steps = self._epoch_counted = 0
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         """Epoch-level numbers for the callbacks that read epoch logs (``CSVLogger``,
         ``History``, TensorBoard's epoch scalars)."""
         if logs is None:
             return
-        if self._instrument is not None and self.session.ladder.total_bad > self._epoch_bad_from:
-            # Every batch of the epoch left out of Keras's loss mean: its mean of no batch
+        if self._instrument is not None and self._epoch_steps and not self._epoch_counted:
+            # Every batch of the epoch left out of Keras's loss means: a mean of no batch
             # reads 0.0, a perfect epoch to ModelCheckpoint or EarlyStopping. NaN, as the
-            # epoch would read without the guard.
-            for key in self._instrument.empty_means():
+            # epoch would read without the guard. (Counted here: a validation run has
+            # reset and refilled the same means by now.)
+            for key in self._instrument.mean_names():
                 if key in logs:
                     logs[key] = math.nan
         for name, value in self.session.counters().items():
@@ -483,6 +484,11 @@ class NanGuard(Readout, keras.callbacks.Callback):
         rec = verdict.record
         if finite(rec.grad_norm) and rec.grad_norm > self._epoch_grad_max:
             self._epoch_grad_max = rec.grad_norm
+        self._epoch_steps += 1
+        # What the instrumented step counts in the loss means (_keras_step's _flush): a
+        # finite loss and gradient norm, or a LossScaleOptimizer's own skip.
+        self._epoch_counted += (finite(rec.loss) and finite(rec.grad_norm)
+                                or rec.cause == "amp_scaler_skip")
         if rec.step % self.config.log_every and verdict.action is None:
             return  # a step with an action is always in its batch's logs
         self._batch_logs[self._batch] = {

@@ -32,9 +32,10 @@ class Decision(NamedTuple):
         lower_lr: Multiply every learning rate by ``lr_factor`` now.
         reason: Why, in words.
         repair: A skip of a step whose weights or optimizer state are already non-finite,
-            with no rollback to undo it: the adapter puts back the non-finite tensors (each
-            parameter with its optimizer state) from the last finite snapshot, leaving the
-            rest as they are, so a skip-only ladder does not train on from NaN weights.
+            with no rollback to undo it: the adapter puts back the non-finite parameters, and
+            those the same update blew up (``detector.blew_up``), each with its optimizer
+            state, from the last finite snapshot, leaving the rest as they are, so a
+            skip-only ladder does not train on from NaN weights.
     """
 
     action: str | None

@@ -21,8 +21,8 @@ log = logging.getLogger("nanguard")
 # Events a state_dict carries at most (a checkpoint of a long bad run stays small).
 EVENTS_SAVED = 256
 # A due snapshot is refused when the weights' peak grew this much since the last attempt
-# and is huge (admit_snapshot): healthy weights grow a few-fold over a run, not 1000-fold.
-SNAPSHOT_JUMP = 1e3
+# and is huge (admit_snapshot, detector.blew_up).
+SNAPSHOT_JUMP = detector.BLOW_UP
 
 
 class Probe(Protocol):
@@ -222,15 +222,14 @@ class GuardSession:
         their peak grew over ``SNAPSHOT_JUMP``-fold since the last attempt: an update blew
         them up (a one-step learning-rate spike) and the loss has not shown it yet; such a
         snapshot would make every later rollback land on those weights. The refused attempt
-        counts for the schedule (the next comes ``snapshot_every`` steps later, and no sooner
-        than ``GROWTH_WINDOW`` steps that all had no action) and its peak is the next
+        counts for the schedule (the next comes ``max(snapshot_every, GROWTH_WINDOW)`` steps
+        later, after as many steps that all had no action) and its peak is the next
         attempt's reference, so weights that stay that large and train on are taken then; a
         rollback voids the refusal. An unscheduled one (after a ``load_state_dict``) is
         always taken.
         """
         last, self.attempt_peak = self.attempt_peak, peak
-        if (scheduled and last is not None and peak >= detector.HUGE_WEIGHT
-                and peak > SNAPSHOT_JUMP * last):
+        if scheduled and last is not None and detector.blew_up(peak, last):
             self.peak_refused_at = self.step
             return False
         self.held_peak, self.peak_refused_at = peak, None
@@ -454,9 +453,10 @@ class GuardSession:
 def _did(decision: policy.Decision, config: GuardConfig, *, undo: bool = False) -> str:
     action = decision.action
     if action == "skip" and decision.repair:
-        return (" nanguard skipped the step and put the non-finite weights (with their "
-                "optimizer state) back from the last finite snapshot; the rest of the model "
-                "is left as it is (no rollback in actions, or none left).")
+        return (" nanguard skipped the step and put the weights that are non-finite or blown "
+                "up (|w| of 1e8 or more, 1000-fold the snapshot's), with their optimizer "
+                "state, back from the last finite snapshot; the rest of the model is left as "
+                "it is (no rollback in actions, or none left).")
     if action == "skip":
         return " nanguard skipped the step."
     if action in ("rollback", "lower_lr"):

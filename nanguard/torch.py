@@ -431,10 +431,11 @@ class _Step:
         """The step's context ends with no ``optimizer.step()`` in it; whether the step
         stays open for the next ``guard.step()``.
 
-        Without a scaler that is gradient accumulation: the optimizer steps in a later
-        context, and one nanguard step is one optimizer step. With a scaler it may also be
-        the scaler's own skip (overflowing gradients, finite loss), or a bad micro-batch
-        the scaler refused: those are concluded here.
+        Without a scaler, or with one that did not step in this context, that is gradient
+        accumulation: the optimizer steps in a later context, and one nanguard step is one
+        optimizer step. When ``scaler.step`` ran here and kept the optimizer from stepping,
+        the step ends here: the scaler's own skip (overflowing gradients, finite loss), or a
+        bad step.
         """
         guard, engine = self.guard, self.guard._engine
         if guard.scaler is None or not self._scaler_stepped():

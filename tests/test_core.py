@@ -472,6 +472,7 @@ def test_logits_past_the_dtypes_range_blame_divergence_not_the_softmax():
     ("Adam", {"beta1": 0.9, "beta2": 0.999}, True),
     ("Adam", {"beta1": 0.99, "beta2": 0.9}, False),   # beta1**2 > beta2: unbounded ratio
     ("Adam", {"beta1": 0.9, "beta2": 0.999, "eps": 0.0}, False),
+    ("Adam", {"beta1": 0.9, "beta2": 0.999, "eps": 1e-50}, False),  # 0 in float32
     ("AdamW", {"beta1": 0.9, "beta2": 0.999, "decay": 0.01}, True),
     ("AdamW", {"beta1": 0.9, "beta2": 0.999, "decay": 3e3}, False),  # lr * decay > 2
     ("Adamax", {"beta1": 0.9, "beta2": 0.999}, True),

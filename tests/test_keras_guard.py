@@ -257,7 +257,8 @@ def test_an_inf_weight_a_saturated_tanh_keeps_from_the_loss_is_weights_nonfinite
     assert all_finite(model)
 
 
-def test_an_epoch_with_every_batch_skipped_logs_a_nan_loss_not_zero(tmp_path):
+@pytest.mark.parametrize("validation", [False, True])
+def test_an_epoch_with_every_batch_skipped_logs_a_nan_loss_not_zero(tmp_path, validation):
     # Keras's mean of no batch reads 0.0: ModelCheckpoint(save_best_only) saved that epoch
     # as the best and EarlyStopping restored it. Without the guard the epoch reads NaN.
     x, y = data(48, 5)
@@ -280,8 +281,11 @@ def test_an_epoch_with_every_batch_skipped_logs_a_nan_loss_not_zero(tmp_path):
     best = keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras"), monitor="loss",
                                            save_best_only=True)
     guard = NanGuard(dump_dir=str(tmp_path / "dumps"), max_skips=10)
+    # With validation, evaluate() resets and refills the same loss means before the epoch's
+    # end: an all-skipped epoch still read 0.0 there.
+    extra = {"validation_data": (x[:16], y[:16])} if validation else {}
     history = model.fit(batches(), steps_per_epoch=3, epochs=3, verbose=0,
-                        callbacks=[guard, best]).history
+                        callbacks=[guard, best], **extra).history
     loss = history["loss"]
     assert history["nanguard_bad_steps"] == [0.0, 3.0, 3.0]
     assert math.isfinite(loss[0]) and math.isnan(loss[1]) and math.isfinite(loss[2])
@@ -1929,6 +1933,52 @@ def test_a_huge_finite_target_overflowing_the_loss_is_said_so(tmp_path):
     assert (event.step, event.cause) == (2, "loss_nonfinite")
     assert "the targets reach 1e+30" in event.message
     assert all_finite(model)
+
+
+def test_an_intended_minus_inf_of_a_raw_op_is_not_blamed(tmp_path):
+    # A mask added to scores by a raw op (named add, add_1, ... by Keras: no name to list
+    # in allow_neg_inf) was blamed for its -inf instead of the layer that made the NaN.
+    x, y = data()
+    mask = np.zeros((1, 8), "float32")
+    mask[0, 0] = -np.inf
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    scores = keras.layers.Dense(8, name="d1")(inputs) + mask
+    h = keras.layers.Dense(3, name="out")(keras.layers.Softmax(name="attn")(scores))
+    out = keras.layers.Lambda(lambda z: keras.ops.log(z - 10.0), name="culprit")(h)
+    model = keras.Model(inputs, out)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path), actions=("skip",), max_dumps=1)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert (guard.events[0].cause, guard.events[0].where) == ("logits_nonfinite", "culprit")
+
+
+class Scaled(keras.layers.Layer):
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1], 2), name="w")
+        self.w_scale = self.add_weight(shape=(2,), name="w_scale", initializer="ones")
+
+    def call(self, x):
+        return (x @ self.w) * self.w_scale
+
+
+def test_a_repaired_variable_comes_back_with_its_own_slots_only(tmp_path):
+    # Slots are matched by name: w_scale's momentum starts with w's prefix too.
+    from nanguard._keras_state import Snapshot
+
+    model = keras.Sequential([keras.Input((3,)), Scaled(name="s")])
+    model.compile(keras.optimizers.Adam(0.1), "mse")
+    x, y = np.ones((4, 3), "float32"), np.ones((4, 2), "float32")
+    model.fit(x, y, epochs=1, verbose=0)
+    snapshot = Snapshot(0, model)
+    model.fit(x, y, epochs=1, verbose=0)
+    model.layers[0].w_scale.assign(np.array([np.inf, 1.0], "float32"))
+    restored = snapshot.restore_nonfinite_weights(model)
+    scale = model.layers[0].w_scale.path  # Keras numbers names per process: sequential_2/...
+    assert sorted(p.split("/", 1)[-1] for p in restored) == sorted([
+        scale.split("/", 1)[-1], *(f"{scale.replace('/', '_')}_{slot}"
+                                   for slot in ("momentum", "velocity"))])
+    assert np.isfinite(keras.ops.convert_to_numpy(model.layers[0].w_scale)).all()
 
 
 def test_an_inf_class_weight_names_class_weight_as_a_suspect(tmp_path):

@@ -1206,6 +1206,24 @@ def test_a_per_sample_loss_with_backward_weights_records_their_weighted_sum(tmp_
     assert guard.history[0].loss == pytest.approx(float(per_sample.detach().mean()), rel=1e-6)
 
 
+def test_backward_weights_of_a_float16_loss_are_multiplied_in_float32(tmp_path):
+    # Finite float16 losses times finite float16 weights overflowed float16 in the guard's
+    # product (not in backward's): a healthy step was skipped as loss_nonfinite.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1).half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    x, y = torch.randn(8, 4).half(), torch.full((8, 1), 250.0).half()
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        opt.zero_grad()
+        with guard.step(x, targets=y):
+            per_sample = ((model(x) - y) ** 2).mean(1) / 1000
+            guard.backward(per_sample, gradient=torch.full((8,), 2000.0, dtype=torch.float16))
+            opt.step()
+    assert guard.history[0].loss == pytest.approx(
+        float((per_sample.detach().float() * 2000.0).sum()), rel=1e-3)
+    assert not guard.events
+
+
 def test_a_huge_finite_target_overflowing_the_loss_is_said_so(tmp_path):
     # A missing label stored as 1e30: the squared error overflows. The message blamed a
     # division by ~0 and suggested a built-in loss, which it already was.
@@ -1226,6 +1244,25 @@ def test_a_huge_finite_target_overflowing_the_loss_is_said_so(tmp_path):
     assert (event.step, event.cause) == (2, "loss_nonfinite")
     assert "the targets reach 1e+30" in event.message and "sentinel" in event.message
     assert weights_finite(model)
+
+
+def test_targets_are_not_blamed_for_a_minus_inf_loss_nor_a_sparse_one_crashes(tmp_path):
+    # A -inf loss is a log(0), not a squared error overflowing; moderate targets under a
+    # float16 output were measured against float16's range; sparse targets raised.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    dense = torch.full((8, 3), 400.0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for y in (dense, dense.to_sparse()):
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                out = model(x).half().float()
+                guard.backward(F.mse_loss(out, y.to_dense()) + torch.log(torch.zeros(())))
+                opt.step()
+    assert [e.cause for e in guard.events] == ["loss_nonfinite"] * 2
+    assert all("targets reach" not in e.message for e in guard.events)
 
 
 class DividesInForward(torch.nn.Module):
@@ -2281,28 +2318,44 @@ def test_weights_blown_up_but_finite_are_named_with_the_learning_rate(tmp_path):
 
 def test_without_rollback_an_overflowed_update_is_repaired_from_the_snapshot(tmp_path):
     # actions=("skip",): the bad update is found a step late, when it is in the weights
-    # already. It was logged and the run trained on from Inf weights; the skip now puts back
-    # the non-finite parameters (with their optimizer state) from the snapshot.
+    # already. It was logged and the run trained on from Inf weights. The skip now puts back
+    # from the snapshot the parameters it made non-finite and those it blew up to ~1e38
+    # (finite, but every later step would overflow), each with its momentum; the rest is
+    # left as it is, and training goes on.
     model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = torch.optim.SGD([{"params": first}, {"params": second}], lr=1e-2, momentum=0.9)
+    seen = {}
 
     def boost(i):
-        opt.param_groups[0]["lr"] = 3e38 if i == 3 else 1e-2
+        opt.param_groups[0]["lr"] = 3e38 if i == 3 else 1e-2  # the first layer's group
+        if i in (4, 5):  # after the bad update; after the step that repaired it
+            seen[i] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            seen[f"momentum{i}"] = [opt.state[p]["momentum_buffer"].clone() for p in first]
+        if i == 4:
+            seen["snapshot"] = {k: v.clone() for k, v in guard._engine.snapshot.model.items()}
+            seen["snapshot_momentum"] = [
+                guard._engine.snapshot.optim[0][k]["momentum_buffer"][0].clone()
+                for k in range(len(first))]
 
-    guard = NanGuard(model, opt, actions=("skip",), dump_dir=str(tmp_path))
-    run(guard, model, opt, batches(5), loss_fn=lambda o, y: F.cross_entropy(o, y) * 100.0,
+    guard = NanGuard(model, opt, actions=("skip",), snapshot_every=2, dump_dir=str(tmp_path))
+    run(guard, model, opt, batches(8), loss_fn=lambda o, y: F.cross_entropy(o, y) * 100.0,
         before_step=boost)
-    snapshot = {k: v.clone() for k, v in guard._engine.snapshot.model.items()}
     guard.close()
     assert weights_finite(model)
-    assert [r.action for r in guard.history][3:] == [None, "skip"]
+    assert [r.action for r in guard.history][3:] == [None, "skip", None, None, None]
     event = guard.events[0]
     assert (event.step, event.cause, event.action) == (3, "update_nonfinite", "skip")
-    assert "put the non-finite weights (with their optimizer state) back" in event.message
-    # The parameters the update made Inf are the snapshot's again (step 4's update is kept
-    # out).
-    live = model.state_dict()
-    assert any(torch.equal(live[k], snapshot[k]) for k in live)
+    assert "non-finite or blown up" in event.message
+    after, repaired, snap = seen[4], seen[5], seen["snapshot"]
+    for name in ("0.weight", "0.bias"):  # Inf or ~1e38 after the spike; the snapshot's now
+        assert not torch.isfinite(after[name]).all() or float(after[name].abs().max()) >= 1e8
+        assert torch.equal(repaired[name], snap[name])
+    for a, b in zip(seen["momentum5"], seen["snapshot_momentum"], strict=True):
+        assert torch.equal(a, b)
+    for name in ("2.weight", "2.bias"):  # left as they were (step 4's update kept out)
+        assert torch.equal(repaired[name], after[name])
+    assert len(guard.events) == 1  # steps 5-7 trained on
 
 
 def test_an_abort_leaves_the_optimizer_unhooked(tmp_path):
