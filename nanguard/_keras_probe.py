@@ -297,6 +297,26 @@ def _localize_by_calls(model: Any, x: Any,
     return layer.name, last, _cut_all(ins), _cut_all(outs)
 
 
+def nan_state_of(model: Any, name: str) -> tuple[str, str, np.ndarray] | None:
+    """The first non-trainable variable of layer ``name`` that holds NaN, as
+    :func:`first_nonfinite_variable` describes one, unless the layer's forward writes its
+    non-trainable variables itself (``BatchNormalization``'s moving statistics: a bad
+    step's own forward may have made them NaN)."""
+    flatten = getattr(model, "_flatten_layers", None)
+    layers = list(flatten(include_self=True, recursive=True)) if callable(flatten) else []
+    layer = next((la for la in layers if la.name == name), None)
+    if layer is None or isinstance(layer, keras.layers.BatchNormalization):
+        return None
+    for v in layer.non_trainable_variables:
+        a = to_numpy(v, 2**62)
+        if a.dtype.kind == "f" and np.isnan(a).any():
+            what = ("a frozen weight" if v.name in ("kernel", "bias", "embeddings")
+                    else "a layer's state, such as Normalization's adapted mean and variance")
+            return (f"{v.path}: {int(np.isnan(a).sum())} NaN of {a.size} values, {what}, "
+                    "which no update touches; restore or re-compute it", v.path, a)
+    return None
+
+
 def _peak(a: np.ndarray) -> float:
     finite = a[np.isfinite(a)]
     return float(np.abs(finite).max()) if finite.size else 0.0
@@ -563,6 +583,13 @@ class KerasProbe:
             # step (TensorFlow's fused oneDNN ReLU maps NaN to 0) leaves only NaN gradients;
             # the replay, op by op, shows the layer that made it.
             self.localized = localize(self.model, self.batch["x"], self.allow_neg_inf)
+            found_state = (None if self.localized is None
+                           else nan_state_of(self.model, self.localized[0]))
+            if found_state is not None:
+                # The layer the replay blames holds NaN in a variable its forward does not
+                # write (a frozen kernel, Normalization's adapted mean): that is the fault.
+                ev.weights_nonfinite, path, a = found_state
+                self.found_state, self.localized = (path, a), None
             if self.localized is not None:
                 name, is_output, _, _ = self.localized
                 if logits_bad or not is_output:

@@ -65,6 +65,38 @@ def nonfinite_variables(variables: list[Any]) -> list[Any]:
     return found
 
 
+def _inner(optimizer: Any) -> Any:
+    """A ``LossScaleOptimizer``'s inner optimizer (which holds the slots), else itself."""
+    return getattr(optimizer, "inner_optimizer", None) or optimizer
+
+
+def slot_owners(optimizer: Any) -> dict[int, Any]:
+    """Each optimizer slot variable's trainable variable, by the slot's id: Keras keeps a
+    slot list per kind (``_momentums``, ``_velocities``, ...) aligned with the optimizer's
+    ``_trainable_variables``. Empty when the optimizer keeps none such."""
+    optimizer = _inner(optimizer)
+    tvs = list(getattr(optimizer, "_trainable_variables", None) or [])
+    held = {id(v) for v in tvs}
+    owners: dict[int, Any] = {}
+    for value in vars(optimizer).values():
+        if isinstance(value, list) and value is not tvs and len(value) == len(tvs):
+            for ref, slot in zip(tvs, value, strict=True):
+                if hasattr(slot, "assign") and hasattr(slot, "path") and id(slot) not in held:
+                    owners[id(slot)] = ref
+    return owners
+
+
+def lr_scaled_slots(optimizer: Any) -> set[int]:
+    """The ids of slots that hold a learning rate times gradients (Keras's SGD and RMSprop
+    momentum): finite gradients and a huge rate overflow them, so a non-finite one after an
+    update does not prove a state that was bad before it."""
+    optimizer = _inner(optimizer)
+    name = type(optimizer).__name__
+    slots = (getattr(optimizer, "momentums", None) if name == "SGD"
+             else getattr(optimizer, "_momentums", None) if name == "RMSprop" else None)
+    return {id(s) for s in slots or [] if s is not None}
+
+
 def first_nonfinite_variable(model: Any, *, optimizer_wide_only: bool = False
                              ) -> tuple[str, str, np.ndarray] | None:
     """The first trainable or optimizer variable holding NaN/Inf: its description, its name
@@ -76,6 +108,8 @@ def first_nonfinite_variable(model: Any, *, optimizer_wide_only: bool = False
     :meth:`Snapshot.restore_nonfinite` repairs them when the step is skipped.
     """
     buffers = {id(v) for v in model.non_trainable_variables}
+    if optimizer_wide_only and model.optimizer is not None:
+        buffers |= lr_scaled_slots(model.optimizer)
     for name, v in state_variables(model):
         if id(v) in buffers or (optimizer_wide_only and not name.startswith("optimizer.")):
             continue
@@ -132,31 +166,38 @@ class Snapshot:
 
     def restore_nonfinite_weights(self, model: Any) -> list[str]:
         """Put back the trainable variables holding NaN/Inf, or whose optimizer slots do, or
-        that the update blew up (``detector.blew_up`` against this snapshot), each with its
-        slots (Keras names a slot ``<optimizer>/<variable path with _>_<slot>``),
+        that the update blew up, or whose slots it did (``detector.blew_up`` against this
+        snapshot), each with its slots (:func:`slot_owners`; by name, Keras's
+        ``<optimizer>/<variable path with _>_<slot>``, for an optimizer without slot lists),
         as they were in the snapshot: a skip's repair of weights an applied update made
         non-finite. Their paths."""
         trainable = list(model.trainable_variables)
         slots = list(model.optimizer.variables) if model.optimizer is not None else []
+        owners = slot_owners(model.optimizer) if model.optimizer is not None else {}
 
         def owner(slot: Any) -> Any:
-            # The longest match: `w_scale_momentum` is w_scale's, not w's.
+            if id(slot) in owners:
+                return owners[id(slot)]
+            # By name, the longest match (`w_scale_momentum` is w_scale's, not w's).
             name = slot.path.split("/", 1)[-1]
             found = [v for v in trainable if name.startswith(v.path.replace("/", "_") + "_")]
             return max(found, key=lambda v: len(v.path), default=None)
 
-        bad = {id(v) for v in nonfinite_variables(trainable)}
-        bad |= {id(o) for o in map(owner, nonfinite_variables(slots)) if o is not None}
-        # And the weights the same update blew up while leaving them finite (1e38 next to
-        # the Inf): every later step would be bad.
         saved = {id(v): a for v, a in self.saved}
-        for v in trainable:
+
+        def blown_up(v: Any) -> bool:
+            # Finite, but the same update blew it up (1e38 next to the Inf): every later
+            # step would be bad.
             a, was = to_numpy(v, 2**62), saved.get(id(v))
-            if (id(v) not in bad and was is not None and a.dtype.kind == "f" and a.size
-                    and np.isfinite(a).all()
-                    and detector.blew_up(float(np.abs(a).max()), float(np.abs(was).max()))):
-                bad.add(id(v))
-        wanted = bad | {id(s) for s in slots if id(owner(s)) in bad}
+            return bool(was is not None and a.dtype.kind == "f" and a.size and was.size
+                        and np.isfinite(a).all()
+                        and detector.blew_up(float(np.abs(a).max()), float(np.abs(was).max())))
+
+        bad = {id(v) for v in nonfinite_variables(trainable)}
+        bad |= {id(v) for v in trainable if blown_up(v)}
+        broken_slots = [*nonfinite_variables(slots), *(s for s in slots if blown_up(s))]
+        bad |= {id(o) for o in map(owner, broken_slots) if o is not None}
+        wanted = bad | {id(s) for s in slots if (o := owner(s)) is not None and id(o) in bad}
         fixed = []
         for v, a in self.saved:
             if id(v) in wanted:

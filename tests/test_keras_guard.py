@@ -1981,6 +1981,102 @@ def test_a_repaired_variable_comes_back_with_its_own_slots_only(tmp_path):
     assert np.isfinite(keras.ops.convert_to_numpy(model.layers[0].w_scale)).all()
 
 
+def test_a_repaired_variable_of_a_same_named_nested_layer_gets_its_own_slots(tmp_path):
+    # Two nested blocks each with a layer named "dense": both kernels' paths, and so their
+    # slots' names, are alike; slots go by Keras's slot lists, aligned with the variables.
+    from nanguard._keras_state import Snapshot, slot_owners
+
+    def block(name):
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="dense")],
+                                name=name)
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(
+        block("blk_b")(block("blk_a")(inputs))))
+    model.compile(keras.optimizers.Adam(0.1), "mse")
+    x, y = np.ones((8, 4), "float32"), np.ones((8, 1), "float32")
+    model.fit(x, y, epochs=1, verbose=0)
+    snapshot = Snapshot(0, model)
+    model.fit(x, y, epochs=1, verbose=0)
+    second = model.get_layer("blk_b").layers[-1].kernel
+    owners = slot_owners(model.optimizer)
+    own = [s for s in model.optimizer.variables if owners.get(id(s)) is second]
+    assert len(own) == 2  # its momentum and velocity
+    second.assign(np.full(second.shape, np.nan, "float32"))
+    restored = snapshot.restore_nonfinite_weights(model)
+    assert sorted(restored) == sorted([second.path, *(s.path for s in own)])
+    for v, a in snapshot.saved:
+        if any(v is s for s in own):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), a)
+
+
+def test_an_lr_spike_overflowing_sgd_momentum_is_update_nonfinite(tmp_path):
+    # Keras's SGD momentum holds the rate times the gradients: a huge rate overflows it from
+    # finite gradients, which was blamed on a corrupt optimizer checkpoint.
+    x, _ = data()
+    y = np.random.default_rng(0).normal(size=(64, 1)).astype("float32") * 10
+
+    class Spike(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.model.optimizer.learning_rate.assign(1e38 if batch == 2 else 0.01)
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, activation="tanh"),
+                              keras.layers.Dense(1, name="out")])
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "mse")
+    guard = NanGuard(dump_dir=str(tmp_path), actions=("skip",))
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[Spike(), guard])
+    (event,) = guard.events  # the skip's repair lets training go on: no later bad step
+    assert (event.step, event.cause, event.action) == (2, "update_nonfinite", "skip")
+    assert "corrupt" not in event.message and all_finite(model)
+
+
+def test_a_normalization_adapted_on_nan_data_is_weights_nonfinite(tmp_path):
+    # Its mean is NaN from the start: it was "layer 'norm' overflowed, clamp its input".
+    x, _ = data(32, 4)
+    y = np.random.default_rng(0).normal(size=(32, 1)).astype("float32")
+    with_nan = x.copy()
+    with_nan[3, 1] = np.nan
+    norm = keras.layers.Normalization(name="norm")
+    norm.adapt(with_nan)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), norm, keras.layers.Dense(4, name="h"),
+                              keras.layers.Dense(1, name="out")])
+    model.compile("adam", "mse")
+    guard = NanGuard(dump_dir=str(tmp_path))
+    with pytest.raises(nanguard.NonFiniteTrainingError) as err:  # no finite snapshot ever
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[guard])
+    event = err.value.event
+    assert (event.step, event.cause, event.where) == (0, "weights_nonfinite", "norm/mean")
+    assert "Normalization" in event.message
+
+
+def test_a_nan_in_a_frozen_layers_kernel_is_weights_nonfinite(tmp_path):
+    x, y = data()
+
+    class Corrupt(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                kernel = self.model.get_layer("base").kernel
+                value = keras.ops.convert_to_numpy(kernel).copy()
+                value[0, 0] = np.nan
+                kernel.assign(value)
+
+    keras.utils.set_random_seed(0)
+    base = keras.layers.Dense(16, name="base")
+    base.trainable = False
+    model = keras.Sequential([keras.Input((8,)), base, keras.layers.Dense(3, name="head")])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[Corrupt(), guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (2, "weights_nonfinite", "rollback")
+    assert event.where.endswith("base/kernel") and "frozen weight" in event.message
+    assert all_finite(model)
+
+
 def test_an_inf_class_weight_names_class_weight_as_a_suspect(tmp_path):
     # Keras turns class_weight into the batch's sample weights: the message said "Fix the
     # data: check the loader" and named only a sample_weight the user never passed.
