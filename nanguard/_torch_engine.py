@@ -1650,6 +1650,8 @@ class TorchProbe:
             if grads and all_finite([_sparse_values(g) if g.layout != torch.strided else g
                                      for g in grads]):
                 ev.details["grad_entries_finite"] = True  # only their float32 norm overflowed
+                if "weights_peak" not in ev.details:  # weights a spike blew up, maybe
+                    detector.note_weights_peak(ev, e.weight_peaks())
         if e.distributed:
             ev = agree_across_ranks(e, record, ev)
         return ev

@@ -452,6 +452,12 @@ def classify(
             "clip_grad_norm (e.g. 1.0), lower the learning rate, or add normalisation."
             + _amp_scale(evidence)
         )
+    if not finite(record.grad_norm) and evidence.details.get("grad_entries_finite") and huge:
+        return "grad_nonfinite", evidence.grad_where or evidence.activation, (
+            f"Step {s}: the loss is finite ({_fmt(record.loss)}) and every gradient entry is "
+            "finite, but they are so large that their L2 norm overflows (float32 past about "
+            f"1.8e19){_at(evidence.grad_where)}, and {huge}."
+        )
     if not finite(record.grad_norm) and evidence.details.get("grad_entries_finite"):
         reached = (f" (the model output reached {_fmt(peak)})"
                    if evidence.logits_seen and logits_finite else "")

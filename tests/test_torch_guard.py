@@ -1265,6 +1265,26 @@ def test_targets_are_not_blamed_for_a_minus_inf_loss_nor_a_sparse_one_crashes(tm
     assert all("targets reach" not in e.message for e in guard.events)
 
 
+def test_gradients_whose_norm_overflows_from_huge_weights_name_the_weights(tmp_path):
+    # A spike left a layer's weights at ~1e36, finite: the gradients' norm overflows with
+    # every entry finite, and the message sent the user to the inputs and the first layer.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def blow_up(i):
+        if i == 3:
+            with torch.no_grad():
+                model[2].weight.mul_(1e36)
+
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path), actions=("skip",))
+    run(guard, model, opt, batches(4), before_step=blow_up)
+    event = guard.events[0]
+    assert (event.step, event.cause) == (3, "grad_nonfinite")
+    assert event.details["grad_entries_finite"] and event.details["weights_peak"]["name"] == (
+        "2.weight")
+    assert "finite but huge" in event.message and "Scale or normalise" not in event.message
+
+
 class DividesInForward(torch.nn.Module):
     def __init__(self):
         super().__init__()
