@@ -601,7 +601,8 @@ class KerasProbe:
                     ev.details["made_in_model_code"] = True
             elif logits_bad and not self.allow_neg_inf:  # (an allowed -inf is no fault)
                 ev.details["replay_unreproduced"] = True
-        if clean and (logits_bad or ev.details.get("grad_entries_finite")):
+        if clean and (logits_bad or not math.isfinite(record.loss)
+                      or ev.details.get("grad_entries_finite")):
             # Only these messages use it (huge finite weights point at the learning rate).
             detector.note_weights_peak(ev, weight_peaks(self.model))
         return ev

@@ -1037,7 +1037,7 @@ class TorchEngine:
             return bool(self.any_rank_loss_bad)
         return not math.isfinite(record.loss)
 
-    def scaler_skipped(self, record: StepRecord, scaler: Any) -> bool:
+    def scaler_skipped(self, record: StepRecord, used_scale: Callable[[], float]) -> bool:
         """Finite loss, non-finite gradients under a GradScaler: the scaler's own skip.
 
         The scaler found the Inf/NaN when it unscaled the gradients, skips (or skipped)
@@ -1046,10 +1046,12 @@ class TorchEngine:
         Not once the scale is below 1: gradients still non-finite then are so unscaled (a
         NaN from the backward, not a float16 overflow the scaler can fix), which would
         otherwise be skipped silently for the rest of the run while the scale falls to 0.
+        ``used_scale``: the scale this step's gradients were computed at (read on this slow
+        path only).
         """
         if self.loss_bad(record) or math.isfinite(record.grad_norm) or self.update_was_bad:
             return False
-        scale = float(scaler.get_scale())  # one read, on this slow path only
+        scale = used_scale()
         if scale < 1.0:
             self.amp_scale = scale
             return False
@@ -1641,8 +1643,9 @@ class TorchProbe:
             run = bool(flag.item())
         self.replayed = localize_step(e, record, ev, run=run, start=self.bad_call,
                                       rows=self.rows)
-        if run and (ev.activation or not (detector.finite(record.logits_min)
-                                          and detector.finite(record.logits_max))):
+        if run and (ev.activation or not math.isfinite(record.loss)
+                    or not (detector.finite(record.logits_min)
+                            and detector.finite(record.logits_max))):
             # Only these messages use it (huge finite weights point at the learning rate).
             detector.note_weights_peak(ev, e.weight_peaks())
         if math.isfinite(record.loss) and not math.isfinite(record.grad_norm):

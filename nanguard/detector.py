@@ -405,16 +405,20 @@ def classify(
             f"Step {s}: the model output reaches {_fmt(peak)} (from {_fmt(record.logits_min)} "
             f"to {_fmt(record.logits_max)}), so large that even a fused, stable "
             f"cross-entropy overflows in {evidence.logits_dtype}, and the loss is "
-            f"{record.loss}: the model is diverging. Lower the learning rate or set "
-            "clip_grad_norm; check the inputs' scale." + trend
+            f"{record.loss}: the model is diverging. "
+            + (f"And {huge}." if huge else
+               "Lower the learning rate or set clip_grad_norm; check the inputs' scale.")
+            + trend
         )
     if peak > limit and not finite(record.loss) and peak > math.exp(limit / 2):
         # Its square overflows: an MSE on it is inf too, and no softmax is to blame.
         return "logit_overflow", where, (
             f"Step {s}: the model output reaches {_fmt(peak)}, so large that its square "
             f"overflows in {evidence.logits_dtype} (as in an MSE) as well as exp, and the loss "
-            f"is {record.loss}: the model is diverging. Lower the learning rate or set "
-            "clip_grad_norm; check the inputs' and targets' scale." + trend
+            f"is {record.loss}: the model is diverging. "
+            + (f"And {huge}." if huge else
+               "Lower the learning rate or set clip_grad_norm; check the inputs' and targets' "
+               "scale.") + trend
         )
     if peak > limit and not finite(record.loss):
         return "logit_overflow", where, (

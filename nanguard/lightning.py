@@ -312,7 +312,9 @@ class NanGuard(Readout, _CallbackBase):
             "its hooks: compile it after attaching the guard."
         )
         record = engine.measure()
-        if self._scaler is not None and engine.scaler_skipped(record, self._scaler):
+        # Measured before the plugin's scaler.update(): get_scale() is the step's own.
+        if self._scaler is not None and engine.scaler_skipped(
+                record, lambda: float(self._scaler.get_scale())):
             return
         verdict = engine.decide(record=record)
         self._finish(pl_module, verdict)

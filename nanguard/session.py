@@ -329,6 +329,13 @@ class GuardSession:
                 and self.held_peak >= detector.HUGE_WEIGHT):
             evidence.details["snapshot_peak"] = self.held_peak
         evidence.framework = evidence.framework or self.framework
+        peak = evidence.details.get("weights_peak")
+        if (isinstance(peak, dict) and has_snapshot and self.held_peak is not None
+                and detector.blew_up(float(peak["value"]), self.held_peak)):
+            # Weights an update blew up since the snapshot (finite, ~1e36): skipping cannot
+            # shrink them and every later step would be bad; only the snapshot undoes them
+            # (a rollback at once, or a skip's repair of those weights).
+            corrupt = True
         cause, where, message = detector.classify(culprit, evidence, past)
         found_on = evidence.details.get("cause_rank")
         if isinstance(found_on, int) and found_on != self.rank:

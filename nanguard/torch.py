@@ -427,6 +427,16 @@ class _Step:
         return (getattr(stage, "name", None) == "STEPPED"
                 or _scale_version(scaler) != self.scale_version)
 
+    def _used_scale(self) -> float:
+        """The scale this step's gradients were computed at: the scaler's now, undone by its
+        backoff when ``scaler.update()`` already ran in this context (after its skip)."""
+        scaler = self.guard.scaler
+        assert scaler is not None
+        scale = float(scaler.get_scale())
+        if _scale_version(scaler) != self.scale_version:
+            scale /= float(scaler.get_backoff_factor())
+        return scale
+
     def _without_optimizer_step(self) -> bool:
         """The step's context ends with no ``optimizer.step()`` in it; whether the step
         stays open for the next ``guard.step()``.
@@ -446,6 +456,6 @@ class _Step:
         # The scaler stepped and kept the optimizer from stepping: the window ends here, as
         # the scaler's own skip or as a bad step.
         record = engine.measure()
-        if not engine.scaler_skipped(record, guard.scaler):
+        if not engine.scaler_skipped(record, self._used_scale):
             guard._finish(engine.decide(record=record))
         return False

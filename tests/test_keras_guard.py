@@ -2242,9 +2242,11 @@ def test_a_one_step_lr_spike_before_a_due_snapshot_is_not_snapshotted(tmp_path):
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
               callbacks=[Spike(), guard, recorder])
     actions = [r.action for r in guard.history]
-    assert actions[3:8] == [None, "skip", "skip", "skip", "rollback"]
-    assert same(recorder.after[7][0], start)
-    assert guard.snapshot_step == 12 and all_finite(model)
+    # At once: skipping cannot shrink weights an update blew up (it was three skips first).
+    assert actions[3:8] == [None, "rollback", None, None, None]
+    assert same(recorder.after[4][0], start)
+    assert guard.snapshot_step > 4 and all_finite(model)  # healthy weights again
+    assert max(float(np.abs(w).max()) for w in weights(model)) < 100
 
 
 class _OverflowsInTraining(keras.layers.Layer):

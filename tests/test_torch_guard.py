@@ -1157,11 +1157,11 @@ def test_gradients_non_finite_at_every_scale_are_not_the_scalers_skips(tmp_path)
                 scaler.step(opt)
                 scaler.update()
     guard.close()
-    # At scales 16, 8, 4 and 2 the scaler's skips; at 1 (lowered to 0.5 by its update) an
-    # event.
-    assert guard.amp_skips == 4
+    # At scales 16, 8, 4, 2 and 1 the scaler's skips; at 0.5 an event (the scale the step
+    # ran at, whether scaler.update() is in the step's context or after it).
+    assert guard.amp_skips == 5
     first = guard.events[0]
-    assert (first.step, first.cause, first.action) == (4, "grad_nonfinite", "skip")
+    assert (first.step, first.cause, first.action) == (5, "grad_nonfinite", "skip")
     assert first.details["amp_scale"] == 0.5 and "GradScaler" in first.message
     assert err.value.event.cause == "grad_nonfinite" and weights_finite(model)
 
@@ -2378,6 +2378,23 @@ def test_without_rollback_an_overflowed_update_is_repaired_from_the_snapshot(tmp
     assert len(guard.events) == 1  # steps 5-7 trained on
 
 
+def test_a_skip_only_ladder_repairs_weights_a_spike_blew_up_without_any_inf(tmp_path):
+    # One step at lr=1e36 leaves finite weights of ~1e36: every later step overflowed and was
+    # skipped for the rest of the run (no Inf, so no repair). They are put back now.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def spike(i):
+        opt.param_groups[0]["lr"] = 1e36 if i == 3 else 0.05
+
+    guard = NanGuard(model, opt, actions=("skip",), snapshot_every=2, dump_dir=str(tmp_path))
+    run(guard, model, opt, batches(12), before_step=spike)
+    actions = [r.action for r in guard.history]
+    assert actions.count("skip") == 1 and actions[-4:] == [None] * 4
+    assert "blown up" in guard.events[0].message
+    assert float(max(p.abs().max() for p in model.parameters())) < 100
+
+
 def test_an_abort_leaves_the_optimizer_unhooked(tmp_path):
     # The loop's guard.close() is skipped by the abort: the optimizer must still work after
     # it, for a plain step and for a retry under a new guard.
@@ -3010,10 +3027,12 @@ def test_a_one_step_lr_spike_before_a_due_snapshot_is_not_snapshotted(tmp_path):
             with guard.step(x, targets=y):
                 guard.backward(F.cross_entropy(model(x), y))
                 opt.step()
-            if i == 7:  # the rollback went to the snapshot from before the spike
+            if i == 4:  # the rollback went to the snapshot from before the spike
                 assert same_bits(state_copy(model), start)
-    assert [r.action for r in guard.history][3:8] == [None, "skip", "skip", "skip", "rollback"]
-    assert guard.snapshot_step == 12 and weights_finite(model)
+    # At once: skipping cannot shrink weights an update blew up (it was three skips first).
+    assert [r.action for r in guard.history][3:8] == [None, "rollback", None, None, None]
+    assert guard.snapshot_step > 4 and weights_finite(model)  # healthy weights again
+    assert float(max(p.abs().max() for p in model.parameters())) < 100
     assert "a rollback to a snapshot from before the growth undoes it" in guard.events[0].message
 
 
