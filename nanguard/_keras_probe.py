@@ -609,3 +609,9 @@ class KerasProbe:
 
     def state(self) -> dict[str, np.ndarray]:
         return {name: to_numpy(v, 2**62) for name, v in state_variables(self.model)}
+
+    def to_repair(self) -> list[str]:
+        """The paths of what a skip's repair puts back (``Snapshot.broken_weights``)."""
+        if self.snapshot is None:
+            return []
+        return [v.path for v, _ in self.snapshot.broken_weights(self.model)]

@@ -165,12 +165,20 @@ class Snapshot:
         return fixed
 
     def restore_nonfinite_weights(self, model: Any) -> list[str]:
-        """Put back the trainable variables holding NaN/Inf, or whose optimizer slots do, or
+        """Put back :meth:`broken_weights` as they were in the snapshot; their paths."""
+        fixed = []
+        for v, a in self.broken_weights(model):
+            v.assign(a)
+            fixed.append(v.path)
+        return fixed
+
+    def broken_weights(self, model: Any) -> list[tuple[Any, np.ndarray]]:
+        """The trainable variables holding NaN/Inf, or whose optimizer slots do, or
         that the update blew up, or whose slots it did (``detector.blew_up`` against this
         snapshot), each with its slots (:func:`slot_owners`; by name, Keras's
         ``<optimizer>/<variable path with _>_<slot>``, for an optimizer without slot lists),
-        as they were in the snapshot: a skip's repair of weights an applied update made
-        non-finite. Their paths."""
+        with the snapshot's copies: what a skip's repair of weights an applied update made
+        non-finite puts back."""
         trainable = list(model.trainable_variables)
         slots = list(model.optimizer.variables) if model.optimizer is not None else []
         owners = slot_owners(model.optimizer) if model.optimizer is not None else {}
@@ -198,12 +206,7 @@ class Snapshot:
         broken_slots = [*nonfinite_variables(slots), *(s for s in slots if blown_up(s))]
         bad |= {id(o) for o in map(owner, broken_slots) if o is not None}
         wanted = bad | {id(s) for s in slots if (o := owner(s)) is not None and id(o) in bad}
-        fixed = []
-        for v, a in self.saved:
-            if id(v) in wanted:
-                v.assign(a)
-                fixed.append(v.path)
-        return fixed
+        return [(v, a) for v, a in self.saved if id(v) in wanted]
 
     def left_nonfinite(self, variables: list[Any]) -> list[tuple[Any, np.ndarray]]:
         """Those of ``variables`` holding NaN, or Inf where the snapshot's copy is finite,

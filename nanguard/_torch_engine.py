@@ -1659,6 +1659,11 @@ class TorchProbe:
             ev = agree_across_ranks(e, record, ev)
         return ev
 
+    def to_repair(self) -> list[str]:
+        """The names of what a skip's repair puts back (``TorchEngine.params_to_repair``)."""
+        e = self.engine
+        return [e.names.get(p, "?") for p in e.params_to_repair()]
+
     def _bounded_steps(self, lrs: list[float]) -> bool:
         """Whether every optimizer's step was bounded by its rates ``lrs`` (the groups' in
         order, as :meth:`TorchEngine.measure` reads them)."""

@@ -70,8 +70,9 @@ def decide(
         config: The guard's options.
         step: The step's index.
         bad: Whether the step is bad (on any rank).
-        corrupt: Whether the weights or optimizer state are already non-finite, so that
-            skipping cannot help and a rollback is due at once.
+        corrupt: Whether the weights or optimizer state are already non-finite (or blown up
+            by an update: ``detector.blew_up``), so that skipping cannot help and a rollback
+            is due at once.
         has_snapshot: Whether a finite snapshot exists to roll back to. Without one (the
             weights were never finite when a snapshot was due) the rollback rung is passed
             over.
@@ -94,7 +95,7 @@ def decide(
         return Decision("skip", False, reason), state._replace(
             consecutive_skips=state.consecutive_skips + 1
         )
-    why = ("weights or optimizer state non-finite" if corrupt
+    why = ("weights or optimizer state broken (non-finite, or blown up)" if corrupt
            else "the update is already applied" if not can_skip
            else f"{config.max_skips} skips" if "skip" in actions else "skip not in actions")
     if "abort" in actions and "skip" not in actions and "rollback" not in actions:
@@ -122,9 +123,9 @@ def decide(
     if corrupt and "skip" in actions and has_snapshot:
         # The contract's rule 1 keeps a bad update from the weights; one that got there
         # (found after the update) can only be undone from a snapshot. Without a rollback
-        # to do it, the skip puts back just the tensors that are non-finite.
-        return Decision("skip", False, f"{why}; no rollback left: the non-finite tensors "
-                        "put back from the last finite snapshot", repair=True), state
+        # to do it, the skip puts back just the broken tensors (non-finite or blown up).
+        return Decision("skip", False, f"{why}; no rollback (in actions, or left): the broken "
+                        "tensors put back from the last finite snapshot", repair=True), state
     if actions:
         return Decision("log", False, f"{why}; no rung left that can undo it, logged"), state
     return Decision("log", False, "monitoring only (actions=()), logged"), state

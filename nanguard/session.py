@@ -36,6 +36,10 @@ class Probe(Protocol):
         """Forensic tensors for the dump: the batch, the model output, localized tensors."""
         ...
 
+    def to_repair(self) -> list[str]:
+        """The names of the tensors a skip's repair (``Decision.repair``) will put back."""
+        ...
+
     def state(self) -> Mapping[str, np.ndarray]:
         """Model and optimizer state for the dump (``model.*``, ``optimizer.*``)."""
         ...
@@ -350,6 +354,9 @@ class GuardSession:
         )
         record.action = decision.action
         record.cause = cause
+        repaired = probe.to_repair() if decision.repair and probe is not None else []
+        put_back = ("" if not repaired else f" Put back: {', '.join(repaired[:6])}"
+                    + (f" and {len(repaired) - 6} more" if len(repaired) > 6 else "") + ".")
         if decision.restores:
             # The weights go back to the held snapshot's: a refused one's are gone.
             self.attempt_peak, self.peak_refused_at = self.held_peak, None
@@ -358,11 +365,11 @@ class GuardSession:
             step=culprit.step,
             cause=cause,
             where=where,
-            message=message + _did(decision, self.config, undo=undo),
+            message=message + _did(decision, self.config, undo=undo) + put_back,
             action=decision.action,
             rank=self.rank,
             details={"reason": decision.reason, "detected_at_step": record.step,
-                     **evidence.details},
+                     **evidence.details, **({"repaired": repaired} if repaired else {})},
         )
         if cause in ("grad_explosion", "grad_nonfinite"):
             grown = detector.layer_growth(self.history, self.extra_meta.get("param_names"))
@@ -371,7 +378,7 @@ class GuardSession:
                 if cause == "grad_explosion":
                     event.message = message + (
                         f" The first gradient to grow was '{grown['first']}' (from step "
-                        f"{grown['step']})." + _did(decision, self.config, undo=undo)
+                        f"{grown['step']})." + _did(decision, self.config, undo=undo) + put_back
                     )
         self.events.append(event)
         log.warning("nanguard: %s", event.message)

@@ -756,6 +756,7 @@ def test_update_that_overflows_is_rolled_back_at_once(tmp_path, capsys):
     # slots) back from it, so the run does not train on from Inf weights (it was logged).
     assert guard.events[1].action == "skip" and "back from the last finite snapshot" in (
         guard.events[1].message)
+    assert any(p.endswith("lin/kernel") for p in guard.events[1].details["repaired"])
     assert all(same(after[0], before) for after in rec.after[1:])
     assert all_finite(model)
 

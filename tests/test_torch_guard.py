@@ -2367,6 +2367,9 @@ def test_without_rollback_an_overflowed_update_is_repaired_from_the_snapshot(tmp
     event = guard.events[0]
     assert (event.step, event.cause, event.action) == (3, "update_nonfinite", "skip")
     assert "non-finite or blown up" in event.message
+    assert event.details["repaired"] == ["0.weight", "0.bias"]
+    assert "Put back: 0.weight, 0.bias." in event.message
+    assert nanguard.load(guard.dumps[0]).event.details["repaired"] == ["0.weight", "0.bias"]
     after, repaired, snap = seen[4], seen[5], seen["snapshot"]
     for name in ("0.weight", "0.bias"):  # Inf or ~1e38 after the spike; the snapshot's now
         assert not torch.isfinite(after[name]).all() or float(after[name].abs().max()) >= 1e8
