@@ -299,7 +299,7 @@ def _history_table(history: Sequence[StepRecord]) -> str:
             _num(r.logits_max),
             _num(r.grad_norm),
             _num(r.lr),
-            r.action or "",
+            r.action or ("(amp skip)" if r.cause == "amp_scaler_skip" else ""),
         )
         for r in history
     ]

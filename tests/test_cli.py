@@ -215,3 +215,21 @@ def test_main_puts_the_output_streams_back_as_they_were(tmp_path, capsys):
     before = (sys.stdout.errors, sys.stderr.errors)
     assert main(["ls", str(tmp_path)]) == 0
     assert (sys.stdout.errors, sys.stderr.errors) == before
+
+
+def test_inspect_marks_the_steps_an_amp_scaler_skipped_itself(tmp_path, capsys):
+    # They showed a non-finite norm with a blank action, like an unhandled bad step.
+    from nanguard.events import Event, StepRecord
+
+    event = Event(step=2, cause="input_nonfinite", where="inputs", message="Step 2: bad.",
+                  action="skip")
+    history = [StepRecord(step=0, loss=1.0, grad_norm=math.inf, lr=0.1,
+                          cause="amp_scaler_skip"),
+               StepRecord(step=1, loss=1.0, grad_norm=2.0, lr=0.1),
+               StepRecord(step=2, loss=math.nan, grad_norm=math.nan, lr=0.1, action="skip",
+                          cause="input_nonfinite")]
+    path = write_dump(str(tmp_path), event, history, {}, {"framework": "test"}, None)
+    assert main(["inspect", path]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert rows[0].endswith("(amp skip)") and rows[1].rstrip().endswith("0.1")
+    assert rows[2].endswith("skip") and not rows[2].endswith("(amp skip)")
