@@ -595,6 +595,9 @@ class KerasProbe:
                 if logits_bad or not is_output:
                     ev.where = name
                     ev.details["replay_layer"] = name
+                if any(op.name == name and not isinstance(op, keras.layers.Layer)
+                       for op in getattr(self.model, "operations", None) or []):
+                    ev.details["replay_op"] = True
                 if not is_output:
                     ev.activation = name
                 elif name == self.model.name:  # no layer: the model's own call() made it

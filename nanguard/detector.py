@@ -363,8 +363,10 @@ def classify(
         )
     huge = _huge_weights(evidence)
     if evidence.activation:
+        kind = ("operation (a raw op between layers)" if evidence.details.get("replay_op")
+                else "layer")
         return "activation_nonfinite", evidence.activation, (
-            f"Step {s}: layer '{evidence.activation}' turned finite inputs into non-finite "
+            f"Step {s}: {kind} '{evidence.activation}' turned finite inputs into non-finite "
             + (f"outputs, and {huge}." if huge else
                "outputs. Look for an exp, log, pow or division there that overflows; clamp "
                "its input, add normalisation before it, or lower the learning rate.") + trend

@@ -338,6 +338,9 @@ def test_a_raw_op_in_the_model_is_not_blamed_on_a_layer(tmp_path, kind, cause, w
     assert not event.details.get("replay_unreproduced")
     if kind == "subclassed":
         assert "the model's own code" in event.message and event.details["made_in_model_code"]
+    if kind == "functional_mid":
+        assert event.details["replay_op"] and "operation (a raw op between layers)" in (
+            event.message)
     assert all_finite(model)
 
 
