@@ -17,6 +17,7 @@ from nanguard import detector
 from nanguard._keras_state import (
     Snapshot,
     first_nonfinite_variable,
+    inner_optimizer,
     nonfinite_variables,
     state_variables,
     to_numpy,
@@ -48,7 +49,7 @@ def describe_nonfinite(name: str, a: np.ndarray) -> str | None:
 def makes_no_nan(optimizer: Any) -> bool:
     """Whether ``optimizer`` (unwrapped from a ``LossScaleOptimizer``) is a built-in whose
     update of finite numbers never makes a NaN (``detector.NAN_FREE_UPDATES``)."""
-    optimizer = _unwrapped(optimizer)
+    optimizer = inner_optimizer(optimizer)
     cls = type(optimizer)
     eps = getattr(optimizer, "epsilon", 1.0)
     return (cls.__name__ in detector.NAN_FREE_UPDATES
@@ -60,7 +61,7 @@ def bounded_step(optimizer: Any, lr: float) -> bool:
     """Whether ``optimizer`` (unwrapped from a ``LossScaleOptimizer``) is a built-in whose step
     of each weight is bounded by the learning rate ``lr`` it stepped with
     (``detector.bounded_step``)."""
-    optimizer = _unwrapped(optimizer)
+    optimizer = inner_optimizer(optimizer)
     cls = type(optimizer)
     if not cls.__module__.startswith("keras."):
         return False
@@ -75,13 +76,6 @@ def bounded_step(optimizer: Any, lr: float) -> bool:
         centered=bool(getattr(optimizer, "centered", False)),
         decay=0.0 if getattr(optimizer, "weight_decay", None) is None
         else number("weight_decay"))
-
-
-def _unwrapped(optimizer: Any) -> Any:
-    inner = getattr(optimizer, "inner_optimizer", None)
-    if inner is not None and isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return inner
-    return optimizer
 
 
 def check_targets(heads: list[tuple[Head, np.ndarray, np.ndarray | None]]) -> str | None:
@@ -543,9 +537,10 @@ class KerasProbe:
                 ev.input_nonfinite = describe_nonfinite(name, a)
                 if ev.input_nonfinite:
                     break
-        ev.target_invalid = check_targets(self.paired_targets())
+        pairs = self.paired_targets()
+        ev.target_invalid = check_targets(pairs)
         if not ev.target_invalid and not math.isfinite(record.loss):
-            peaks = [float(np.abs(y).max()) for _, y, _ in self.paired_targets()
+            peaks = [float(np.abs(y).max()) for _, y, _ in pairs
                      if y.dtype.kind == "f" and y.size]
             if peaks:  # huge finite targets (a missing-value sentinel) overflow a loss
                 ev.details["targets_peak"] = max(peaks)

@@ -65,16 +65,20 @@ def nonfinite_variables(variables: list[Any]) -> list[Any]:
     return found
 
 
-def _inner(optimizer: Any) -> Any:
-    """A ``LossScaleOptimizer``'s inner optimizer (which holds the slots), else itself."""
-    return getattr(optimizer, "inner_optimizer", None) or optimizer
+def inner_optimizer(optimizer: Any) -> Any:
+    """A ``LossScaleOptimizer``'s inner optimizer (which holds the slots and the settings),
+    else the optimizer itself."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None and isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return inner
+    return optimizer
 
 
 def slot_owners(optimizer: Any) -> dict[int, Any]:
     """Each optimizer slot variable's trainable variable, by the slot's id: Keras keeps a
     slot list per kind (``_momentums``, ``_velocities``, ...) aligned with the optimizer's
     ``_trainable_variables``. Empty when the optimizer keeps none such."""
-    optimizer = _inner(optimizer)
+    optimizer = inner_optimizer(optimizer)
     tvs = list(getattr(optimizer, "_trainable_variables", None) or [])
     held = {id(v) for v in tvs}
     owners: dict[int, Any] = {}
@@ -90,7 +94,7 @@ def lr_scaled_slots(optimizer: Any) -> set[int]:
     """The ids of slots that hold a learning rate times gradients (Keras's SGD and RMSprop
     momentum): finite gradients and a huge rate overflow them, so a non-finite one after an
     update does not prove a state that was bad before it."""
-    optimizer = _inner(optimizer)
+    optimizer = inner_optimizer(optimizer)
     name = type(optimizer).__name__
     slots = (getattr(optimizer, "momentums", None) if name == "SGD"
              else getattr(optimizer, "_momentums", None) if name == "RMSprop" else None)

@@ -419,22 +419,7 @@ class Snapshot:
                        params: list[torch.Tensor]) -> None:
         """Copy back only these parameters, each with its optimizer state, as they were in
         the snapshot (a skip's repair of weights an applied update made non-finite)."""
-        ids = {id(p) for p in params}
-        with torch.no_grad():
-            for name, target in self._targets(_live_state(model)).items():
-                if id(target) in ids:
-                    target.data.copy_(self.model[name])
-        for k, (opt, saved) in enumerate(zip(optimizers, self.optim, strict=True)):
-            for i, p in enumerate(_opt_params(opt)):
-                if id(p) not in ids:
-                    continue
-                if (k, i) in self.outside:
-                    with torch.no_grad():
-                        p.copy_(self.outside[(k, i)])
-                if i in saved:
-                    opt.state[p] = {key: _copy(v, device) for key, (v, device) in saved[i].items()}
-                else:
-                    opt.state.pop(p, None)
+        self.restore(model, optimizers, only={id(p) for p in params})
 
     def blown_up(self, model: torch.nn.Module) -> list[torch.Tensor]:
         """The model's finite floating tensors whose largest ``|w|`` is huge and grew
@@ -464,12 +449,18 @@ class Snapshot:
                 targets[name] = ref
         return targets
 
-    def restore(self, model: torch.nn.Module, optimizers: list[Any]) -> None:
+    def restore(self, model: torch.nn.Module, optimizers: list[Any],
+                only: set[int] | None = None) -> None:
+        """Everything back bit for bit; ``only``: just the tensors with these ids (and the
+        optimizer state of those that are parameters)."""
         with torch.no_grad():
             for name, target in self._targets(_live_state(model)).items():
-                target.data.copy_(self.model[name])
+                if only is None or id(target) in only:
+                    target.data.copy_(self.model[name])
         for k, (opt, saved) in enumerate(zip(optimizers, self.optim, strict=True)):
             for i, p in enumerate(_opt_params(opt)):
+                if only is not None and id(p) not in only:
+                    continue
                 if (k, i) in self.outside:
                     with torch.no_grad():
                         p.copy_(self.outside[(k, i)])

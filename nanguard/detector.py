@@ -306,25 +306,20 @@ def classify(
             "before the step: something outside the training step wrote it (a corrupt "
             "optimizer checkpoint?). Only a finite snapshot can restore it."
         )
-    if evidence.update_nonfinite and evidence.details.get("nan_before_update"):
+    before = ("NaN" if evidence.details.get("nan_before_update")
+              else "Inf" if evidence.details.get("inf_before_update") else None)
+    if evidence.update_nonfinite and before is not None:
+        why = ("whose update of finite numbers can overflow to Inf but never makes a NaN"
+               if before == "NaN" else "whose step is bounded by its learning rate (the "
+               "gradient over its running scale): it cannot take a finite weight to Inf")
+        made = "" if before == "NaN" else " (or a corrupt optimizer state made it)"
+        hides = "a ReLU, a mask" if before == "NaN" else "a saturated tanh or sigmoid, a mask"
         return "weights_nonfinite", _name(evidence.weights_nonfinite), (
-            f"Step {s}: a weight holds NaN ({evidence.weights_nonfinite}) after an update made "
-            f"from finite gradients (norm {_fmt(record.grad_norm)}) by an optimizer whose update "
-            "of finite numbers can overflow to Inf but never makes a NaN: the NaN was there "
-            "before the step, and a later layer kept it from the loss (a ReLU, a mask). "
-            "Something outside the training step wrote it (a corrupt checkpoint, a manual "
-            "edit); only a finite snapshot can restore it."
-        )
-    if evidence.update_nonfinite and evidence.details.get("inf_before_update"):
-        return "weights_nonfinite", _name(evidence.weights_nonfinite), (
-            f"Step {s}: a weight holds Inf ({evidence.weights_nonfinite}) after an update made "
-            f"from finite gradients (norm {_fmt(record.grad_norm)}) by an optimizer whose step "
-            "is bounded by its learning rate (the gradient over its running scale): it cannot "
-            "take a finite weight to Inf, so the Inf was there before the step (or a corrupt "
-            "optimizer state made it), and a later "
-            "layer kept it from the loss (a saturated tanh or sigmoid, a mask). Something "
-            "outside the training step wrote it (a corrupt checkpoint, a manual edit); only a "
-            "finite snapshot can restore it."
+            f"Step {s}: a weight holds {before} ({evidence.weights_nonfinite}) after an update "
+            f"made from finite gradients (norm {_fmt(record.grad_norm)}) by an optimizer {why}: "
+            f"the {before} was there before the step{made}, and a later layer kept it from the "
+            f"loss ({hides}). Something outside the training step wrote it (a corrupt "
+            "checkpoint, a manual edit); only a finite snapshot can restore it."
         )
     if evidence.update_nonfinite and evidence.details.get("grads_changed_after_measure"):
         where = _name(evidence.weights_nonfinite)

@@ -3059,6 +3059,23 @@ def test_a_dump_keeps_text_and_numpy_leaves_of_the_batch_and_names_the_rest(tmp_
     assert dump.meta["left_out"] == ["tensors/inputs.meta"]
 
 
+def corrupt_before_step_3(tmp_path, model, opt, tensor, value):
+    """Six steps of a 4-in, 3-class model; ``tensor[0...]`` set to ``value`` before step 3
+    (a manual edit, a corrupt checkpoint); the first event."""
+    g = torch.Generator().manual_seed(0)
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for i in range(6):
+            if i == 3:
+                with torch.no_grad():
+                    tensor.view(-1)[0] = value
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y))
+                opt.step()
+    return guard.events[0]
+
+
 class FillsNaN(torch.nn.Module):
     """Replaces NaN activations by 0 (missing-value handling), keeping a NaN weight from the
     loss."""
@@ -3078,18 +3095,7 @@ class FillsNaN(torch.nn.Module):
 def test_a_nan_weight_a_mask_keeps_from_the_loss_is_weights_nonfinite(tmp_path, opt_name):
     model = FillsNaN()
     opt = getattr(torch.optim, opt_name)(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
-        for i in range(6):
-            if i == 3:
-                with torch.no_grad():
-                    model.a.weight[0, 0] = math.nan
-            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
-            opt.zero_grad()
-            with guard.step(x, targets=y):
-                guard.backward(F.cross_entropy(model(x), y))
-                opt.step()
-    event = guard.events[0]
+    event = corrupt_before_step_3(tmp_path, model, opt, model.a.weight, math.nan)
     assert (event.step, event.cause, event.where) == (3, "weights_nonfinite", "a.weight")
     assert "was there before the step" in event.message
     assert weights_finite(model)
@@ -3119,18 +3125,7 @@ def test_an_inf_weight_a_saturated_tanh_keeps_from_the_loss_is_weights_nonfinite
     # have made that Inf (it was "update_nonfinite, lower the LR").
     model = Saturates()
     opt = getattr(torch.optim, opt_name)(model.parameters(), lr=1e-3, **kwargs)
-    g = torch.Generator().manual_seed(0)
-    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
-        for i in range(6):
-            if i == 3:
-                with torch.no_grad():
-                    model.a.bias[0] = math.inf
-            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
-            opt.zero_grad()
-            with guard.step(x, targets=y):
-                guard.backward(F.cross_entropy(model(x), y))
-                opt.step()
-    event = guard.events[0]
+    event = corrupt_before_step_3(tmp_path, model, opt, model.a.bias, math.inf)
     assert (event.step, event.cause, event.where) == (3, "weights_nonfinite", "a.bias")
     assert "Inf was there before the step" in event.message
     assert weights_finite(model)
