@@ -471,12 +471,16 @@ class KerasProbe:
             non-finite.
         snapshot: The last snapshot: a non-trainable variable whose Inf it holds at the same
             place is not reported as left non-finite.
+        details: Facts the adapter knows about the step, added to the evidence's details
+            (with gradient accumulation: which micro-batch ``batch`` is).
     """
 
     def __init__(self, model: Any, batch: Mapping[str, Any], *, heads: list[Head] | None = None,
                  replay: bool = True, allow_neg_inf: Sequence[str] = (),
-                 update_nonfinite: bool = False, snapshot: Snapshot | None = None) -> None:
+                 update_nonfinite: bool = False, snapshot: Snapshot | None = None,
+                 details: Mapping[str, Any] | None = None) -> None:
         self.model = model
+        self.details = dict(details or {})
         self.update_nonfinite = update_nonfinite
         self.snapshot = snapshot
         self.batch = batch
@@ -524,6 +528,7 @@ class KerasProbe:
 
     def evidence(self, record: StepRecord) -> detector.Evidence:
         ev = detector.Evidence()
+        ev.details.update(self.details)
         arrays = self.tensors()
         outputs = [a for n, a in arrays.items() if n.startswith("output") and a.dtype.kind == "f"]
         if outputs:  # the output whose magnitude is largest sets the exp-overflow limit

@@ -11,7 +11,9 @@ These instance attributes are patched while a guarded ``fit`` runs, never the cl
   CPU does not raise) and that loss is made NaN, which makes the step bad.
 - ``optimizer.apply``: the global gradient norm before clipping, the finiteness decision,
   ``clip_grad_norm``, and the update itself inside a ``cond`` (as Keras's own
-  ``LossScaleOptimizer`` does), then one check that the weights stayed finite.
+  ``LossScaleOptimizer`` does), then one check that the weights stayed finite. With an
+  optimizer's ``gradient_accumulation_steps=k`` one step is one window of k micro-batches
+  (see :meth:`StepInstrument._window`).
 - ``model._loss_tracker.update_state`` (and the per-output loss means of a multi-output
   model): leaves out a bad batch's loss, so one skipped batch does not turn Keras's running
   mean (``logs["loss"]``, ``logs["a_loss"]``) into NaN for the epoch, nor counts a skipped
@@ -31,10 +33,15 @@ from typing import Any, NamedTuple
 import keras
 from keras import ops
 
+from nanguard._keras_state import inner_optimizer
+
 STATS_KEY = "_nanguard"
 # Order of the packed stats tensor; per-variable gradient norms follow.
+# "last": the micro-batch ended its accumulation window (always 1.0 without gradient
+# accumulation); "counted": the batch is in Keras's loss means; "micro_batch": its place in
+# the window, from 0 (0 without accumulation).
 HEAD = ("loss", "logits_min", "logits_max", "grad_norm", "lr", "applied", "weights_ok",
-        "labels_ok", "amp_skip")
+        "labels_ok", "amp_skip", "last", "counted", "micro_batch")
 
 
 def float_tensors(structure: Any) -> list[Any]:
@@ -106,6 +113,9 @@ class StepInstrument:
     def __init__(self, model: Any, clip_grad_norm: float | None) -> None:
         self.model = model
         self.optimizer = model.optimizer
+        # The optimizer that accumulates (a LossScaleOptimizer's inner one), and its window.
+        self.inner = inner_optimizer(self.optimizer)
+        self.accumulate = int(getattr(self.inner, "gradient_accumulation_steps", None) or 0)
         self.clip = clip_grad_norm
         self.cap: _Capture | None = None
         # The per-output losses of the last traced step, in the order of its "heads".
@@ -296,21 +306,108 @@ class StepInstrument:
             # the ladder lets its update through); a LossScaleOptimizer's own skip counts, as
             # it does without the guard.
             self._flush(cap, ops.logical_or(good, amp_skip))
-            if self.clip is not None:
-                factor = ops.minimum(1.0, self.clip / (total + 1e-6))
-                grads = [None if g is None else g * ops.cast(factor, g.dtype) for g in grads]
+            if self.clip is not None and not self.accumulate:
+                grads = _clipped(grads, total, self.clip)
             # The rate this step uses, read before `apply` advances the iteration count.
             lr = ops.cast(self.optimizer.learning_rate, "float32")
-            _cond_apply(go, lambda: orig(grads, trainable_variables), self.optimizer)
+            last = counted = ops.logical_or(good, amp_skip)
+            place = ops.zeros((), "float32")
+            if self.accumulate:
+                place = ops.cast(ops.mod(self.inner._iterations, self.accumulate), "float32")
+                total, per, go, last = self._window(grads, tvs, total, per, loss_ok, amp_skip,
+                                                    orig, trainable_variables)
+            else:
+                _cond_apply(go, lambda: orig(grads, trainable_variables), self.optimizer)
+            last = ops.logical_or(ops.cast(not self.accumulate, "bool"), last)
             # Sums, not `all(isfinite(v))`: one pass and no temporary per variable. A sum can
             # also overflow with finite entries; the host confirms a False (slow path only).
             weights_ok = ops.all(ops.isfinite(ops.stack([
                 ops.sum(ops.cast(v, "float32")) for v in tvs
             ])))
-            cap.grad = (total, per, lr, go, weights_ok, amp_skip)
+            cap.grad = (total, per, lr, go, weights_ok, amp_skip, last, counted, place)
             return None
 
         return apply
+
+    def _window(self, grads: list[Any], tvs: list[Any], total: Any, per: Any, loss_ok: Any,
+                amp_skip: Any, orig: Callable[..., Any], trainable_variables: Any,
+                ) -> tuple[Any, Any, Any, Any]:
+        """One micro-batch of an accumulation window of ``k = gradient_accumulation_steps``.
+
+        Keras adds each micro-batch's gradients to its accumulators and updates the weights
+        with their mean at every k-th ``apply`` (its ``_iterations`` counts micro-batches).
+        The window's last micro-batch is judged on the norm of that mean (the gradient the
+        update uses), and a bad window never reaches the weights: its accumulators are
+        zeroed and the iteration count moves on, as after an update. A bad micro-batch
+        before the last poisons the accumulators (a NaN in the smallest one) rather than
+        adding to them, so the window stays bad in Keras's own variables: across replicas,
+        in snapshots and checkpoints, without a variable of nanguard's. ``clip_grad_norm``
+        clips the mean, at the last micro-batch.
+
+        Returns:
+            The norms (the mean gradient's at the last micro-batch, else the micro-batch's
+            own), whether the optimizer's ``apply`` ran, and whether the window ended.
+        """
+        inner, k = self.inner, self.accumulate
+        if not self.optimizer.built:  # its accumulators are read below
+            with keras.backend.name_scope(self.optimizer.name, caller=self.optimizer):
+                self.optimizer.build(tvs)
+            self.optimizer.built = True
+        # The micro-batch's own gradients, unscaled as Keras's `apply` will unscale them.
+        div = ops.cast(1.0, "float32")
+        scale = _loss_scale(self.optimizer)
+        if scale is not None:
+            div = div * scale
+        static = getattr(self.optimizer, "loss_scale_factor", None)
+        if static is not None:
+            div = div * float(static)
+        acc = [None if g is None else inner._accumulated_gradients[inner._get_variable_index(v)]
+               for g, v in zip(grads, tvs, strict=True)]
+        is_last = ops.equal(ops.mod(inner._iterations + 1, k), 0)
+
+        def mean_norms() -> tuple[Any, Any]:
+            squares = [None if g is None else sum_of_squares(
+                ops.cast(g, "float32") / ops.cast(div, "float32") + ops.cast(a, "float32"))
+                for g, a in zip(grads, acc, strict=True)]
+            kept = [s for s in squares if s is not None]
+            mean_total = ops.sqrt(ops.sum(ops.stack(kept))) / k
+            mean_per = ops.stack([ops.zeros((), "float32") if s is None else ops.sqrt(s) / k
+                                  for s in squares])
+            return mean_total, mean_per
+
+        total, per = ops.cond(is_last, mean_norms, lambda: (total, per))
+        good = ops.logical_and(loss_ok, ops.isfinite(total))
+        go = ops.logical_or(ops.logical_or(good, ops.less(self.block_bad, 0.5)), amp_skip)
+        last = ops.logical_and(is_last, ops.logical_not(amp_skip))  # a scaler's skip: not
+        clip = self.clip
+
+        def run() -> None:
+            if clip is None:
+                orig(grads, trainable_variables)
+                return
+            factor = ops.where(is_last, ops.minimum(1.0, clip / (total + 1e-6)), 1.0)
+            for a in acc:
+                if a is not None:
+                    a.assign(a * ops.cast(factor, a.dtype))
+            orig([None if g is None else g * ops.cast(factor, g.dtype) for g in grads],
+                 trainable_variables)
+
+        small = min((a for a in acc if a is not None), key=lambda a: math.prod(a.shape),
+                    default=None)
+
+        def poison() -> None:
+            if small is not None:
+                small.assign(ops.full(small.shape, math.nan, small.dtype))
+
+        def drop() -> None:
+            zero_accumulators(inner)
+
+        def blocked() -> None:
+            ops.cond(is_last, drop, poison)
+            inner._iterations.assign_add(1)
+
+        _cond_apply(go, run, self.optimizer, otherwise=blocked)
+        return total, per, go, last
 
     def mean_names(self) -> list[str]:
         """The names of the loss means this step feeds: ``loss``, and ``a_loss``, ... of a
@@ -347,7 +444,7 @@ class StepInstrument:
 
     def _pack(self, cap: _Capture) -> Any:
         assert cap.grad is not None
-        total, per, lr, go, weights_ok, amp_skip = cap.grad
+        total, per, lr, go, weights_ok, amp_skip, last, counted, place = cap.grad
         f32 = "float32"
         nan = ops.cast(math.nan, f32)
         loss = ops.sum(ops.cast(cap.loss, f32))
@@ -361,7 +458,8 @@ class StepInstrument:
         labels_ok = (ops.cast(1.0, f32) if cap.labels_ok is None
                      else ops.cast(cap.labels_ok, f32))
         head = [loss, lo, hi, ops.cast(total, f32), lr, ops.cast(go, f32),
-                ops.cast(weights_ok, f32), labels_ok, ops.cast(amp_skip, f32)]
+                ops.cast(weights_ok, f32), labels_ok, ops.cast(amp_skip, f32),
+                ops.cast(last, f32), ops.cast(counted, f32), place]
         return ops.concatenate([ops.stack(head), ops.cast(per, f32)])
 
 
@@ -398,11 +496,28 @@ def sum_of_squares(g: Any) -> Any:
     return ops.sum(ops.square(ops.cast(g, "float32")))
 
 
-def _cond_apply(pred: Any, apply: Callable[[], Any], optimizer: Any) -> None:
-    """``apply()`` only where ``pred`` holds, inside the step (as ``LossScaleOptimizer``)."""
+def zero_accumulators(optimizer: Any) -> None:
+    """Zero an optimizer's gradient accumulators, NaN entries included (Keras's torch
+    backend resets them by multiplying by 0, which leaves a NaN a NaN)."""
+    for a in getattr(optimizer, "_accumulated_gradients", None) or []:
+        if a is not None:
+            a.assign(ops.zeros(a.shape, a.dtype))
+
+
+def _clipped(grads: list[Any], total: Any, clip: float) -> list[Any]:
+    """The gradients scaled so that their global norm ``total`` is at most ``clip``."""
+    factor = ops.minimum(1.0, clip / (total + 1e-6))
+    return [None if g is None else g * ops.cast(factor, g.dtype) for g in grads]
+
+
+def _cond_apply(pred: Any, apply: Callable[[], Any], optimizer: Any,
+                otherwise: Callable[[], Any] | None = None) -> None:
+    """``apply()`` only where ``pred`` holds, else ``otherwise()``, inside the step (as
+    ``LossScaleOptimizer``)."""
 
     def skip() -> None:
-        return None
+        if otherwise is not None:
+            otherwise()
 
     def run() -> None:
         apply()

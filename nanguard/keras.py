@@ -29,7 +29,7 @@ from nanguard._keras_state import (
     to_numpy,
     weight_peaks,
 )
-from nanguard._keras_step import HEAD, STATS_KEY, StepInstrument
+from nanguard._keras_step import HEAD, STATS_KEY, StepInstrument, zero_accumulators
 from nanguard.config import ACTIONS, GuardConfig
 from nanguard.detector import finite
 from nanguard.dump import environment
@@ -132,7 +132,9 @@ class NanGuard(Readout, keras.callbacks.Callback):
         self._batch = 0
         self._batch_logs: dict[int, dict[str, float]] = {}
         self._epoch_grad_max = -math.inf  # the epoch's largest finite gradient norm
-        self._epoch_steps = self._epoch_counted = 0  # steps, and those in the loss means
+        self._epoch_steps = self._epoch_counted = 0  # batches, and those in the loss means
+        # Gradient accumulation: the stats and tensors of the open window's micro-batches.
+        self._window: list[tuple[list[float], dict[str, Any]]] = []
         self._blocking = True
         self._snapshot_complete = True  # False: the model had no variables before step 0
         self._cache: tuple[tuple[Any, ...], StepInstrument, Any, LearningRate] | None = None
@@ -160,6 +162,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         self._good_logs = {}
         self._keys_warned = False
         self._batch_logs = {}
+        self._window = []
         self._epoch_grad_max = -math.inf
         self._blocking = True
         # Before the first snapshot: with the optimizer built lazily inside the first step,
@@ -289,7 +292,29 @@ class NanGuard(Readout, keras.callbacks.Callback):
                                else history[-1].lr if history else math.nan)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        self._teardown()
+        try:
+            if self._window and self._instrument is not None:
+                self._close_window()
+        finally:
+            self._teardown()
+
+    def _close_window(self) -> None:
+        """``fit`` ended inside an accumulation window. A window with a bad micro-batch is
+        concluded now, as a skipped step: its accumulators (poisoned) are zeroed and the
+        iteration count moved to the window's end, as the in-step check does at a window's
+        last micro-batch. A healthy one is left to Keras, whose accumulators carry it into
+        the next ``fit``."""
+        window, self._window = self._window, []
+        if not any(_bad_micro_batch(v) for v, _ in window):
+            return
+        assert self._instrument is not None
+        inner, k = self._instrument.inner, self._instrument.accumulate
+        zero_accumulators(inner)
+        done = int(to_numpy(inner._iterations))
+        inner._iterations.assign(done + (-done) % k)
+        v, extra, details = _merge_window(window, k)
+        v[_H["applied"]] = 0.0
+        self._conclude(v, extra, logs={}, details=details)
 
     # -- the step ----------------------------------------------------------------------
     def _train_function(self, *args: Any, **kwargs: Any) -> Any:
@@ -313,6 +338,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
             raise
 
     def _maybe_snapshot(self) -> None:
+        if self._window:  # inside an accumulation window: at its start, or at the next
+            return
         last = None if self._snapshot is None else self._snapshot.step
         if not self._snapshot_complete and self.session.step > 0:
             # The model's variables appeared in the first step (a subclassed model called
@@ -335,10 +362,34 @@ class NanGuard(Readout, keras.callbacks.Callback):
     def _after_step(self, logs: Any) -> Any:
         logs = dict(logs)
         extra = logs.pop(STATS_KEY, None)
+        if extra is None:
+            return self._conclude(None, {}, logs)
+        v = to_numpy(extra["stats"]).tolist()  # the one device-to-host transfer
+        self._epoch_steps += 1
+        self._epoch_counted += v[_H["counted"]] > 0.5
+        if self._instrument is not None and self._instrument.accumulate and (
+                _steps_per_execution(self.model) == 1):
+            if v[_H["amp_skip"]] > 0.5:
+                # The LossScaleOptimizer dropped this micro-batch (its scaled gradients
+                # overflowed) and lowered its scale: not a step, the window goes on.
+                self.session.amp_skips += 1
+                return logs
+            if v[_H["last"]] < 0.5:
+                self._window.append((v, extra))
+                return logs
+            window, self._window = self._window + [(v, extra)], []
+            v, extra, details = _merge_window(window, self._instrument.accumulate)
+            return self._conclude(v, extra, logs, details=details)
+        return self._conclude(v, extra, logs)
+
+    def _conclude(self, v: list[float] | None, extra: dict[str, Any],
+                  logs: dict[str, Any], details: dict[str, Any] | None = None) -> Any:
+        """Judge one step: ``v`` its packed stats (None: the loss-only fallback, which reads
+        ``logs``), ``extra`` the tensors the probe reads on a bad step, ``details`` what
+        else its event should hold."""
         step = self.session.step
         update_bad = False
-        if extra is not None:
-            v = to_numpy(extra["stats"]).tolist()  # the one device-to-host transfer
+        if v is not None:
             n = len(HEAD)
             record = StepRecord(
                 step=step, loss=v[_H["loss"]], logits_min=v[_H["logits_min"]],
@@ -378,7 +429,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         heads = self._instrument.heads if self._instrument is not None else None
         probe = KerasProbe(self.model, batch, heads=heads, replay=not self.fallback,
                            allow_neg_inf=self.config.allow_neg_inf, update_nonfinite=update_bad,
-                           snapshot=self._snapshot)
+                           snapshot=self._snapshot, details=details)
         verdict = self.session.conclude(record, probe, bad=bad, update_nonfinite=update_bad,
                                         update_step=step, can_skip=can_skip,
                                         has_snapshot=self._snapshot is not None)
@@ -484,11 +535,6 @@ class NanGuard(Readout, keras.callbacks.Callback):
         rec = verdict.record
         if finite(rec.grad_norm) and rec.grad_norm > self._epoch_grad_max:
             self._epoch_grad_max = rec.grad_norm
-        self._epoch_steps += 1
-        # What the instrumented step counts in the loss means (_keras_step's _flush): a
-        # finite loss and gradient norm, or a LossScaleOptimizer's own skip.
-        self._epoch_counted += (finite(rec.loss) and finite(rec.grad_norm)
-                                or rec.cause == "amp_scaler_skip")
         if rec.step % self.config.log_every and verdict.action is None:
             return  # a step with an action is always in its batch's logs
         self._batch_logs[self._batch] = {
@@ -519,6 +565,40 @@ class NanGuard(Readout, keras.callbacks.Callback):
                     self._train_function):
                 model.train_function = None
             self._inner = None
+
+
+def _bad_micro_batch(v: list[float]) -> bool:
+    """A micro-batch's own stats make its accumulation window bad."""
+    return (not (finite(v[_H["loss"]]) and finite(v[_H["grad_norm"]]))
+            or v[_H["labels_ok"]] < 0.5)
+
+
+def _merge_window(window: list[tuple[list[float], dict[str, Any]]], k: int,
+                  ) -> tuple[list[float], dict[str, Any], dict[str, Any]]:
+    """One step's stats from its accumulation window's micro-batches (oldest first): the
+    mean loss (the loss the update's mean gradient belongs to), the output's range over
+    every micro-batch, the last micro-batch's rate, update and weight check. The gradient
+    norms are the mean gradient's (the last micro-batch's), or, when a micro-batch was bad,
+    that first bad micro-batch's own (whose batch and output the probe then reads; its
+    place in the window is ``details["micro_batch"]``, of ``details["micro_batches"]``)."""
+    stats = [v for v, _ in window]
+    merged = list(stats[-1])
+    losses = np.array([v[_H["loss"]] for v in stats], dtype=np.float64)
+    with np.errstate(all="ignore"):
+        merged[_H["loss"]] = float(losses.mean())
+    for key, pick in (("logits_min", min), ("logits_max", max)):
+        values = [v[_H[key]] for v in stats]
+        merged[_H[key]] = math.nan if any(math.isnan(x) for x in values) else pick(values)
+    merged[_H["labels_ok"]] = min(v[_H["labels_ok"]] for v in stats)
+    bad = [i for i, (v, _) in enumerate(window) if _bad_micro_batch(v)]
+    if not bad:
+        return merged, window[-1][1], {}
+    v, extra = window[bad[0]]
+    if not finite(v[_H["grad_norm"]]):
+        n = len(HEAD)
+        merged[_H["grad_norm"]] = v[_H["grad_norm"]]
+        merged[n:] = v[n:]
+    return merged, extra, {"micro_batch": int(v[_H["micro_batch"]]), "micro_batches": k}
 
 
 def _flatten_logs(logs: Any) -> dict[str, Any]:
