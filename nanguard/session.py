@@ -341,6 +341,12 @@ class GuardSession:
             # (a rollback at once, or a skip's repair of those weights).
             corrupt = True
         cause, where, message = detector.classify(culprit, evidence, past)
+        micro, micros = (evidence.details.get(k) for k in ("micro_batch", "micro_batches"))
+        if isinstance(micro, int) and isinstance(micros, int):
+            # Gradient accumulation (Keras): which of the step's batches went bad.
+            message = message.replace(
+                f"Step {culprit.step}:",
+                f"Step {culprit.step} (batch {micro + 1} of the {micros} it accumulates):", 1)
         found_on = evidence.details.get("cause_rank")
         if isinstance(found_on, int) and found_on != self.rank:
             # Every rank adopts the evidence of the rank whose cause comes first: say whose.

@@ -156,6 +156,7 @@ def run(dump_dir: str, eager: bool) -> dict[str, Any]:
             "micro_batch": [guard.events[0].details.get(key) for key in ("micro_batch",
                                                                          "micro_batches")],
             "dump": _dumped(guard),
+            "message": guard.events[0].message,
         }
 
     # 3. An out-of-range label in a window's first micro-batch: its gradients are finite

@@ -34,6 +34,7 @@ def check(out):
         assert bad["iterations"] == list(range(1, 9))  # Keras's window count goes on
         assert bad["norm_finite"] == [True, True, False, True]
         assert bad["micro_batch"] == [place, 2]
+        assert bad["message"].startswith(f"Step 2 (batch {place + 1} of the 2 it accumulates): ")
         assert bad["dump"] == [2, "input_nonfinite", [0, 1, 2], 1]
     label = out["label"]
     assert label["events"] == [[1, "target_invalid", "skip"]]
