@@ -288,11 +288,9 @@ class StepInstrument:
                 ops.zeros((), "float32") if s is None else ops.sqrt(s) for s in squares
             ]) if squares else ops.zeros((0,), "float32")
             scale = _loss_scale(self.optimizer)
-            if scale is not None:  # the gradients of a scaled loss: report the true norms
-                total, per = total / scale, per / scale
-            static = getattr(self.optimizer, "loss_scale_factor", None)
-            if static is not None:  # static loss scaling: `apply` divides the gradients by it
-                total, per = total / float(static), per / float(static)
+            div = _divisor(self.optimizer, scale)
+            if div is not None:  # the gradients of a scaled loss: report the true norms
+                total, per = total / div, per / div
             loss_ok = ops.all(ops.isfinite(cap.loss))
             good = ops.logical_and(loss_ok, ops.isfinite(total))
             go = ops.logical_or(good, ops.less(self.block_bad, 0.5))
@@ -310,27 +308,32 @@ class StepInstrument:
                 grads = _clipped(grads, total, self.clip)
             # The rate this step uses, read before `apply` advances the iteration count.
             lr = ops.cast(self.optimizer.learning_rate, "float32")
-            last = counted = ops.logical_or(good, amp_skip)
-            place = ops.zeros((), "float32")
+            counted = ops.logical_or(good, amp_skip)
+            last, place = ops.cast(True, "bool"), ops.zeros((), "float32")
             if self.accumulate:
                 place = ops.cast(ops.mod(self.inner._iterations, self.accumulate), "float32")
                 total, per, go, last = self._window(grads, tvs, total, per, loss_ok, amp_skip,
-                                                    orig, trainable_variables)
+                                                    div, orig, trainable_variables)
             else:
                 _cond_apply(go, lambda: orig(grads, trainable_variables), self.optimizer)
-            last = ops.logical_or(ops.cast(not self.accumulate, "bool"), last)
-            # Sums, not `all(isfinite(v))`: one pass and no temporary per variable. A sum can
-            # also overflow with finite entries; the host confirms a False (slow path only).
-            weights_ok = ops.all(ops.isfinite(ops.stack([
-                ops.sum(ops.cast(v, "float32")) for v in tvs
-            ])))
+
+            def check() -> Any:
+                # Sums, not `all(isfinite(v))`: one pass and no temporary per variable. A sum
+                # can also overflow with finite entries; the host confirms a False.
+                return ops.all(ops.isfinite(ops.stack([
+                    ops.sum(ops.cast(v, "float32")) for v in tvs
+                ])))
+
+            # With accumulation the weights change only when a window ends.
+            weights_ok = (ops.cond(last, check, lambda: ops.cast(True, "bool"))
+                          if self.accumulate else check())
             cap.grad = (total, per, lr, go, weights_ok, amp_skip, last, counted, place)
             return None
 
         return apply
 
     def _window(self, grads: list[Any], tvs: list[Any], total: Any, per: Any, loss_ok: Any,
-                amp_skip: Any, orig: Callable[..., Any], trainable_variables: Any,
+                amp_skip: Any, div: Any, orig: Callable[..., Any], trainable_variables: Any,
                 ) -> tuple[Any, Any, Any, Any]:
         """One micro-batch of an accumulation window of ``k = gradient_accumulation_steps``.
 
@@ -342,7 +345,8 @@ class StepInstrument:
         before the last poisons the accumulators (a NaN in the smallest one) rather than
         adding to them, so the window stays bad in Keras's own variables: across replicas,
         in snapshots and checkpoints, without a variable of nanguard's. ``clip_grad_norm``
-        clips the mean, at the last micro-batch.
+        clips the mean, at a good window's last micro-batch. ``div`` unscales the gradients
+        (a loss scale), or None.
 
         Returns:
             The norms (the mean gradient's at the last micro-batch, else the micro-batch's
@@ -353,22 +357,20 @@ class StepInstrument:
             with keras.backend.name_scope(self.optimizer.name, caller=self.optimizer):
                 self.optimizer.build(tvs)
             self.optimizer.built = True
-        # The micro-batch's own gradients, unscaled as Keras's `apply` will unscale them.
-        div = ops.cast(1.0, "float32")
-        scale = _loss_scale(self.optimizer)
-        if scale is not None:
-            div = div * scale
-        static = getattr(self.optimizer, "loss_scale_factor", None)
-        if static is not None:
-            div = div * float(static)
-        acc = [None if g is None else inner._accumulated_gradients[inner._get_variable_index(v)]
+        # Keras accumulates a variable that `overwrite_with_gradient` by `maximum`, not in
+        # the mean: left out of the norms here.
+        acc = [None if g is None or getattr(v, "overwrite_with_gradient", False)
+               else inner._accumulated_gradients[inner._get_variable_index(v)]
                for g, v in zip(grads, tvs, strict=True)]
         is_last = ops.equal(ops.mod(inner._iterations + 1, k), 0)
 
+        def unscaled(g: Any) -> Any:  # as Keras's `apply` unscales it before accumulating
+            g = ops.cast(g, "float32")
+            return g if div is None else g / div
+
         def mean_norms() -> tuple[Any, Any]:
-            squares = [None if g is None else sum_of_squares(
-                ops.cast(g, "float32") / ops.cast(div, "float32") + ops.cast(a, "float32"))
-                for g, a in zip(grads, acc, strict=True)]
+            squares = [None if a is None else sum_of_squares(unscaled(g) + ops.cast(a, "float32"))
+                       for g, a in zip(grads, acc, strict=True)]
             kept = [s for s in squares if s is not None]
             mean_total = ops.sqrt(ops.sum(ops.stack(kept))) / k
             mean_per = ops.stack([ops.zeros((), "float32") if s is None else ops.sqrt(s) / k
@@ -385,15 +387,21 @@ class StepInstrument:
             if clip is None:
                 orig(grads, trainable_variables)
                 return
-            factor = ops.where(is_last, ops.minimum(1.0, clip / (total + 1e-6)), 1.0)
-            for a in acc:
-                if a is not None:
-                    a.assign(a * ops.cast(factor, a.dtype))
-            orig([None if g is None else g * ops.cast(factor, g.dtype) for g in grads],
-                 trainable_variables)
+            # Only a good window's end: a scaler's overflow there (its total is not finite)
+            # leaves the window's accumulators as they are.
+            now = ops.logical_and(is_last, good)
+            factor = ops.where(now, clip_factor(total, clip), 1.0)
 
-        small = min((a for a in acc if a is not None), key=lambda a: math.prod(a.shape),
-                    default=None)
+            def scale_accumulators() -> None:
+                for a in acc:
+                    if a is not None:
+                        a.assign(a * ops.cast(factor, a.dtype))
+
+            ops.cond(now, scale_accumulators, lambda: None)
+            orig(_scaled(grads, factor), trainable_variables)
+
+        small = min((a for a in acc if a is not None and math.prod(a.shape) > 0),
+                    key=lambda a: math.prod(a.shape), default=None)
 
         def poison() -> None:
             if small is not None:
@@ -504,10 +512,28 @@ def zero_accumulators(optimizer: Any) -> None:
             a.assign(ops.zeros(a.shape, a.dtype))
 
 
+def clip_factor(total: Any, clip: float) -> Any:
+    """What scales gradients of global norm ``total`` to a norm of at most ``clip``."""
+    return ops.minimum(1.0, clip / (total + 1e-6))
+
+
+def _scaled(grads: list[Any], factor: Any) -> list[Any]:
+    return [None if g is None else g * ops.cast(factor, g.dtype) for g in grads]
+
+
 def _clipped(grads: list[Any], total: Any, clip: float) -> list[Any]:
     """The gradients scaled so that their global norm ``total`` is at most ``clip``."""
-    factor = ops.minimum(1.0, clip / (total + 1e-6))
-    return [None if g is None else g * ops.cast(factor, g.dtype) for g in grads]
+    return _scaled(grads, clip_factor(total, clip))
+
+
+def _divisor(optimizer: Any, scale: Any) -> Any:
+    """What ``apply`` divides the gradients by (a ``LossScaleOptimizer``'s dynamic ``scale``,
+    a static ``loss_scale_factor``, both), or None."""
+    div = scale
+    static = getattr(optimizer, "loss_scale_factor", None)
+    if static is not None:  # static loss scaling: `apply` divides the gradients by it
+        div = ops.cast(float(static), "float32") if div is None else div * float(static)
+    return div
 
 
 def _cond_apply(pred: Any, apply: Callable[[], Any], optimizer: Any,

@@ -133,8 +133,9 @@ class NanGuard(Readout, keras.callbacks.Callback):
         self._batch_logs: dict[int, dict[str, float]] = {}
         self._epoch_grad_max = -math.inf  # the epoch's largest finite gradient norm
         self._epoch_steps = self._epoch_counted = 0  # batches, and those in the loss means
-        # Gradient accumulation: the stats and tensors of the open window's micro-batches.
-        self._window: list[tuple[list[float], dict[str, Any]]] = []
+        # Gradient accumulation: the stats of the open window's micro-batches, and the
+        # tensors of its first bad one (None for the others: k batches stay alive else).
+        self._window: list[tuple[list[float], dict[str, Any] | None]] = []
         self._blocking = True
         self._snapshot_complete = True  # False: the model had no variables before step 0
         self._cache: tuple[tuple[Any, ...], StepInstrument, Any, LearningRate] | None = None
@@ -302,16 +303,18 @@ class NanGuard(Readout, keras.callbacks.Callback):
         """``fit`` ended inside an accumulation window. A window with a bad micro-batch is
         concluded now, as a skipped step: its accumulators (poisoned) are zeroed and the
         iteration count moved to the window's end, as the in-step check does at a window's
-        last micro-batch. A healthy one is left to Keras, whose accumulators carry it into
-        the next ``fit``."""
+        last micro-batch (not when the ladder only logs: the window is left as the step
+        left it). A healthy one is left to Keras, whose accumulators carry it into the next
+        ``fit``."""
         window, self._window = self._window, []
         if not any(_bad_micro_batch(v) for v, _ in window):
             return
         assert self._instrument is not None
         inner, k = self._instrument.inner, self._instrument.accumulate
-        zero_accumulators(inner)
-        done = int(to_numpy(inner._iterations))
-        inner._iterations.assign(done + (-done) % k)
+        if self._blocking:
+            zero_accumulators(inner)
+            done = int(to_numpy(inner._iterations))
+            inner._iterations.assign(done + (-done) % k)
         v, extra, details = _merge_window(window, k)
         v[_H["applied"]] = 0.0
         self._conclude(v, extra, logs={}, details=details)
@@ -367,15 +370,18 @@ class NanGuard(Readout, keras.callbacks.Callback):
         v = to_numpy(extra["stats"]).tolist()  # the one device-to-host transfer
         self._epoch_steps += 1
         self._epoch_counted += v[_H["counted"]] > 0.5
-        if self._instrument is not None and self._instrument.accumulate and (
-                _steps_per_execution(self.model) == 1):
+        if self._instrument is not None and self._instrument.accumulate:
+            # With steps_per_execution > 1, `v` is the execution's last micro-batch: a step
+            # ends with the first execution whose last micro-batch ends a window.
             if v[_H["amp_skip"]] > 0.5:
                 # The LossScaleOptimizer dropped this micro-batch (its scaled gradients
                 # overflowed) and lowered its scale: not a step, the window goes on.
-                self.session.amp_skips += 1
+                self.session.count_scaler_skip()
                 return logs
             if v[_H["last"]] < 0.5:
-                self._window.append((v, extra))
+                first_bad = _bad_micro_batch(v) and not any(
+                    t is not None for _, t in self._window)
+                self._window.append((v, extra if first_bad else None))
                 return logs
             window, self._window = self._window + [(v, extra)], []
             v, extra, details = _merge_window(window, self._instrument.accumulate)
@@ -396,7 +402,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
                 logits_max=v[_H["logits_max"]], grad_norm=v[_H["grad_norm"]], lr=v[_H["lr"]],
                 layer_grad_norms=v[n:] or None,
             )
-            bad = not (finite(record.loss) and finite(record.grad_norm)) or v[_H["labels_ok"]] < 0.5
+            bad = _bad_micro_batch(v)
             if v[_H["amp_skip"]] > 0.5:  # the LossScaleOptimizer skipped it and lowered its scale
                 self._publish(self.session.skipped_by_scaler(record))
                 return logs
@@ -568,19 +574,21 @@ class NanGuard(Readout, keras.callbacks.Callback):
 
 
 def _bad_micro_batch(v: list[float]) -> bool:
-    """A micro-batch's own stats make its accumulation window bad."""
+    """Packed stats that make a step bad (a micro-batch's: its accumulation window):
+    a non-finite loss or gradient norm, or an invalid label."""
     return (not (finite(v[_H["loss"]]) and finite(v[_H["grad_norm"]]))
             or v[_H["labels_ok"]] < 0.5)
 
 
-def _merge_window(window: list[tuple[list[float], dict[str, Any]]], k: int,
+def _merge_window(window: list[tuple[list[float], dict[str, Any] | None]], k: int,
                   ) -> tuple[list[float], dict[str, Any], dict[str, Any]]:
     """One step's stats from its accumulation window's micro-batches (oldest first): the
     mean loss (the loss the update's mean gradient belongs to), the output's range over
     every micro-batch, the last micro-batch's rate, update and weight check. The gradient
     norms are the mean gradient's (the last micro-batch's), or, when a micro-batch was bad,
-    that first bad micro-batch's own (whose batch and output the probe then reads; its
-    place in the window is ``details["micro_batch"]``, of ``details["micro_batches"]``)."""
+    that first bad micro-batch's own (the mean's read nanguard's poison then), whose batch
+    and output the probe reads; its place in the window is ``details["micro_batch"]``, of
+    ``details["micro_batches"]``."""
     stats = [v for v, _ in window]
     merged = list(stats[-1])
     losses = np.array([v[_H["loss"]] for v in stats], dtype=np.float64)
@@ -590,14 +598,13 @@ def _merge_window(window: list[tuple[list[float], dict[str, Any]]], k: int,
         values = [v[_H[key]] for v in stats]
         merged[_H[key]] = math.nan if any(math.isnan(x) for x in values) else pick(values)
     merged[_H["labels_ok"]] = min(v[_H["labels_ok"]] for v in stats)
-    bad = [i for i, (v, _) in enumerate(window) if _bad_micro_batch(v)]
-    if not bad:
-        return merged, window[-1][1], {}
-    v, extra = window[bad[0]]
-    if not finite(v[_H["grad_norm"]]):
-        n = len(HEAD)
-        merged[_H["grad_norm"]] = v[_H["grad_norm"]]
-        merged[n:] = v[n:]
+    v, extra = next(((v, t) for v, t in window if _bad_micro_batch(v)), window[-1])
+    assert extra is not None  # kept for the first bad micro-batch, and the last
+    if v is stats[-1] and not _bad_micro_batch(v):
+        return merged, extra, {}
+    n = len(HEAD)
+    merged[_H["grad_norm"]] = v[_H["grad_norm"]]
+    merged[n:] = v[n:]
     return merged, extra, {"micro_batch": int(v[_H["micro_batch"]]), "micro_batches": k}
 
 

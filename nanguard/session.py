@@ -251,6 +251,11 @@ class GuardSession:
         self.step = record.step + 1
         return Verdict(record, policy.Decision(None, False, "skipped by the AMP loss scaler"))
 
+    def count_scaler_skip(self) -> None:
+        """An AMP loss scaler dropped a micro-batch inside a step (Keras's
+        ``LossScaleOptimizer`` under gradient accumulation): counted, not a step."""
+        self.amp_skips += 1
+
     def conclude(
         self,
         record: StepRecord,

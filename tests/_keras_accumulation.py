@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from typing import Any
 
 import keras
@@ -167,7 +168,9 @@ def run(dump_dir: str, eager: bool) -> dict[str, Any]:
     guard = NanGuard(dump_dir=dump_dir)
     rec = _fit(model, x, yb, guard)
     out["label"] = {"events": _events(guard), "window_unchanged": rec.before[2] == rec.after[3],
-                    "message": guard.events[0].message if guard.events else ""}
+                    "message": guard.events[0].message if guard.events else "",
+                    # the bad micro-batch's own (finite) norms, not the poisoned mean's
+                    "norms": [guard.history[1].grad_norm, *guard.history[1].layer_grad_norms]}
 
     # 4. clip_grad_norm clips the mean gradient, as Keras's global_clipnorm does.
     clipped = _model(eager, keras.optimizers.SGD(0.1, gradient_accumulation_steps=K,
@@ -245,6 +248,40 @@ def run(dump_dir: str, eager: bool) -> dict[str, Any]:
         "bad_counts": [bad_guard.amp_skips, len(bad_guard.history), _iterations(model)],
         "finite": all(np.isfinite(a).all() for a in _arrays(model.variables)),
     }
+
+    # 8. The scaler's overflow on a window's last micro-batch, with clip_grad_norm: the
+    # window's accumulated gradients stay (a clip far above every norm changes nothing).
+    def overflow_run(guard: NanGuard | None) -> list[bytes]:
+        inner = keras.optimizers.SGD(0.01, gradient_accumulation_steps=K)
+        model = _model(eager, keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0**10),
+                       mixed=True)
+        xo = x.copy()
+        xo[3 * BATCH:4 * BATCH] *= 3000.0  # batch 3, window 1's last: float16 overflows
+        _fit(model, xo, y, guard)
+        return _state(model)
+
+    clip_guard = NanGuard(dump_dir=dump_dir, clip_grad_norm=1e6)
+    out["overflow_clip"] = {"identical": overflow_run(None) == overflow_run(clip_guard),
+                            "amp_skips": clip_guard.amp_skips, "events": _events(clip_guard)}
+
+    # 9. steps_per_execution=2 with k=3: windows end inside executions; a NaN in batch 3 is
+    # a skip of its window, not a rollback (the guard concludes only at a window's end).
+    # Keras's torch backend has no steps_per_execution > 1.
+    out["spe"] = None
+    if keras.backend.backend() != "tensorflow":
+        return out
+    model = _model(eager, keras.optimizers.SGD(0.1, gradient_accumulation_steps=3))
+    model.compile(model.optimizer, model.loss, steps_per_execution=2, run_eagerly=eager)
+    xb = x.copy()
+    xb[3 * BATCH, 0] = np.nan
+    guard = NanGuard(dump_dir=dump_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the documented spe > 1 warning
+        _fit(model, xb, y, guard)
+    out["spe"] = {"actions": sorted({r.action or "" for r in guard.history}),
+                  "events": [[e.cause, e.action] for e in guard.events],
+                  "lr": [r.lr for r in guard.history],
+                  "finite": all(np.isfinite(a).all() for a in _arrays(model.variables))}
     return out
 
 

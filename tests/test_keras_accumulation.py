@@ -18,7 +18,7 @@ pytestmark = pytest.mark.keras
 HERE = os.path.dirname(__file__)
 
 
-def check(out):
+def check(out, backend):
     healthy = out["healthy"]
     assert healthy["identical"]  # the guard changes nothing in a healthy run
     assert healthy["steps"] == list(range(8)) and healthy["step_count"] == 8  # 16 batches, k=2
@@ -40,6 +40,8 @@ def check(out):
     assert label["events"] == [[1, "target_invalid", "skip"]]
     assert label["window_unchanged"]
     assert "the first is 7" in label["message"]
+    # the label check masks the loss: its micro-batch's own gradients are 0, finite
+    assert label["norms"] == [0.0] * 5
     clip = out["clip"]
     assert clip["close"] and clip["moved"]
     assert all(n > 0.05 for n in clip["norms"])  # recorded before clipping
@@ -65,6 +67,15 @@ def check(out):
     skips, steps, iterations = lso["bad_counts"]
     assert lso["bad_skipped"] >= 1 and skips + iterations == 16 and steps == iterations // 2
     assert lso["finite"]
+    overflow = out["overflow_clip"]
+    assert overflow["identical"] and overflow["amp_skips"] >= 1 and overflow["events"] == []
+    spe = out["spe"]
+    if backend == "torch":  # Keras's torch backend refuses steps_per_execution > 1
+        assert spe is None
+        return
+    assert spe["events"] == [["input_nonfinite", "skip"]]
+    assert spe["lr"] == [pytest.approx(0.1)] * len(spe["lr"])  # no rollback, no lowering
+    assert spe["finite"]
 
 
 @pytest.mark.parametrize("eager", [False, True], ids=["compiled", "eager"])
@@ -76,7 +87,7 @@ def test_tensorflow_backend(tmp_path, eager):
         import _keras_accumulation
     finally:
         sys.path.remove(HERE)
-    check(_keras_accumulation.run(str(tmp_path), eager))
+    check(_keras_accumulation.run(str(tmp_path), eager), "tensorflow")
 
 
 def test_torch_backend(tmp_path):
@@ -89,4 +100,4 @@ def test_torch_backend(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, proc.stdout[-3000:]
-    check(json.loads(lines[-1][len("RESULT "):]))
+    check(json.loads(lines[-1][len("RESULT "):]), "torch")
