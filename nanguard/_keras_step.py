@@ -354,7 +354,7 @@ class StepInstrument:
         """
         inner, k = self.inner, self.accumulate
         if not self.optimizer.built:  # its accumulators are read below
-            with keras.backend.name_scope(self.optimizer.name, caller=self.optimizer):
+            with keras.name_scope(self.optimizer.name, caller=self.optimizer):
                 self.optimizer.build(tvs)
             self.optimizer.built = True
         # Keras accumulates a variable that `overwrite_with_gradient` by `maximum`, not in

@@ -26,6 +26,7 @@ from nanguard._keras_state import (
     MetricState,
     Snapshot,
     build_optimizer,
+    inner_optimizer,
     to_numpy,
     weight_peaks,
 )
@@ -170,6 +171,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         # a rollback to that snapshot would not restore its slots (Adam's moments).
         self._snapshot_complete = build_optimizer(model)
         self._name_params()
+        _drop_nonfinite_window(model.optimizer)
         if self._reuse_step(model):
             self._watch_next_fit(model)
             return
@@ -571,6 +573,35 @@ class NanGuard(Readout, keras.callbacks.Callback):
                     self._train_function):
                 model.train_function = None
             self._inner = None
+
+
+def _drop_nonfinite_window(optimizer: Any) -> None:
+    """Zero gradient accumulators that hold NaN/Inf when ``fit`` starts, and move the
+    iteration count to the window's end, with a warning: a window with a bad batch that a
+    ``fit`` left open without ending it (interrupted, or resumed from a checkpoint taken
+    inside it: the guard's NaN marker), or one a ``fit`` without the guard accumulated. Its
+    update would be NaN, and its bad batch is gone."""
+    inner = inner_optimizer(optimizer)
+    k = int(getattr(inner, "gradient_accumulation_steps", None) or 0)
+    accumulators = [a for a in getattr(inner, "_accumulated_gradients", None) or []
+                    if a is not None]
+    if not k or not accumulators:
+        return
+    ok = keras.ops.all(keras.ops.stack([keras.ops.all(keras.ops.isfinite(a))
+                                        for a in accumulators]))
+    if bool(to_numpy(ok)):
+        return
+    zero_accumulators(inner)
+    done = int(to_numpy(inner._iterations))
+    inner._iterations.assign(done + (-done) % k)
+    warnings.warn(
+        "nanguard: the optimizer's gradient accumulators hold NaN/Inf as fit starts (a "
+        "gradient-accumulation window with a bad batch was left open: an interrupted fit, a "
+        "checkpoint taken inside it, or a fit without the guard). That window's gradients are "
+        f"dropped: accumulators zeroed, iteration count moved to {done + (-done) % k}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _bad_micro_batch(v: list[float]) -> bool:

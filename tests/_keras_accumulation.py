@@ -8,6 +8,7 @@ micro-batches); a bad micro-batch keeps its whole window from the weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -263,6 +264,62 @@ def run(dump_dir: str, eager: bool) -> dict[str, Any]:
     clip_guard = NanGuard(dump_dir=dump_dir, clip_grad_norm=1e6)
     out["overflow_clip"] = {"identical": overflow_run(None) == overflow_run(clip_guard),
                             "amp_skips": clip_guard.amp_skips, "events": _events(clip_guard)}
+
+    # 10. A subclassed model, built in its first step (its optimizer with it): the same
+    # weights as without the guard, and a NaN batch still skips its window.
+    class Net(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = keras.layers.Dense(16, activation="relu")
+            self.head = keras.layers.Dense(3)
+
+        def call(self, inputs: Any) -> Any:
+            return self.head(self.hidden(inputs))
+
+    def lazy() -> Any:
+        keras.utils.set_random_seed(0)
+        net = Net()
+        net.compile(keras.optimizers.Adam(0.01, gradient_accumulation_steps=K),
+                    keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    run_eagerly=eager)
+        return net
+
+    plain = lazy()
+    _fit(plain, x, y, None)
+    model = lazy()
+    _fit(model, x, y, NanGuard(dump_dir=dump_dir))
+    xb = x.copy()
+    xb[5 * BATCH, 1] = np.nan
+    bad_model = lazy()
+    guard = NanGuard(dump_dir=dump_dir)
+    _fit(bad_model, xb, y, guard)
+    out["lazy"] = {"identical": _state(plain) == _state(model), "events": _events(guard)}
+
+    # 11. A fit interrupted inside a bad window (no on_train_end) leaves the guard's NaN
+    # marker in the accumulators: the next fit drops that window, with a warning, instead
+    # of blaming a layer's backward for it.
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if batch == 4:
+                raise KeyboardInterrupt
+
+    xb = x.copy()
+    xb[4 * BATCH, 0] = np.nan
+    model = _model(eager)
+    with contextlib.suppress(KeyboardInterrupt):
+        model.fit(xb, y, batch_size=BATCH, shuffle=False, verbose=0,
+                  callbacks=[NanGuard(dump_dir=dump_dir), Stop()])
+    marked = not _accumulators_zero(model)
+    guard = NanGuard(dump_dir=dump_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(model, x, y, guard)
+    out["resumed"] = {
+        "marked": marked, "events": _events(guard),
+        "warned": any("accumulators hold NaN/Inf" in str(w.message) for w in caught),
+        "iterations": _iterations(model),
+        "finite": all(np.isfinite(a).all() for a in _arrays(model.variables)),
+    }
 
     # 9. steps_per_execution=2 with k=3: windows end inside executions; a NaN in batch 3 is
     # a skip of its window, not a rollback (the guard concludes only at a window's end).

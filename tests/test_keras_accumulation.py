@@ -69,6 +69,11 @@ def check(out, backend):
     assert lso["finite"]
     overflow = out["overflow_clip"]
     assert overflow["identical"] and overflow["amp_skips"] >= 1 and overflow["events"] == []
+    assert out["lazy"] == {"identical": True, "events": [[2, "input_nonfinite", "skip"]]}
+    resumed = out["resumed"]
+    # 5 batches of the first fit: the interrupted window's end moved to 6; then 8 more.
+    assert resumed == {"marked": True, "events": [], "warned": True, "iterations": 14,
+                       "finite": True}
     spe = out["spe"]
     if backend == "torch":  # Keras's torch backend refuses steps_per_execution > 1
         assert spe is None
