@@ -140,6 +140,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         self._blocking = True
         self._snapshot_complete = True  # False: the model had no variables before step 0
         self._cache: tuple[tuple[Any, ...], StepInstrument, Any, LearningRate] | None = None
+        self._accumulators_checked = True  # see on_train_begin
 
     # -- what users read (history, events, step_count, amp_skips, snapshot_step) ----------
     def _live_session(self) -> GuardSession:
@@ -171,7 +172,9 @@ class NanGuard(Readout, keras.callbacks.Callback):
         # a rollback to that snapshot would not restore its slots (Adam's moments).
         self._snapshot_complete = build_optimizer(model)
         self._name_params()
-        _drop_nonfinite_window(model.optimizer)
+        # Checked at the first step, after every callback's on_train_begin (a
+        # BackupAndRestore after the guard restores the optimizer then).
+        self._accumulators_checked = False
         if self._reuse_step(model):
             self._watch_next_fit(model)
             return
@@ -324,6 +327,9 @@ class NanGuard(Readout, keras.callbacks.Callback):
     # -- the step ----------------------------------------------------------------------
     def _train_function(self, *args: Any, **kwargs: Any) -> Any:
         try:
+            if not self._accumulators_checked:
+                self._accumulators_checked = True
+                _drop_nonfinite_window(self.model.optimizer)
             self._maybe_snapshot()
             if self._metrics is not None:
                 self._metrics.save()
@@ -576,7 +582,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
 
 
 def _drop_nonfinite_window(optimizer: Any) -> None:
-    """Zero gradient accumulators that hold NaN/Inf when ``fit`` starts, and move the
+    """Zero gradient accumulators that hold NaN/Inf as ``fit`` starts (before its first
+    step, after a ``BackupAndRestore`` restored them), and move the
     iteration count to the window's end, with a warning: a window with a bad batch that a
     ``fit`` left open without ending it (interrupted, or resumed from a checkpoint taken
     inside it: the guard's NaN marker), or one a ``fit`` without the guard accumulated. Its

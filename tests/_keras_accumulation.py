@@ -321,6 +321,37 @@ def run(dump_dir: str, eager: bool) -> dict[str, Any]:
         "finite": all(np.isfinite(a).all() for a in _arrays(model.variables)),
     }
 
+    # 12. The same through a BackupAndRestore checkpoint written inside the bad window (at
+    # epoch 0's end: the window spans it), the guard placed before BackupAndRestore, whose
+    # on_train_begin restores the marker after the guard's.
+    class StopAtEpoch1(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    def backup_model() -> Any:
+        return _model(eager, keras.optimizers.Adam(0.01, gradient_accumulation_steps=3))
+
+    backup = f"{dump_dir}/backup"
+    xb = x[:5 * BATCH].copy()
+    xb[4 * BATCH, 0] = np.nan  # window 1: batches 3 and 4 of epoch 0, batch 0 of epoch 1
+    with contextlib.suppress(KeyboardInterrupt):
+        backup_model().fit(xb, y[:5 * BATCH], batch_size=BATCH, epochs=3, shuffle=False,
+                           verbose=0, callbacks=[NanGuard(dump_dir=dump_dir),
+                                                 keras.callbacks.BackupAndRestore(backup),
+                                                 StopAtEpoch1()])
+    model = backup_model()
+    guard = NanGuard(dump_dir=dump_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x[:5 * BATCH], y[:5 * BATCH], batch_size=BATCH, epochs=3, shuffle=False,
+                  verbose=0, callbacks=[guard, keras.callbacks.BackupAndRestore(backup)])
+    out["backup"] = {
+        "events": _events(guard),
+        "warned": any("accumulators hold NaN/Inf" in str(w.message) for w in caught),
+        "finite": all(np.isfinite(a).all() for a in _arrays(model.variables)),
+    }
+
     # 9. steps_per_execution=2 with k=3: windows end inside executions; a NaN in batch 3 is
     # a skip of its window, not a rollback (the guard concludes only at a window's end).
     # Keras's torch backend has no steps_per_execution > 1.

@@ -74,6 +74,7 @@ def check(out, backend):
     # 5 batches of the first fit: the interrupted window's end moved to 6; then 8 more.
     assert resumed == {"marked": True, "events": [], "warned": True, "iterations": 14,
                        "finite": True}
+    assert out["backup"] == {"events": [], "warned": True, "finite": True}
     spe = out["spe"]
     if backend == "torch":  # Keras's torch backend refuses steps_per_execution > 1
         assert spe is None
