@@ -23,6 +23,7 @@ from nanguard import NonFiniteTrainingError
 from nanguard.keras import NanGuard
 
 K = 2  # micro-batches per optimizer step
+JIT: dict[str, Any] = {"on": "auto"}  # jit_compile of every model (run() sets it)
 BATCH = 8
 
 
@@ -36,7 +37,7 @@ def _model(run_eagerly: bool, optimizer: Any = None, mixed: bool = False) -> Any
     ])
     model.compile(optimizer or keras.optimizers.SGD(0.1, gradient_accumulation_steps=K),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  run_eagerly=run_eagerly)
+                  run_eagerly=run_eagerly, jit_compile=JIT["on"])
     return model
 
 
@@ -112,7 +113,10 @@ def _fit(model: Any, x: Any, y: Any, guard: NanGuard | None, **kw: Any) -> _Rec:
     return rec
 
 
-def run(dump_dir: str, eager: bool) -> dict[str, Any]:
+def run(dump_dir: str, eager: bool, xla: bool = False) -> dict[str, Any]:
+    """Every scenario; ``xla``: the models compiled with ``jit_compile=True`` (Keras's
+    "auto" leaves XLA off on a CPU-only machine)."""
+    JIT["on"] = True if xla else "auto"
     logging.getLogger("nanguard").setLevel(logging.ERROR)
     out: dict[str, Any] = {}
     x, y = _data()
@@ -281,7 +285,7 @@ def run(dump_dir: str, eager: bool) -> dict[str, Any]:
         net = Net()
         net.compile(keras.optimizers.Adam(0.01, gradient_accumulation_steps=K),
                     keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                    run_eagerly=eager)
+                    run_eagerly=eager, jit_compile=JIT["on"])
         return net
 
     plain = lazy()
@@ -359,7 +363,8 @@ def run(dump_dir: str, eager: bool) -> dict[str, Any]:
     if keras.backend.backend() != "tensorflow":
         return out
     model = _model(eager, keras.optimizers.SGD(0.1, gradient_accumulation_steps=3))
-    model.compile(model.optimizer, model.loss, steps_per_execution=2, run_eagerly=eager)
+    model.compile(model.optimizer, model.loss, steps_per_execution=2, run_eagerly=eager,
+                  jit_compile=JIT["on"])
     xb = x.copy()
     xb[3 * BATCH, 0] = np.nan
     guard = NanGuard(dump_dir=dump_dir)

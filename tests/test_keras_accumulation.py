@@ -1,6 +1,7 @@
 """nanguard.keras with an optimizer's gradient_accumulation_steps: one guard step is one
 optimizer step. The scenarios live in ``_keras_accumulation.py``; they run here with the
-TensorFlow backend (compiled and eager) and with Keras's torch backend in a subprocess."""
+TensorFlow backend (compiled, compiled with XLA, and eager) and with Keras's torch backend
+in a subprocess."""
 
 from __future__ import annotations
 
@@ -84,8 +85,8 @@ def check(out, backend):
     assert spe["finite"]
 
 
-@pytest.mark.parametrize("eager", [False, True], ids=["compiled", "eager"])
-def test_tensorflow_backend(tmp_path, eager):
+@pytest.mark.parametrize("mode", ["compiled", "xla", "eager"])
+def test_tensorflow_backend(tmp_path, mode):
     if keras.backend.backend() != "tensorflow":  # pragma: no cover - conftest sets it
         pytest.skip("the TensorFlow backend")
     sys.path.insert(0, HERE)
@@ -93,7 +94,8 @@ def test_tensorflow_backend(tmp_path, eager):
         import _keras_accumulation
     finally:
         sys.path.remove(HERE)
-    check(_keras_accumulation.run(str(tmp_path), eager), "tensorflow")
+    check(_keras_accumulation.run(str(tmp_path), mode == "eager", xla=mode == "xla"),
+          "tensorflow")
 
 
 def test_torch_backend(tmp_path):
