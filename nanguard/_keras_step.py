@@ -311,9 +311,8 @@ class StepInstrument:
             counted = ops.logical_or(good, amp_skip)
             last, place = ops.cast(True, "bool"), ops.zeros((), "float32")
             if self.accumulate:
-                place = ops.cast(ops.mod(self.inner._iterations, self.accumulate), "float32")
-                total, per, go, last = self._window(grads, tvs, total, per, loss_ok, amp_skip,
-                                                    div, orig, trainable_variables)
+                total, per, go, last, place = self._window(
+                    grads, tvs, total, per, loss_ok, amp_skip, div, orig, trainable_variables)
             else:
                 _cond_apply(go, lambda: orig(grads, trainable_variables), self.optimizer)
 
@@ -334,7 +333,7 @@ class StepInstrument:
 
     def _window(self, grads: list[Any], tvs: list[Any], total: Any, per: Any, loss_ok: Any,
                 amp_skip: Any, div: Any, orig: Callable[..., Any], trainable_variables: Any,
-                ) -> tuple[Any, Any, Any, Any]:
+                ) -> tuple[Any, Any, Any, Any, Any]:
         """One micro-batch of an accumulation window of ``k = gradient_accumulation_steps``.
 
         Keras adds each micro-batch's gradients to its accumulators and updates the weights
@@ -350,7 +349,8 @@ class StepInstrument:
 
         Returns:
             The norms (the mean gradient's at the last micro-batch, else the micro-batch's
-            own), whether the optimizer's ``apply`` ran, and whether the window ended.
+            own), whether the optimizer's ``apply`` ran, whether the window ended, and the
+            micro-batch's place in it (float32, from 0).
         """
         inner, k = self.inner, self.accumulate
         if not self.optimizer.built:  # its accumulators are read below
@@ -362,7 +362,8 @@ class StepInstrument:
         acc = [None if g is None or getattr(v, "overwrite_with_gradient", False)
                else inner._accumulated_gradients[inner._get_variable_index(v)]
                for g, v in zip(grads, tvs, strict=True)]
-        is_last = ops.equal(ops.mod(inner._iterations + 1, k), 0)
+        place = ops.mod(inner._iterations, k)
+        is_last = ops.equal(place, k - 1)
 
         def unscaled(g: Any) -> Any:  # as Keras's `apply` unscales it before accumulating
             g = ops.cast(g, "float32")
@@ -390,7 +391,7 @@ class StepInstrument:
             # Only a good window's end: a scaler's overflow there (its total is not finite)
             # leaves the window's accumulators as they are.
             now = ops.logical_and(is_last, good)
-            factor = ops.where(now, clip_factor(total, clip), 1.0)
+            factor = ops.where(now, _clip_factor(total, clip), 1.0)
 
             def scale_accumulators() -> None:
                 for a in acc:
@@ -415,7 +416,7 @@ class StepInstrument:
             inner._iterations.assign_add(1)
 
         _cond_apply(go, run, self.optimizer, otherwise=blocked)
-        return total, per, go, last
+        return total, per, go, last, ops.cast(place, "float32")
 
     def mean_names(self) -> list[str]:
         """The names of the loss means this step feeds: ``loss``, and ``a_loss``, ... of a
@@ -512,7 +513,17 @@ def zero_accumulators(optimizer: Any) -> None:
             a.assign(ops.zeros(a.shape, a.dtype))
 
 
-def clip_factor(total: Any, clip: float) -> Any:
+def end_window(optimizer: Any, k: int) -> int:
+    """End an open accumulation window of ``k`` without its update, from the host: the
+    accumulators zeroed and the iteration count moved to the window's end (returned)."""
+    zero_accumulators(optimizer)
+    done = int(keras.ops.convert_to_numpy(optimizer._iterations))
+    end = done + (-done) % k
+    optimizer._iterations.assign(end)
+    return end
+
+
+def _clip_factor(total: Any, clip: float) -> Any:
     """What scales gradients of global norm ``total`` to a norm of at most ``clip``."""
     return ops.minimum(1.0, clip / (total + 1e-6))
 
@@ -523,7 +534,7 @@ def _scaled(grads: list[Any], factor: Any) -> list[Any]:
 
 def _clipped(grads: list[Any], total: Any, clip: float) -> list[Any]:
     """The gradients scaled so that their global norm ``total`` is at most ``clip``."""
-    return _scaled(grads, clip_factor(total, clip))
+    return _scaled(grads, _clip_factor(total, clip))
 
 
 def _divisor(optimizer: Any, scale: Any) -> Any:

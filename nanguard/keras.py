@@ -30,7 +30,7 @@ from nanguard._keras_state import (
     to_numpy,
     weight_peaks,
 )
-from nanguard._keras_step import HEAD, STATS_KEY, StepInstrument, zero_accumulators
+from nanguard._keras_step import HEAD, STATS_KEY, StepInstrument, end_window
 from nanguard.config import ACTIONS, GuardConfig
 from nanguard.detector import finite
 from nanguard.dump import environment
@@ -317,9 +317,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         assert self._instrument is not None
         inner, k = self._instrument.inner, self._instrument.accumulate
         if self._blocking:
-            zero_accumulators(inner)
-            done = int(to_numpy(inner._iterations))
-            inner._iterations.assign(done + (-done) % k)
+            end_window(inner, k)
         v, extra, details = _merge_window(window, k)
         v[_H["applied"]] = 0.0
         self._conclude(v, extra, logs={}, details=details)
@@ -598,14 +596,12 @@ def _drop_nonfinite_window(optimizer: Any) -> None:
                                         for a in accumulators]))
     if bool(to_numpy(ok)):
         return
-    zero_accumulators(inner)
-    done = int(to_numpy(inner._iterations))
-    inner._iterations.assign(done + (-done) % k)
+    end = end_window(inner, k)
     warnings.warn(
         "nanguard: the optimizer's gradient accumulators hold NaN/Inf as fit starts (a "
         "gradient-accumulation window with a bad batch was left open: an interrupted fit, a "
         "checkpoint taken inside it, or a fit without the guard). That window's gradients are "
-        f"dropped: accumulators zeroed, iteration count moved to {done + (-done) % k}.",
+        f"dropped: accumulators zeroed, iteration count moved to {end}.",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -636,10 +632,13 @@ def _merge_window(window: list[tuple[list[float], dict[str, Any] | None]], k: in
         values = [v[_H[key]] for v in stats]
         merged[_H[key]] = math.nan if any(math.isnan(x) for x in values) else pick(values)
     merged[_H["labels_ok"]] = min(v[_H["labels_ok"]] for v in stats)
-    v, extra = next(((v, t) for v, t in window if _bad_micro_batch(v)), window[-1])
-    assert extra is not None  # kept for the first bad micro-batch, and the last
-    if v is stats[-1] and not _bad_micro_batch(v):
+    first_bad = next(((v, t) for v, t in window if _bad_micro_batch(v)), None)
+    if first_bad is None:
+        extra = window[-1][1]
+        assert extra is not None  # the last micro-batch's tensors are always kept
         return merged, extra, {}
+    v, extra = first_bad
+    assert extra is not None  # kept for the first bad micro-batch
     n = len(HEAD)
     merged[_H["grad_norm"]] = v[_H["grad_norm"]]
     merged[n:] = v[n:]
