@@ -169,7 +169,15 @@ def to_numpy(
     """A CPU numpy copy cut along the first dimension to ``limit`` bytes (bfloat16 and
     float8 upcast to float32); ``rows = (batch, kept)``: a tensor of ``batch`` rows keeps its
     first ``kept`` (the rows every tensor of the step keeps, see ``dump_rows``)."""
-    t = _rows_of(t.detach(), rows)
+    t = t.detach()
+    if t.layout != torch.strided:  # sparse targets or inputs: their dense values, cut first
+        t = t.to_sparse() if t.layout != torch.sparse_coo else t
+        if rows is not None and t.ndim and t.shape[0] == rows[0]:
+            t = t.narrow_copy(0, 0, rows[1])
+        if t.ndim and t.numel() * t.element_size() > limit:
+            t = t.narrow_copy(0, 0, max(1, limit // max(1, t[0].numel() * t.element_size())))
+        t = t.to_dense()
+    t = _rows_of(t, rows)
     if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
         t = t.float()
     if t.ndim and t.numel() * t.element_size() > limit:

@@ -1263,6 +1263,10 @@ def test_targets_are_not_blamed_for_a_minus_inf_loss_nor_a_sparse_one_crashes(tm
                 opt.step()
     assert [e.cause for e in guard.events] == ["loss_nonfinite"] * 2
     assert all("targets reach" not in e.message for e in guard.events)
+    # Each event has its dump, the sparse targets in it as their dense values.
+    assert len(guard.dumps) == 2
+    np.testing.assert_array_equal(nanguard.load(guard.dumps[1]).tensors["targets"],
+                                  dense.numpy())
 
 
 def test_gradients_whose_norm_overflows_from_huge_weights_name_the_weights(tmp_path):
