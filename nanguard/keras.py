@@ -137,6 +137,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
         # Gradient accumulation: the stats of the open window's micro-batches, and the
         # tensors of its first bad one (None for the others: k batches stay alive else).
         self._window: list[tuple[list[float], dict[str, Any] | None]] = []
+        # The loss-only fallback's: the batches of the open window (none ends a step).
+        self._fallback_window = 0
         self._blocking = True
         self._snapshot_complete = True  # False: the model had no variables before step 0
         self._cache: tuple[tuple[Any, ...], StepInstrument, Any, LearningRate] | None = None
@@ -347,8 +349,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
             raise
 
     def _maybe_snapshot(self) -> None:
-        if self._window:  # inside an accumulation window: at its start, or at the next
-            return
+        if self._window or self._fallback_window:  # inside an accumulation window: at its
+            return                                   # start, or at the next
         last = None if self._snapshot is None else self._snapshot.step
         if not self._snapshot_complete and self.session.step > 0:
             # The model's variables appeared in the first step (a subclassed model called
@@ -372,7 +374,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         logs = dict(logs)
         extra = logs.pop(STATS_KEY, None)
         if extra is None:
-            return self._conclude(None, {}, logs)
+            return self._after_fallback_step(logs)
         v = to_numpy(extra["stats"]).tolist()  # the one device-to-host transfer
         self._epoch_steps += 1
         self._epoch_counted += v[_H["counted"]] > 0.5
@@ -394,11 +396,35 @@ class NanGuard(Readout, keras.callbacks.Callback):
             return self._conclude(v, extra, logs, details=details)
         return self._conclude(v, extra, logs)
 
+    def _after_fallback_step(self, logs: dict[str, Any]) -> Any:
+        """The loss-only fallback's batch. With gradient accumulation (the optimizer's
+        ``gradient_accumulation_steps=k``) a step is a window of k batches, as in the
+        instrumented step: a healthy batch that does not end one is no step; a bad one ends
+        its window at once (the snapshot, taken at the window's start, undoes the window
+        with its accumulators and iteration count: a skip of that step), and the event names
+        the batch, "batch i of the k it accumulates"."""
+        inner = inner_optimizer(self.model.optimizer)
+        k = int(getattr(inner, "gradient_accumulation_steps", None) or 0)
+        logs = _flatten_logs(logs)  # as Keras hands them to callbacks
+        judged = self._judge_logs(logs)
+        if not k:
+            return self._conclude(None, {}, logs, judged=judged)
+        self._fallback_window += 1
+        iterations = int(to_numpy(inner._iterations))  # after this batch's apply
+        if not judged[1] and iterations % k:
+            return logs  # inside the window
+        details = ({"micro_batch": self._fallback_window - 1, "micro_batches": k}
+                   if judged[1] else None)
+        self._fallback_window = 0
+        return self._conclude(None, {}, logs, details=details, judged=judged)
+
     def _conclude(self, v: list[float] | None, extra: dict[str, Any],
-                  logs: dict[str, Any], details: dict[str, Any] | None = None) -> Any:
+                  logs: dict[str, Any], details: dict[str, Any] | None = None,
+                  judged: tuple[float, bool] | None = None) -> Any:
         """Judge one step: ``v`` its packed stats (None: the loss-only fallback, which reads
-        ``logs``), ``extra`` the tensors the probe reads on a bad step, ``details`` what
-        else its event should hold."""
+        ``logs``, flattened, and ``judged``: :meth:`_judge_logs` of them), ``extra`` the
+        tensors the probe reads on a bad step, ``details`` what else its event should
+        hold."""
         step = self.session.step
         update_bad = False
         if v is not None:
@@ -422,8 +448,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
                     self.session.extra_meta.get("param_names") or ()):
                 self._name_params()  # a lazily built model's first step went bad
         else:
-            logs = _flatten_logs(logs)  # as Keras hands them to callbacks
-            value, bad = self._judge_logs(logs)
+            assert judged is not None
+            value, bad = judged
             assert self._lr is not None
             record = StepRecord(step=step, loss=value, lr=self._lr.read())
             batch = {}

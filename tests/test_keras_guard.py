@@ -1904,6 +1904,50 @@ def test_fallback_without_a_snapshot_aborts_instead_of_a_skip_that_does_nothing(
     assert [r.action for r in guard.history] == [None, None, "abort"]
 
 
+
+def accumulating_fallback_fit(tmp_path, x, y, **guard_kwargs):
+    """A custom train_step (loss-only fallback) whose SGD accumulates 2 batches of 16."""
+    model = custom_step_model(keras.optimizers.SGD(0.05, gradient_accumulation_steps=2),
+                              guarded=True)
+    guard, rec = NanGuard(dump_dir=str(tmp_path), **guard_kwargs), Recorder()
+    with pytest.warns(RuntimeWarning, match="loss-only"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[guard, rec])
+    return model, guard, rec
+
+
+def test_fallback_with_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    # The contract: with gradient accumulation one step is one optimizer step, in the
+    # loss-only fallback too (it counted batches: 8 steps here, not 4).
+    x, y = data(n=128)
+    model, guard, _ = accumulating_fallback_fit(tmp_path, x, y)
+    assert [r.step for r in guard.history] == [0, 1, 2, 3]
+    assert not guard.events
+    assert int(model.optimizer.iterations) == 4
+
+
+@pytest.mark.parametrize("bad_batch", [2, 3])
+def test_fallback_skips_the_window_of_a_bad_batch_and_names_the_batch(tmp_path, bad_batch):
+    # Batches 2 and 3 are step 1's window; a NaN in either ends it at once: the snapshot
+    # taken at the window's start undoes the window (its accumulators and iteration count
+    # too), a skip of step 1, and the next batch begins a new window.
+    x, y = data(n=128)
+    x[16 * bad_batch, 0] = np.nan
+    model, guard, rec = accumulating_fallback_fit(tmp_path, x, y, snapshot_every=1)
+    (event,) = guard.events
+    assert (event.step, event.action, event.cause) == (1, "skip", "loss_nonfinite")
+    place = bad_batch - 2
+    assert event.message.startswith(f"Step 1 (batch {place + 1} of the 2 it accumulates):")
+    assert nanguard.load(guard.dumps[0]).event.step == 1
+    assert same(rec.after[bad_batch][0], rec.before[2][0])
+    assert same(rec.after[bad_batch][1], rec.before[2][1])  # accumulators, iterations
+    # The 8 batches left after the bad one's window make whole windows again.
+    steps = [r.step for r in guard.history]
+    assert steps == list(range(len(steps))) and steps[1] == 1
+    assert len(steps) == 2 + (8 - bad_batch - 1) // 2
+    assert all_finite(model)
+
+
 # -- sample weights, mixed-precision counters ------------------------------------------------
 
 def test_non_finite_sample_weight_is_named_and_dumped(tmp_path, capsys):
