@@ -66,6 +66,15 @@ def _callback_base() -> type:
 
 
 _VERSIONS: dict[str, str] = {}
+# An optimizer that evaluates Lightning's closure (training_step and backward) more than once
+# per step: the guard judges the first evaluation only, and the others' updates land.
+_REEVALUATES = (
+    "nanguard.lightning.NanGuard cannot guard {name}: it evaluates the training step (the "
+    "closure Lightning passes to optimizer.step) more than once per step, moving the weights "
+    "between evaluations (LBFGS's iterations and line search; SAM-style optimizers), and the "
+    "guard checks only the first, so a NaN in a later one would reach the weights. Remove "
+    "the callback, or use an optimizer that evaluates the closure once."
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -170,6 +179,9 @@ class NanGuard(Readout, _CallbackBase):
                 "automatic_optimization=False. Remove the callback, or switch to automatic "
                 "optimization."
             )
+        for opt in trainer.optimizers:
+            if isinstance(opt, torch.optim.LBFGS):
+                raise RuntimeError(_REEVALUATES.format(name=type(opt).__name__))
         self._remove_hooks()
         # Attached here, after the strategy created the process group and the optimizers.
         engine = TorchEngine(
@@ -286,6 +298,8 @@ class NanGuard(Readout, _CallbackBase):
         engine = self._engine
         if engine is None or not engine.in_step:
             return
+        if self._stepped:  # a backward after this step was judged: the closure again
+            raise RuntimeError(_REEVALUATES.format(name=type(trainer.optimizers[0]).__name__))
         # Lightning passes the loss divided by accumulate_grad_batches (summing the
         # micro-batches gives their mean) and, with a GradScaler, already scaled.
         if self._scaler is not None:

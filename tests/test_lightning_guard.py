@@ -428,6 +428,40 @@ def test_manual_optimization_is_a_clear_error(tmp_path):
         trainer(tmp_path, NanGuard()).fit(Manual(), make_data(2))
 
 
+class WithLBFGS(Classifier):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=5)
+
+
+class EvaluatesTwice(torch.optim.SGD):
+    """SAM-like: evaluates the closure, then SGD.step evaluates it again and updates."""
+
+    def step(self, closure=None):
+        with torch.enable_grad():
+            closure()
+        return super().step(closure)
+
+
+class WithTwoEvaluations(Classifier):
+    def configure_optimizers(self):
+        return EvaluatesTwice(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(("module", "name"), [(WithLBFGS, "LBFGS"),
+                                               (WithTwoEvaluations, "EvaluatesTwice")])
+def test_an_optimizer_that_evaluates_the_closure_again_is_a_clear_error(tmp_path, module, name):
+    # Lightning steps the optimizer with a closure (training_step and backward): LBFGS
+    # evaluates it several times per step, moving the weights between evaluations, and the
+    # guard judged only the first, so a NaN in a later one reached the weights. LBFGS is
+    # refused at fit start; any other optimizer at the first backward after the check.
+    model = module()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=f"cannot guard {name}: it evaluates the training"):
+        trainer(tmp_path, NanGuard()).fit(model, make_data(2))
+    if module is WithLBFGS:  # refused before any step
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
 def test_logits_module_and_invalid_options(tmp_path):
     with pytest.raises(ValueError, match="max_skips"):
         NanGuard(max_skips=-1)
