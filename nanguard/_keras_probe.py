@@ -46,15 +46,28 @@ def describe_nonfinite(name: str, a: np.ndarray) -> str | None:
     return None
 
 
-def makes_no_nan(optimizer: Any) -> bool:
+def makes_no_nan(optimizer: Any, dtype: str) -> bool:
     """Whether ``optimizer`` (unwrapped from a ``LossScaleOptimizer``) is a built-in whose
-    update of finite numbers never makes a NaN (``detector.NAN_FREE_UPDATES``)."""
+    update of finite numbers never makes a NaN (``detector.NAN_FREE_UPDATES``) in weights
+    of ``dtype``: its ``epsilon`` is not 0 there."""
     optimizer = inner_optimizer(optimizer)
     cls = type(optimizer)
     eps = getattr(optimizer, "epsilon", 1.0)
     return (cls.__name__ in detector.NAN_FREE_UPDATES
             and cls.__module__.startswith("keras.") and isinstance(eps, (int, float))
-            and eps > 0)
+            and eps > 0 and not detector.eps_vanishes(float(eps), dtype))
+
+
+def vanishing_eps(optimizer: Any, model: Any) -> dict[str, Any] | None:
+    """The optimizer's ``epsilon`` when it is 0 in a trainable variable's dtype
+    (``detector.eps_vanishes``): ``{"eps": ..., "dtype": ...}``, or None."""
+    eps = getattr(inner_optimizer(optimizer), "epsilon", None)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        return None
+    for dtype in {str(v.dtype) for v in model.trainable_variables}:
+        if detector.eps_vanishes(float(eps), dtype):
+            return {"eps": float(eps), "dtype": dtype}
+    return None
 
 
 def bounded_step(optimizer: Any, lr: float) -> bool:
@@ -220,6 +233,23 @@ def localize(model: Any, x: Any, allow_neg_inf: Sequence[str] = ()) -> Localized
         last = bool(layer is layers[-1] or any(id(t) in output_ids for t in symbolic))
         inner = _inside(layer, inp, last, allow_neg_inf) if inp is not None else None
         return inner or (layer.name, last, _cut_all(ins), _cut_all(arrays))
+    return None
+
+
+def nonfinite_added_loss(model: Any, x: Any) -> dict[str, Any] | None:
+    """The first layer whose own ``add_loss`` term is non-finite when the batch is replayed
+    (``training=False``, so no state changes): ``{"layer": name, "value": float}``, or None.
+    A finite forward with a non-finite loss may be such a term's, not the compiled loss's."""
+    try:
+        model(x, training=False)
+        for layer in model._flatten_layers(include_self=True):
+            for term in layer._get_own_losses():
+                value = to_numpy(term, 2**62)
+                if value.dtype.kind == "f" and not np.isfinite(value).all():
+                    return {"layer": layer.name, "value": float(np.asarray(value).ravel()[
+                        ~np.isfinite(np.asarray(value).ravel())][0])}
+    except Exception:  # noqa: BLE001 - forensic detail only
+        return None
     return None
 
 
@@ -552,6 +582,9 @@ class KerasProbe:
         found = first_nonfinite_variable(self.model)
         ev.weights_nonfinite = None if found is None else found[0]
         if self.update_nonfinite:
+            vanishing = vanishing_eps(self.model.optimizer, self.model)
+            if vanishing is not None:
+                ev.details["eps_vanishes"] = vanishing
             # Finite gradients keep a float32 optimizer state finite: such state that is
             # not was so before the update, which only spread it into the weights.
             state = first_nonfinite_variable(self.model, optimizer_wide_only=True)
@@ -559,7 +592,7 @@ class KerasProbe:
                 ev.details["optimizer_state_nonfinite"] = state[0]
                 found = state
             elif (found is not None and np.isnan(found[2]).any() and math.isfinite(record.lr)
-                  and makes_no_nan(self.model.optimizer)):
+                  and makes_no_nan(self.model.optimizer, found[2].dtype.name)):
                 ev.details["nan_before_update"] = True
             elif (found is not None and found[2].dtype.itemsize >= 4 and np.isinf(found[2]).any()
                   and math.isfinite(record.lr) and bounded_step(self.model.optimizer, record.lr)):
@@ -604,6 +637,11 @@ class KerasProbe:
                     ev.details["made_in_model_code"] = True
             elif logits_bad and not self.allow_neg_inf:  # (an allowed -inf is no fault)
                 ev.details["replay_unreproduced"] = True
+        if (self.replay and clean and not logits_bad and not math.isfinite(record.loss)
+                and self.batch.get("x") is not None):
+            added = nonfinite_added_loss(self.model, self.batch["x"])
+            if added is not None:
+                ev.details["added_loss"] = added
         if clean and (logits_bad or not math.isfinite(record.loss)
                       or ev.details.get("grad_entries_finite")):
             # Only these messages use it (huge finite weights point at the learning rate).

@@ -1527,7 +1527,20 @@ def _makes_no_nan(optimizer: Any) -> bool:
                     for b in v if isinstance(b, float)]  # betas
         if not all(map(math.isfinite, numbers)) or _float(group.get("eps", 1.0)) <= 0:
             return False
-    return True
+    return _vanishing_eps(optimizer) is None
+
+
+def _vanishing_eps(optimizer: Any) -> dict[str, Any] | None:
+    """A group's ``eps`` that is 0 in its parameters' dtype (``detector.eps_vanishes``):
+    ``{"eps": ..., "dtype": ...}``, or None."""
+    for group in optimizer.param_groups:
+        eps = group.get("eps")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+            continue
+        for dtype in {str(p.dtype).removeprefix("torch.") for p in group["params"]}:
+            if detector.eps_vanishes(float(eps), dtype):
+                return {"eps": float(eps), "dtype": dtype}
+    return None
 
 
 def _bounded_step(optimizer: Any, lrs: list[float]) -> bool:
@@ -1595,6 +1608,9 @@ class TorchProbe:
             measured = not (e.measure_at_backward or e.grads_may_change_after_measure)
             if not measured:
                 ev.details["grads_changed_after_measure"] = True
+            vanishing = next(filter(None, map(_vanishing_eps, e.optimizers)), None)
+            if vanishing is not None:
+                ev.details["eps_vanishes"] = vanishing
             state = self._first_nonfinite_optimizer_state(wide_only=True) if measured else None
             if state:
                 ev.details["optimizer_state_nonfinite"] = state

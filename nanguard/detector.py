@@ -39,6 +39,17 @@ BOUNDED_STEP_UPDATES = frozenset({
 })
 
 
+def eps_vanishes(eps: float, dtype: str) -> bool:
+    """Whether an optimizer's ``eps`` > 0 is 0 in its weights' dtype (Adam's 1e-8 in
+    float16): its update then divides 0 by 0, a NaN from finite numbers, wherever a
+    gradient's square underflows to 0 as well. bfloat16 has float32's range."""
+    dtype = "float32" if dtype == "bfloat16" else dtype
+    try:
+        return eps > 0 and float(np.asarray(eps, dtype=dtype)) == 0.0
+    except (TypeError, ValueError):
+        return False
+
+
 def bounded_step(kind: str, *, lr: float, eps: float, beta1: float = 0.0,
                  beta2: float = 0.0, momentum: float = 0.0, centered: bool = False,
                  decay: float = 0.0) -> bool:
@@ -321,6 +332,18 @@ def classify(
             f"loss ({hides}). Something outside the training step wrote it (a corrupt "
             "checkpoint, a manual edit); only a finite snapshot can restore it."
         )
+    vanishes = evidence.details.get("eps_vanishes")
+    if evidence.update_nonfinite and isinstance(vanishes, dict):
+        where = _name(evidence.weights_nonfinite)
+        return "update_nonfinite", where, (
+            f"Step {s}: the gradients were finite (norm {_fmt(record.grad_norm)}) but the "
+            f"optimizer update made the weights non-finite{_at(where)}: the optimizer's "
+            f"eps={vanishes['eps']:g} is 0 in {vanishes['dtype']}, the weights' dtype, so its "
+            "update divides 0 by 0 wherever a gradient's square underflows to 0. A lower "
+            "learning rate cannot help: train with float32 weights (16-bit compute under "
+            "autocast / a mixed precision policy) or set an eps the dtype holds (1e-4 is "
+            "usual for float16)."
+        )
     if evidence.update_nonfinite and evidence.details.get("grads_changed_after_measure"):
         where = _name(evidence.weights_nonfinite)
         return "update_nonfinite", where, (
@@ -425,6 +448,15 @@ def classify(
             f"function ({STABLE_LOSSES.get(evidence.framework, STABLE_LOSSES[''])}) instead of "
             "exp(x)/sum(exp(x)). If no exp reads this output (a regression), the loss itself "
             "went non-finite: look for a division by ~0 or a log(0) in it." + trend
+        )
+    added = evidence.details.get("added_loss")
+    if not finite(record.loss) and isinstance(added, dict):
+        return "loss_nonfinite", added["layer"], (
+            f"Step {s}: {finite_so_far} but the loss is {record.loss}: the term layer "
+            f"{added['layer']!r} adds to it (add_loss: a KL, a penalty, an auxiliary loss) is "
+            f"{added['value']}. That term divides by ~0 or "
+            "takes log(0) (of a variance, a mean, a probability): add an epsilon to its "
+            "denominators, clamp before its log." + trend
         )
     targets_peak = evidence.details.get("targets_peak")
     # A loss is computed in float32 at least (autocast too); a squared error overflows to

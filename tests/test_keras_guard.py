@@ -1948,6 +1948,55 @@ def test_fallback_skips_the_window_of_a_bad_batch_and_names_the_batch(tmp_path, 
     assert all_finite(model)
 
 
+
+def test_an_epsilon_that_is_zero_in_float16_is_named(tmp_path):
+    # float16 variables with Adam's epsilon=1e-8, which is 0 in float16: the update divides
+    # 0 by 0. The message said to lower the learning rate, which cannot help.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,), dtype="float16"),
+                              keras.layers.Dense(16, activation="relu", dtype="float16"),
+                              keras.layers.Dense(4, dtype="float16")])
+    model.compile(keras.optimizers.Adam(1e-3, epsilon=1e-8),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data(n=40)
+    guard = NanGuard(dump_dir=str(tmp_path), actions=("skip", "rollback"))
+    model.fit(x.astype("float16"), y, batch_size=5, epochs=1, verbose=0, callbacks=[guard])
+    assert guard.events
+    for event in guard.events:
+        assert event.cause == "update_nonfinite"
+        assert "eps=1e-08 is 0 in float16" in event.message
+    assert all_finite(model)
+
+
+
+class LogOfMean(keras.layers.Layer):
+    """Adds a VAE-style log term: NaN once the batch mean of its input goes negative."""
+
+    def call(self, t):
+        self.add_loss(0.01 * ops.log(ops.mean(t)))
+        return t
+
+
+def test_a_non_finite_add_loss_term_names_its_layer(tmp_path):
+    # The compiled loss is a built-in; a layer's add_loss term goes NaN. The event said
+    # "the loss function divides by ~0 ... or use a built-in loss", with no where.
+    x, y = data(n=64, n_in=4)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,))
+    h = LogOfMean(name="logreg")(keras.layers.Dense(8, name="d1")(inp))
+    model = keras.Model(inp, keras.layers.Dense(3, name="head")(h))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path), actions=("skip",))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert guard.events
+    event = guard.events[0]
+    assert (event.cause, event.where) == ("loss_nonfinite", "logreg")
+    assert "the term layer 'logreg' adds to it (add_loss" in event.message
+    assert "built-in loss" not in event.message
+    assert nanguard.load(guard.dumps[0]).event.where == "logreg"
+    assert all_finite(model)
+
+
 # -- sample weights, mixed-precision counters ------------------------------------------------
 
 def test_non_finite_sample_weight_is_named_and_dumped(tmp_path, capsys):

@@ -2664,6 +2664,32 @@ def test_optimizer_state_gone_inf_is_found_when_a_snapshot_is_taken(tmp_path, ho
     assert nanguard.load(guard.dumps[0]).event.cause == "weights_nonfinite"
 
 
+def test_an_eps_that_is_zero_in_float16_is_named_not_a_corrupt_checkpoint(tmp_path):
+    # model.half() with Adam's eps=1e-8, which is 0 in float16: Adam's own update divides
+    # 0 by 0. It was update_nonfinite at one step and, at the next, "the NaN was there
+    # before the step ... a corrupt checkpoint" (an optimizer that "never makes a NaN").
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4)).half()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    with NanGuard(model, opt, dump_dir=str(tmp_path), snapshot_every=2) as guard:
+        for _ in range(4):
+            x = torch.randn(5, 8, generator=g).half()
+            y = torch.randint(0, 4, (5,), generator=g)
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x).float(), y))
+                opt.step()
+    assert len(guard.events) >= 2
+    for event in guard.events:
+        assert event.cause == "update_nonfinite"
+        assert "eps=1e-08 is 0 in float16" in event.message
+        assert "corrupt" not in event.message
+    assert nanguard.load(guard.dumps[0]).event.cause == "update_nonfinite"
+    assert weights_finite(model)
+
+
 def test_non_finite_optimizer_state_spread_by_an_update_is_named(tmp_path):
     # A NaN in Adam's first moment turns the next update into NaN weights: the cause is the
     # state, not a too-large update (the gradients and the learning rate are fine).
