@@ -61,13 +61,8 @@ def makes_no_nan(optimizer: Any, dtype: str) -> bool:
 def vanishing_eps(optimizer: Any, model: Any) -> dict[str, Any] | None:
     """The optimizer's ``epsilon`` when it is 0 in a trainable variable's dtype
     (``detector.eps_vanishes``): ``{"eps": ..., "dtype": ...}``, or None."""
-    eps = getattr(inner_optimizer(optimizer), "epsilon", None)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
-        return None
-    for dtype in {str(v.dtype) for v in model.trainable_variables}:
-        if detector.eps_vanishes(float(eps), dtype):
-            return {"eps": float(eps), "dtype": dtype}
-    return None
+    return detector.vanishing_eps(getattr(inner_optimizer(optimizer), "epsilon", None),
+                                  (str(v.dtype) for v in model.trainable_variables))
 
 
 def bounded_step(optimizer: Any, lr: float) -> bool:
@@ -244,12 +239,13 @@ def nonfinite_added_loss(model: Any, x: Any) -> dict[str, Any] | None:
         model(x, training=False)
         for layer in model._flatten_layers(include_self=True):
             for term in layer._get_own_losses():
-                value = to_numpy(term, 2**62)
-                if value.dtype.kind == "f" and not np.isfinite(value).all():
-                    return {"layer": layer.name, "value": float(np.asarray(value).ravel()[
-                        ~np.isfinite(np.asarray(value).ravel())][0])}
+                flat = np.asarray(to_numpy(term, 2**62)).ravel()
+                if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+                    return {"layer": layer.name, "value": float(flat[~np.isfinite(flat)][0])}
     except Exception:  # noqa: BLE001 - forensic detail only
         return None
+    finally:
+        model._clear_losses()  # the replay's terms, not left on the layers
     return None
 
 

@@ -174,16 +174,22 @@ def to_numpy(
         t = t.to_sparse() if t.layout != torch.sparse_coo else t
         if rows is not None and t.ndim and t.shape[0] == rows[0]:
             t = t.narrow_copy(0, 0, rows[1])
-        if t.ndim and t.numel() * t.element_size() > limit:
-            t = t.narrow_copy(0, 0, max(1, limit // max(1, t[0].numel() * t.element_size())))
-        t = t.to_dense()
+        keep = _rows_within(t, limit)
+        t = (t if keep is None else t.narrow_copy(0, 0, keep)).to_dense()
     t = _rows_of(t, rows)
     if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
         t = t.float()
-    if t.ndim and t.numel() * t.element_size() > limit:
-        keep = max(1, limit // max(1, t[0].numel() * t.element_size()))
+    keep = _rows_within(t, limit)
+    if keep is not None:
         t = t[:keep]
     return t.cpu().numpy().copy()
+
+
+def _rows_within(t: torch.Tensor, limit: int) -> int | None:
+    """How many of ``t``'s first-dimension rows fit in ``limit`` bytes; None: all of it."""
+    if t.ndim and t.numel() * t.element_size() > limit:
+        return max(1, limit // max(1, t[0].numel() * t.element_size()))
+    return None
 
 
 def nonfinite_counts(t: torch.Tensor) -> tuple[int, int]:
@@ -1534,12 +1540,10 @@ def _vanishing_eps(optimizer: Any) -> dict[str, Any] | None:
     """A group's ``eps`` that is 0 in its parameters' dtype (``detector.eps_vanishes``):
     ``{"eps": ..., "dtype": ...}``, or None."""
     for group in optimizer.param_groups:
-        eps = group.get("eps")
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool):
-            continue
-        for dtype in {str(p.dtype).removeprefix("torch.") for p in group["params"]}:
-            if detector.eps_vanishes(float(eps), dtype):
-                return {"eps": float(eps), "dtype": dtype}
+        found = detector.vanishing_eps(
+            group.get("eps"), (str(p.dtype).removeprefix("torch.") for p in group["params"]))
+        if found is not None:
+            return found
     return None
 
 

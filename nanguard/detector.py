@@ -50,6 +50,17 @@ def eps_vanishes(eps: float, dtype: str) -> bool:
         return False
 
 
+def vanishing_eps(eps: object, dtypes: Iterable[str]) -> dict[str, object] | None:
+    """``{"eps": eps, "dtype": dtype}`` for the first of ``dtypes`` (an optimizer's weights')
+    in which a numeric ``eps`` is 0 (:func:`eps_vanishes`), for the event's details; or None."""
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+        return None
+    for dtype in sorted(set(dtypes)):
+        if eps_vanishes(float(eps), dtype):
+            return {"eps": float(eps), "dtype": dtype}
+    return None
+
+
 def bounded_step(kind: str, *, lr: float, eps: float, beta1: float = 0.0,
                  beta2: float = 0.0, momentum: float = 0.0, centered: bool = False,
                  decay: float = 0.0) -> bool:

@@ -349,8 +349,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
             raise
 
     def _maybe_snapshot(self) -> None:
-        if self._window or self._fallback_window:  # inside an accumulation window: at its
-            return                                   # start, or at the next
+        if self._window or self._fallback_window:
+            return  # inside an accumulation window: at its start, or at the next
         last = None if self._snapshot is None else self._snapshot.step
         if not self._snapshot_complete and self.session.step > 0:
             # The model's variables appeared in the first step (a subclassed model called
@@ -410,11 +410,12 @@ class NanGuard(Readout, keras.callbacks.Callback):
         if not k:
             return self._conclude(None, {}, logs, judged=judged)
         self._fallback_window += 1
+        bad = judged[1]
         iterations = int(to_numpy(inner._iterations))  # after this batch's apply
-        if not judged[1] and iterations % k:
+        if not bad and iterations % k:
             return logs  # inside the window
         details = ({"micro_batch": self._fallback_window - 1, "micro_batches": k}
-                   if judged[1] else None)
+                   if bad else None)
         self._fallback_window = 0
         return self._conclude(None, {}, logs, details=details, judged=judged)
 
