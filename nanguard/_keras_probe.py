@@ -570,6 +570,18 @@ class KerasProbe:
                     break
         pairs = self.paired_targets()
         ev.target_invalid = check_targets(pairs)
+        checks = self.details.get("in_step_checks")
+        if checks is not None and not self.batch:
+            # steps_per_execution > 1 with XLA keeps the stats of a bad batch inside the
+            # execution, not its tensors: the step checked the batch itself.
+            ev.batch_seen = ev.logits_seen = True
+            kept = "checked inside the step; with XLA the batch itself is not kept"
+            if not checks["inputs_finite"]:
+                ev.input_nonfinite = f"inputs: NaN/Inf ({kept})"
+            if not checks["targets_finite"]:
+                ev.target_invalid = f"targets: NaN/Inf ({kept})"
+            elif not checks["labels_valid"]:
+                ev.target_invalid = f"targets: class ids outside [0, n_classes) ({kept})"
         if not ev.target_invalid and not math.isfinite(record.loss):
             peaks = [float(np.abs(y).max()) for _, y, _ in pairs
                      if y.dtype.kind == "f" and y.size]

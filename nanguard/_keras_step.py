@@ -125,6 +125,7 @@ class StepInstrument:
                                         name="nanguard_block_bad")
         self._patched: list[tuple[Any, str]] = []
         self._heads_wrapped: list[tuple[int, Any]] = []
+        self.memo = ExecutionMemo.wanted(model, self.accumulate)
         self.tracker = getattr(model, "_loss_tracker", None)
         self.compile_loss = getattr(model, "_compile_loss", None)
         self.install()
@@ -190,7 +191,10 @@ class StepInstrument:
                                   for i, (_, y_t, y_p) in enumerate(cap.heads)}
             # A model's list of outputs (and its list of targets): TensorFlow packs a list
             # returned from the step into one tensor, which unlike shapes cannot be.
-            out[STATS_KEY] = keras.tree.lists_to_tuples(extra)
+            extra = keras.tree.lists_to_tuples(extra)
+            if self.memo is not None:
+                extra["stats"] = self.memo.remember(extra)
+            out[STATS_KEY] = extra
             return out
 
         return train_step
@@ -470,6 +474,153 @@ class StepInstrument:
                 ops.cast(weights_ok, f32), labels_ok, ops.cast(amp_skip, f32),
                 ops.cast(last, f32), ops.cast(counted, f32), place]
         return ops.concatenate([ops.stack(head), ops.cast(per, f32)])
+
+
+class ExecutionMemo:
+    """``steps_per_execution > 1`` (TensorFlow): the first bad batch of an execution.
+
+    Keras runs k batches per call of its train function and hands the host the last one's
+    logs only, so a bad batch before the last would be skipped inside the step with no
+    event. The step keeps, in variables of its own, the packed stats and the tensors (the
+    batch, the output) of the first bad batch since the host last looked, how many bad
+    batches there were, and a count of the batches run; :meth:`remember` appends
+    ``[pending, ran, offset]`` to the step's stats (``ran`` counts batches modulo
+    ``WRAP``, ``offset`` is how many batches ran after the first bad one). Written only
+    inside a ``cond`` on a bad batch: a healthy step adds one counter increment.
+
+    With XLA (``jit_compile=True``) a variable cannot change shape: only the stats are
+    kept (no tensors: the event's dump has no batch), and only for a model whose variables
+    exist before ``fit`` (their count sizes the stats). Not used with gradient
+    accumulation or under a ``tf.distribute`` strategy, where the documented limit stays.
+
+    Args:
+        size: The stats' length with XLA, else None (tensors kept too).
+    """
+
+    WRAP = 2**20  # exact in float32
+    TAIL = 3
+
+    def __init__(self, size: int | None = None) -> None:
+        import tensorflow as tf
+
+        none = tf.TensorShape(None)
+        self.ran = tf.Variable(0.0, trainable=False, name="nanguard_ran")
+        self.pending = tf.Variable(0.0, trainable=False, name="nanguard_pending")
+        self.at = tf.Variable(0.0, trainable=False, name="nanguard_at")
+        self.stats = tf.Variable(tf.zeros([0 if size is None else size]),
+                                 shape=none if size is None else [size], trainable=False,
+                                 name="nanguard_stats")
+        self.tensors = size is None
+        if self.tensors:
+            self.flat = tf.Variable(tf.zeros([0], tf.float64), shape=none, trainable=False,
+                                    name="nanguard_tensors")
+            self.shapes = tf.Variable(tf.zeros([0], tf.int64), shape=none, trainable=False,
+                                      name="nanguard_shapes")
+
+    @classmethod
+    def wanted(cls, model: Any, accumulate: int) -> ExecutionMemo | None:
+        if (keras.backend.backend() != "tensorflow" or accumulate
+                or max(1, int(getattr(model, "steps_per_execution", 1) or 1)) == 1):
+            return None
+        import tensorflow as tf
+
+        if tf.distribute.has_strategy() or getattr(model, "_distribute_strategy", None):
+            return None  # a model made under a strategy's scope trains under it
+        if getattr(model, "jit_compile", False) is not True:
+            return cls()
+        n = len(model.trainable_variables)
+        # The stats, then whether the inputs and the targets were finite.
+        return cls(len(HEAD) + n + 2) if n and getattr(model, "built", False) else None
+
+    def remember(self, extra: dict[str, Any]) -> Any:
+        """The step's stats with ``[pending, ran, offset]`` appended (traced)."""
+        import tensorflow as tf
+
+        stats = extra["stats"]
+        loss, norm = stats[HEAD.index("loss")], stats[HEAD.index("grad_norm")]
+        bad = tf.logical_or(
+            tf.logical_not(tf.logical_and(tf.math.is_finite(loss), tf.math.is_finite(norm))),
+            tf.less(stats[HEAD.index("labels_ok")], 0.5))
+        # An update from finite numbers that left the weights non-finite: the batches after
+        # it are bad too, but this one is where it happened.
+        bad = tf.logical_or(bad, tf.logical_and(
+            tf.greater(stats[HEAD.index("applied")], 0.5),
+            tf.less(stats[HEAD.index("weights_ok")], 0.5)))
+        rest = {k: v for k, v in extra.items() if k != "stats"}
+        leaves = memo_leaves(rest) if self.tensors else []
+        ran = self.ran.assign(tf.math.floormod(self.ran + 1.0, float(self.WRAP)))
+        first = tf.logical_and(bad, tf.equal(self.pending, 0.0))
+
+        def keep() -> Any:
+            if self.tensors:
+                flat = [tf.reshape(tf.cast(t, tf.float64), [-1]) for t in leaves]
+                shapes = [tf.concat([[tf.rank(t)], tf.shape(t)], 0) for t in leaves]
+                self.flat.assign(tf.concat(flat, 0) if flat else tf.zeros([0], tf.float64))
+                self.shapes.assign(tf.cast(tf.concat(shapes, 0), tf.int64) if shapes
+                                   else tf.zeros([0], tf.int64))
+                self.stats.assign(stats)
+            else:  # XLA: what the host would have checked in the batch, checked here
+                def finite(key: str) -> Any:
+                    found = float_tensors([extra.get(k) for k in key.split()])
+                    return tf.cast(tf.reduce_all(tf.stack(
+                        [tf.reduce_all(tf.math.is_finite(t)) for t in found]
+                        or [tf.constant(True)])), tf.float32)
+
+                self.stats.assign(tf.concat([stats, [finite("x sample_weight"),
+                                                     finite("y")]], 0))
+            self.at.assign(ran)
+            return tf.constant(True)
+
+        tf.cond(first, keep, lambda: tf.constant(False))
+        pending = self.pending.assign_add(tf.cast(bad, tf.float32))
+        offset = tf.math.floormod(ran - self.at, float(self.WRAP))
+        return tf.concat([stats, tf.stack([pending, ran, offset])], 0)
+
+    def recall(self, like: dict[str, Any],
+               ) -> tuple[list[float], dict[str, Any], dict[str, Any] | None]:
+        """The first bad batch's stats and tensors (numpy, in the structure of ``like``,
+        the last step's), and the pending count back to 0 (host). With XLA no tensors, and
+        the checks the step made instead (``details["in_step_checks"]``)."""
+        import numpy as np
+
+        stats = self.stats.numpy().tolist()
+        if not self.tensors:
+            self.pending.assign(0.0)
+            checks = {"inputs_finite": stats[-2] > 0.5, "targets_finite": stats[-1] > 0.5,
+                      "labels_valid": stats[HEAD.index("labels_ok")] > 0.5}
+            return stats[:-2], {}, {"in_step_checks": checks}
+        flat, shapes = self.flat.numpy(), self.shapes.numpy().tolist()
+        self.pending.assign(0.0)
+        rest = {k: v for k, v in like.items() if k != "stats"}
+        kept = {id(t) for t in memo_leaves(rest)}
+        pos = at = 0
+
+        def rebuild(t: Any) -> Any:
+            nonlocal pos, at
+            if id(t) not in kept:
+                return None
+            rank = shapes[at]
+            shape = shapes[at + 1:at + 1 + rank]
+            at += 1 + rank
+            size = math.prod(shape)
+            a = flat[pos:pos + size].reshape(shape).astype(np.dtype(t.dtype.as_numpy_dtype))
+            pos += size
+            return a
+
+        return stats, keras.tree.map_structure(rebuild, rest), None
+
+    def reset(self) -> None:
+        self.pending.assign(0.0)
+
+
+def memo_leaves(structure: Any) -> list[Any]:
+    """The dense numeric tensors of a step's returned structure, in order: what
+    :class:`ExecutionMemo` keeps (the same rule traced and on the host)."""
+    import tensorflow as tf
+
+    return [t for t in keras.tree.flatten(structure)
+            if isinstance(t, tf.Tensor) and (t.dtype.is_floating or t.dtype.is_integer
+                                             or t.dtype.is_bool)]
 
 
 def _detach(t: Any) -> Any:

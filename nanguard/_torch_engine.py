@@ -725,6 +725,7 @@ class TorchEngine:
         self.original_labels: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self.labels_given_back: set[int] = set()  # keys of original_labels written back
         self.early: EarlyStats | None = None  # the gradients' statistics at the last backward
+        self.norm_stale = False  # the loop changed the gradients after their measurement
         self.backward_grads: list[tuple[torch.Tensor, int]] | None = None  # (grad, version)
         self.scored: torch.Tensor | None = None  # this step's scores_classes, when computed
         # With logits_module: the gradient the loss sent into that module's output (the
@@ -927,7 +928,10 @@ class TorchEngine:
         dev = grads[0].device if grads else self.params[0].device
         nan = _nan(dev)
         early, self.early = self.early, None
-        self._grads_changed_since_backward(grads)
+        changed = self._grads_changed_since_backward(grads)
+        # The recorded norm is the one before the loop's change (its own clip_grad_norm_):
+        # the guard's clip must read the gradients as the optimizer will.
+        self.norm_stale = early is not None and changed
         if early is not None:  # measured at the backward, before the loop changed them
             red, present, scale = early.red, early.present, early.scale
         else:
@@ -1085,8 +1089,14 @@ class TorchEngine:
     def clip(self, total: float) -> None:
         max_norm = self.config.clip_grad_norm
         assert max_norm is not None
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.norm_stale and grads:  # one more pass, only when the loop clipped too
+            with torch.no_grad():
+                red = reduce_each(grads, _cpu_sq)
+                found = stack_on(red.values, grads[0].device).tolist()
+            total = total_norm(found, red.squared,
+                               wide=any(v.dtype == torch.float64 for v in red.values))
         if total > max_norm:
-            grads = [p.grad for p in self.params if p.grad is not None]
             factor = max_norm / (total + 1e-6)
             dense = [g for g in grads if g.layout == torch.strided]
             if dense:

@@ -30,7 +30,7 @@ from nanguard._keras_state import (
     to_numpy,
     weight_peaks,
 )
-from nanguard._keras_step import HEAD, STATS_KEY, StepInstrument, end_window
+from nanguard._keras_step import HEAD, STATS_KEY, ExecutionMemo, StepInstrument, end_window
 from nanguard.config import ACTIONS, GuardConfig
 from nanguard.detector import finite
 from nanguard.dump import environment
@@ -139,6 +139,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         self._window: list[tuple[list[float], dict[str, Any] | None]] = []
         # The loss-only fallback's: the batches of the open window (none ends a step).
         self._fallback_window = 0
+        self._ran = 0  # ExecutionMemo.ran as the last execution left it
         self._blocking = True
         self._snapshot_complete = True  # False: the model had no variables before step 0
         self._cache: tuple[tuple[Any, ...], StepInstrument, Any, LearningRate] | None = None
@@ -195,7 +196,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
             self._metrics = MetricState(model)
         else:
             self._instrument = StepInstrument(model, self.config.clip_grad_norm)
-        if _steps_per_execution(model) > 1:
+        memo = self._instrument.memo if self._instrument is not None else None
+        if _steps_per_execution(model) > 1 and (memo is None or not memo.tensors):
             warnings.warn(
                 "With steps_per_execution > 1 and the loss-only fallback, nanguard sees only "
                 "the logs of each execution's last step, after every update of the execution "
@@ -203,8 +205,16 @@ class NanGuard(Readout, keras.callbacks.Callback):
                 "the execution undoes all of it, good batches included (a rollback). Use "
                 "steps_per_execution=1 to undo just the bad batch."
                 if self.fallback else
+                "With steps_per_execution > 1 and XLA, nanguard skips every bad update inside "
+                "the step and records the last batch of each execution and its first bad "
+                "one, but keeps no copy of a bad batch before the last (its dump has no "
+                "batch)."
+                if memo is not None else
                 "With steps_per_execution > 1 nanguard still skips every bad update inside "
-                "the step, but sees (and records) only the last step of each execution.",
+                "the step, but sees (and records) only the last step of each execution"
+                + (" (with gradient accumulation or a tf.distribute strategy; see "
+                   "docs/keras.md)." if self._instrument is not None
+                   and keras.backend.backend() == "tensorflow" else "."),
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -330,6 +340,10 @@ class NanGuard(Readout, keras.callbacks.Callback):
             if not self._accumulators_checked:
                 self._accumulators_checked = True
                 _drop_nonfinite_window(self.model.optimizer)
+                memo = self._instrument.memo if self._instrument is not None else None
+                if memo is not None:
+                    memo.reset()
+                    self._ran = int(memo.ran.numpy())
             self._maybe_snapshot()
             if self._metrics is not None:
                 self._metrics.save()
@@ -376,6 +390,9 @@ class NanGuard(Readout, keras.callbacks.Callback):
         if extra is None:
             return self._after_fallback_step(logs)
         v = to_numpy(extra["stats"]).tolist()  # the one device-to-host transfer
+        memo = self._instrument.memo if self._instrument is not None else None
+        if memo is not None:
+            return self._after_execution(v, extra, logs, memo)
         self._epoch_steps += 1
         self._epoch_counted += v[_H["counted"]] > 0.5
         if self._instrument is not None and self._instrument.accumulate:
@@ -395,6 +412,34 @@ class NanGuard(Readout, keras.callbacks.Callback):
             v, extra, details = _merge_window(window, self._instrument.accumulate)
             return self._conclude(v, extra, logs, details=details)
         return self._conclude(v, extra, logs)
+
+    def _after_execution(self, v: list[float], extra: dict[str, Any], logs: dict[str, Any],
+                         memo: ExecutionMemo) -> Any:
+        """One execution of ``steps_per_execution > 1`` batches (:class:`ExecutionMemo`):
+        its first bad batch, when that was not its last, is concluded first, at its own
+        step, then the last batch, at its step (a step is a batch, as Keras counts them)."""
+        tail, v = v[-memo.TAIL:], v[:-memo.TAIL]
+        pending, ran, offset = (int(round(t)) for t in tail)
+        n = (ran - self._ran) % memo.WRAP or memo.WRAP
+        self._ran = ran
+        last = self.session.step + n - 1
+        self._epoch_steps += n
+        self._epoch_counted += v[_H["counted"]] > 0.5
+        if not pending:
+            return self._conclude(v, extra, logs, step=last)
+        if not offset:  # the last batch is the first bad one: it has it all
+            memo.reset()
+            return self._conclude(v, extra, logs, step=last)
+        early, early_extra, checks = memo.recall(extra)
+        details = {"steps_per_execution": _steps_per_execution(self.model),
+                   "bad_batches_in_execution": pending, **(checks or {})}
+        self._conclude(early, early_extra, {}, step=last - offset, details=details)
+        said = self._batch_logs.get(self._batch)
+        logs = self._conclude(v, extra, logs, step=last)
+        if said is not None and said["nanguard_bad"]:  # the execution's logs say so
+            self._batch_logs[self._batch] = {**self._batch_logs.get(self._batch, said),
+                                             "nanguard_bad": 1.0}
+        return logs
 
     def _after_fallback_step(self, logs: dict[str, Any]) -> Any:
         """The loss-only fallback's batch. With gradient accumulation (the optimizer's
@@ -421,12 +466,12 @@ class NanGuard(Readout, keras.callbacks.Callback):
 
     def _conclude(self, v: list[float] | None, extra: dict[str, Any],
                   logs: dict[str, Any], details: dict[str, Any] | None = None,
-                  judged: tuple[float, bool] | None = None) -> Any:
+                  judged: tuple[float, bool] | None = None, step: int | None = None) -> Any:
         """Judge one step: ``v`` its packed stats (None: the loss-only fallback, which reads
         ``logs``, flattened, and ``judged``: :meth:`_judge_logs` of them), ``extra`` the
         tensors the probe reads on a bad step, ``details`` what else its event should
-        hold."""
-        step = self.session.step
+        hold, ``step`` its index when the guard did not see the steps before it."""
+        step = self.session.step if step is None else step
         update_bad = False
         if v is not None:
             n = len(HEAD)

@@ -1064,23 +1064,97 @@ def test_loss_scale_optimizer_skips_are_its_own(tmp_path):
     assert all_finite(model)
 
 
-def test_steps_per_execution_still_keeps_bad_updates_out_and_warns(tmp_path):
-    # A documented limit: with steps_per_execution > 1 the guard sees only the last step of
-    # each execution, but every bad update is still skipped inside the compiled step.
+@pytest.mark.parametrize("mode", ["graph", "eager"])
+def test_steps_per_execution_names_a_bad_batch_inside_an_execution(tmp_path, mode):
+    # With steps_per_execution > 1 Keras hands the host only each execution's last logs:
+    # the step keeps the first bad batch of the execution (stats and tensors) for the
+    # guard, and a step is a batch, as Keras counts them.
     x, y = data(n=128)  # 8 batches of 16: two executions of 4
     x[21, 3] = np.nan  # batch 1, not the last step of its execution
-    model = classifier()
+    model = classifier(run_eagerly=mode == "eager")
     model.compile(keras.optimizers.SGD(0.05),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  steps_per_execution=4)
+                  steps_per_execution=4, run_eagerly=mode == "eager")
     guard, rec = NanGuard(dump_dir=str(tmp_path)), Recorder()
-    with pytest.warns(RuntimeWarning, match="steps_per_execution"):
-        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # nothing left to warn about
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
                   callbacks=[guard, rec])
     assert all_finite(model)  # the NaN batch's update never reached the weights
-    assert [r.step for r in guard.history] == [0, 1]  # one record per execution
-    assert len(rec.logs) == 2 and all("nanguard_grad_norm" in logs for logs in rec.logs)
+    assert [(r.step, r.action) for r in guard.history] == [
+        (1, "skip"), (3, None), (7, None), (9, "skip"), (11, None), (15, None)]
+    assert [(e.step, e.cause, e.where) for e in guard.events] == [
+        (1, "input_nonfinite", "inputs"), (9, "input_nonfinite", "inputs")]
+    dump = nanguard.load(guard.dumps[0])
+    np.testing.assert_array_equal(dump.tensors["inputs"], x[16:32])  # the bad batch's
+    np.testing.assert_array_equal(dump.tensors["targets"], y[16:32])
+    assert dump.tensors["output"].shape == (16, 3)
+    assert dump.event.details["bad_batches_in_execution"] == 1
+    assert len(rec.logs) == 4 and all("nanguard_grad_norm" in logs for logs in rec.logs)
+    assert [logs["nanguard_bad"] for logs in rec.logs] == [1.0, 0.0, 1.0, 0.0]
     assert not guard._batch_logs  # every execution's stats were handed to Keras's logs
+
+
+def test_steps_per_execution_healthy_run_matches_an_unguarded_one(tmp_path):
+    x, y = data(n=128)
+    out = []
+    for guarded in (False, True):
+        keras.utils.set_random_seed(0)
+        model = classifier()
+        model.compile(keras.optimizers.Adam(0.01),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      steps_per_execution=3)  # 8 batches: executions of 3, 3 and 2
+        guard = NanGuard(dump_dir=str(tmp_path))
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[guard] if guarded else [])
+        out.append(weights(model))
+    for a, b in zip(*out, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [r.step for r in guard.history] == [2, 5, 7, 10, 13, 15]
+    assert not guard.events
+
+
+def test_steps_per_execution_with_xla_keeps_the_stats_and_the_steps_checks(tmp_path):
+    # XLA cannot keep tensors of a changing shape: the first bad batch's stats, and the
+    # batch checks made inside the step, name it; its dump has no batch.
+    x, y = data(n=128)
+    x[21, 3] = np.nan  # batch 1
+    y[100] = 7  # batch 6: a label outside [0, 3)
+    model = classifier(jit_compile=True)
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=4, jit_compile=True)
+    guard = NanGuard(dump_dir=str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="XLA"):
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert all_finite(model)
+    assert [(e.step, e.cause, e.where) for e in guard.events] == [
+        (1, "input_nonfinite", "inputs"), (6, "target_invalid", "targets")]
+    assert "checked inside the step" in guard.events[1].message
+    assert [r.step for r in guard.history] == [1, 3, 6, 7]
+    assert "inputs" not in nanguard.load(guard.dumps[0]).tensors
+
+
+def test_steps_per_execution_bad_update_inside_an_execution(tmp_path):
+    # An update from finite gradients that overflows the weights, at an execution's first
+    # batch: that batch is named (update_nonfinite), not the NaN batches after it.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 8)).astype("float32")
+    y = (rng.normal(size=(128, 1)) * 100).astype("float32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, name="lin")])
+    model.compile(keras.optimizers.SGD(1e-3), "mse", steps_per_execution=4)
+
+    class Spike(keras.callbacks.Callback):  # a rate that overflows, for the 2nd execution
+        def on_train_batch_begin(self, batch, logs=None):
+            self.model.optimizer.learning_rate.assign(3e38 if batch == 4 else 1e-3)
+
+    guard = NanGuard(dump_dir=str(tmp_path), actions=("skip", "rollback"))
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[Spike(), guard])
+    first = guard.events[0]
+    assert (first.step, first.cause, first.action) == (4, "update_nonfinite", "rollback")
+    assert "lin" in first.where
+    assert all_finite(model)
 
 
 def test_epoch_logs_reach_csv_logger_and_history(tmp_path):

@@ -550,6 +550,39 @@ def test_clip_grad_norm_clips_good_steps(tmp_path):
     assert all(n <= 0.01 * 1.001 for n in norms_after)
 
 
+@pytest.mark.parametrize(("user", "ours"), [(0.05, 1.0), (1.0, 0.05)])
+@pytest.mark.parametrize("how", ["plain", "grad scaler"])
+def test_clip_grad_norm_on_top_of_the_loops_own_clipping(tmp_path, user, ours, how):
+    # The loop clips after guard.backward; the guard's clip must scale by the norm the
+    # optimizer will read, not by the one recorded before the loop's clip (that applied
+    # user * ours / norm: ~0.008 here instead of 0.05). The tighter clip wins.
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**10) if how == "grad scaler"
+              else None)
+    applied = []
+    with NanGuard(model, opt, scaler=scaler, clip_grad_norm=ours,
+                  dump_dir=str(tmp_path)) as guard:
+        # registered after the guard's own hook: sees the gradients the update uses
+        opt.register_step_pre_hook(lambda o, a, k: applied.append(float(
+            torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))))
+        for x, y in batches(4):
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x) * 10, y))
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), user)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
+    assert all(r.grad_norm > 1.0 for r in guard.history)  # recorded before either clip
+    assert applied == pytest.approx([0.05] * 4, rel=1e-4)
+
+
 SCHEDULERS = {
     "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
     "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=40),
