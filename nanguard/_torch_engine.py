@@ -1111,7 +1111,8 @@ class TorchEngine:
 
     def after_update(self) -> None:
         """After an applied update: one statistic per updated weight (non-finite when the
-        weight is), read with the next step's numbers, without a transfer now."""
+        weight is), read with the next step's numbers, without a transfer now (on the CPU
+        without a process group, at the step's end: :meth:`update_readable_now`)."""
         if self.verdict is not None and self.verdict.action is not None:
             return
         touched = [p for p in self.params if p.grad is not None]
@@ -1123,6 +1124,13 @@ class TorchEngine:
         self.pending_update = (self.pending_update or []) + values
         self.updated = True
         self.update_lrs = self.measured_lrs
+
+    def update_readable_now(self) -> bool:
+        """Whether the last update's check is waiting and reads without a device sync
+        (CPU tensors, no process group to agree with): then it is read at the step's end."""
+        pending = self.pending_update or []
+        return (bool(pending) and not self.distributed
+                and all(v.device.type == "cpu" for v in pending))
 
     def check_last_update(self) -> Verdict | None:
         """Read the last update's check now instead of at the next step (one transfer):

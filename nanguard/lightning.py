@@ -351,6 +351,11 @@ class NanGuard(Readout, _CallbackBase):
             return  # with gradient accumulation, the optimizer steps at a later micro-batch
         self._stepped = False
         engine.end_step()
+        if engine.update_readable_now():
+            # On the CPU the update's check reads without a wait: an update that made the
+            # weights non-finite is undone at its own step, before later callbacks
+            # (ModelCheckpoint, an EMA) or the next step see them.
+            self._check_last_update()
 
     def _finish(self, pl_module: pl.LightningModule, verdict: Verdict) -> None:
         if verdict.dump_path:

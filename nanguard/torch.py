@@ -190,8 +190,9 @@ class NanGuard(Readout):
         """Check the last update, then remove every hook the guard registered. Safe to
         call twice.
 
-        An update's finiteness is read with the next step's numbers; the last one has no
-        next step, so ``close()`` reads it: weights it made non-finite are rolled back (or
+        An update's finiteness is read with the next step's numbers (on a GPU or under
+        DDP; on the CPU as its step's context exits); the last one has no next step, so
+        ``close()`` reads it: weights it made non-finite are rolled back (or
         the run aborts, by the ladder) before the model is used.
         """
         try:
@@ -416,6 +417,11 @@ class _Step:
             return False
         finally:
             engine.end_step(keep_open=keep_open)
+            if exc is None and not keep_open and engine.update_readable_now():
+                # On the CPU reading the update's check costs no wait: an update that made
+                # the weights non-finite is undone at the end of its own step, before the
+                # loop's code between steps (an evaluation, a checkpoint) sees them.
+                guard.check_last_update()
 
     def _scaler_stepped(self) -> bool:
         """Whether ``scaler.step(optimizer)`` ran in this context (and skipped the

@@ -622,6 +622,30 @@ def test_the_last_update_of_an_epoch_is_checked_before_checkpoints_see_it(tmp_pa
     assert np.array_equal(dump.tensors["inputs"], x.numpy())
 
 
+def test_on_the_cpu_an_overflowed_update_is_undone_at_its_own_step(tmp_path):
+    # Mid-epoch: the update's check is read at the step's on_train_batch_end (on the CPU it
+    # costs no wait), so callbacks after the guard never see the Inf weights, and the row
+    # of the step that overflowed takes the rollback.
+    from lightning.pytorch.callbacks import Callback
+
+    seen = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(all(torch.isfinite(p).all() for p in pl_module.parameters()))
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    model = LrSpike(2)
+    t = trainer(tmp_path, guard, max_epochs=1, extra_callbacks=[Watch()])
+    t.fit(model, make_data(6))
+    assert seen == [True] * 6
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (2, "update_nonfinite", "rollback")
+    assert event.details["detected_at_step"] == 2
+    assert [r.action for r in guard.history] == [None, None, "rollback", None, None, None]
+    assert_finite(model)
+
+
 def test_an_abort_on_an_overflowed_update_leaves_the_snapshot_in_the_model(tmp_path):
     # No rollback rung: the overflowed update of step 3, found at step 4, aborts the fit.
     # The dump keeps the non-finite weights; the module is left at the step-3 snapshot.

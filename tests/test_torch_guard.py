@@ -339,12 +339,14 @@ def test_update_that_overflows_is_caught_and_rolled_back(tmp_path):
     assert (event.step, event.cause) == (4, "update_nonfinite")
     assert "it was 3e+38" in event.message  # step 4's LR, not the reset one of step 5
     assert event.where is not None and event.where.endswith(("weight", "bias"))
-    assert guard.history[4].action is None and guard.history[5].action == "rollback"
+    # On the CPU found at step 4's own end (on a GPU, with step 5's numbers): step 4's
+    # row takes the rollback, and step 5 trains from the restored weights.
+    assert guard.history[4].action == "rollback" and guard.history[5].action is None
     assert math.isfinite(guard.history[4].grad_norm)
     assert weights_finite(model)
     assert guard.history[6].action is None
-    # The dump is step 4's: its batch (not step 5's, which found it), no output (step 4's
-    # was finite and is not kept), history up to step 4; the event says when it was found.
+    # The dump is step 4's: its batch, no output (step 4's was finite and is not kept),
+    # history up to step 4; the event says when it was found.
     dump = nanguard.load(guard.dumps[0])
     x4, y4 = batches(7)[4]
     # ... and the weight it names, non-finite as the update left it.
@@ -353,7 +355,7 @@ def test_update_that_overflows_is_caught_and_rolled_back(tmp_path):
     assert np.array_equal(dump.tensors["inputs"], x4.numpy())
     assert np.array_equal(dump.tensors["targets"], y4.numpy())
     assert [h.step for h in dump.history][-1] == 4
-    assert dump.event.details["detected_at_step"] == 5
+    assert dump.event.details["detected_at_step"] == 4
 
 
 def test_a_weight_average_updated_after_check_last_update_stays_finite(tmp_path):
@@ -378,10 +380,11 @@ def test_a_weight_average_updated_after_check_last_update_stays_finite(tmp_path)
     assert weights_finite(average)
 
 
-def test_a_late_update_event_leaves_out_a_batch_refilled_in_place(tmp_path):
-    # A loop that copies each batch into one static buffer: when the update check of step 4
-    # is read at step 5, the buffer holds step 5's data; the dump must not pass it off as
-    # step 4's.
+def test_an_update_check_read_at_the_steps_end_keeps_a_batch_refilled_in_place(tmp_path):
+    # A loop that copies each batch into one static buffer. On the CPU the update check of
+    # step 4 is read as step 4's context ends, before the buffer is refilled: the dump holds
+    # step 4's batch. (Read at step 5, as on a GPU, the buffer would hold step 5's data, and
+    # the dump leaves it out rather than pass it off as step 4's.)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     guard = NanGuard(model, opt, dump_dir=str(tmp_path))
@@ -397,7 +400,9 @@ def test_a_late_update_event_leaves_out_a_batch_refilled_in_place(tmp_path):
     guard.close()
     (event,) = guard.events
     assert (event.step, event.cause) == (4, "update_nonfinite")
-    assert list(nanguard.load(guard.dumps[0]).tensors) == [f"localized.{event.where}"]
+    tensors = nanguard.load(guard.dumps[0]).tensors
+    np.testing.assert_array_equal(tensors["inputs"], batches(7)[4][0].numpy())
+    assert f"localized.{event.where}" in tensors
 
 
 @pytest.mark.parametrize("how", ["close", "check_last_update", "context"])
@@ -2374,11 +2379,11 @@ def test_weights_blown_up_but_finite_are_named_with_the_learning_rate(tmp_path):
 
 
 def test_without_rollback_an_overflowed_update_is_repaired_from_the_snapshot(tmp_path):
-    # actions=("skip",): the bad update is found a step late, when it is in the weights
-    # already. It was logged and the run trained on from Inf weights. The skip now puts back
-    # from the snapshot the parameters it made non-finite and those it blew up to ~1e38
-    # (finite, but every later step would overflow), each with its momentum; the rest is
-    # left as it is, and training goes on.
+    # actions=("skip",): the bad update is found after it, when it is in the weights
+    # already (at its step's end on the CPU). It was logged and the run trained on from Inf
+    # weights. The skip now puts back from the snapshot the parameters it made non-finite
+    # and those it blew up to ~1e38 (finite, but every later step would overflow), each with
+    # its momentum; the rest is left as it is, and training goes on.
     model = mlp()
     first, second = list(model[0].parameters()), list(model[2].parameters())
     opt = torch.optim.SGD([{"params": first}, {"params": second}], lr=1e-2, momentum=0.9)
@@ -2386,21 +2391,26 @@ def test_without_rollback_an_overflowed_update_is_repaired_from_the_snapshot(tmp
 
     def boost(i):
         opt.param_groups[0]["lr"] = 3e38 if i == 3 else 1e-2  # the first layer's group
-        if i in (4, 5):  # after the bad update; after the step that repaired it
-            seen[i] = {n: p.detach().clone() for n, p in model.named_parameters()}
-            seen[f"momentum{i}"] = [opt.state[p]["momentum_buffer"].clone() for p in first]
-        if i == 4:
+        seen["i"] = i
+        if i == 4:  # after the step that repaired it
+            seen[5] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            seen["momentum5"] = [opt.state[p]["momentum_buffer"].clone() for p in first]
             seen["snapshot"] = {k: v.clone() for k, v in guard._engine.snapshot.model.items()}
             seen["snapshot_momentum"] = [
                 guard._engine.snapshot.optim[0][k]["momentum_buffer"][0].clone()
                 for k in range(len(first))]
 
+    def after_bad_update(o, a, k):  # right after step 3's update, before the step ends
+        if seen.get("i") == 3:
+            seen[4] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
     guard = NanGuard(model, opt, actions=("skip",), snapshot_every=2, dump_dir=str(tmp_path))
+    opt.register_step_post_hook(after_bad_update)
     run(guard, model, opt, batches(8), loss_fn=lambda o, y: F.cross_entropy(o, y) * 100.0,
         before_step=boost)
     guard.close()
     assert weights_finite(model)
-    assert [r.action for r in guard.history][3:] == [None, "skip", None, None, None]
+    assert [r.action for r in guard.history][3:] == ["skip", None, None, None, None]
     event = guard.events[0]
     assert (event.step, event.cause, event.action) == (3, "update_nonfinite", "skip")
     assert "non-finite or blown up" in event.message
@@ -2573,8 +2583,9 @@ def test_closing_with_an_accumulation_step_open_warns(tmp_path):
 
 def test_a_late_update_dump_keeps_its_batch_across_a_step_that_never_measured(tmp_path):
     # Step 2's update overflows; step 3 raises (an out-of-memory the loop goes on from) before
-    # any measurement; step 4 finds the bad update. The dump is step 2's batch (batch i is
-    # filled with i), and once read the batch is not held any longer.
+    # any measurement. On the CPU step 2's own end finds the bad update (on a GPU, step 4
+    # would). The dump is step 2's batch (batch i is filled with i), and once read the batch
+    # is not held any longer.
     model = mlp(n_in=6, n_out=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = NanGuard(model, opt, dump_dir=str(tmp_path))
@@ -2592,7 +2603,7 @@ def test_a_late_update_dump_keeps_its_batch_across_a_step_that_never_measured(tm
             pass
     event = guard.events[0]
     assert (event.step, event.cause, event.details["detected_at_step"]) == (
-        2, "update_nonfinite", 4)
+        2, "update_nonfinite", 2)
     assert (nanguard.load(guard.dumps[0]).tensors["inputs"] == 2.0).all()
     guard.check_last_update()  # step 5's update is finite: nothing is held for it
     assert guard._engine.last_batch is None
@@ -2707,7 +2718,7 @@ def test_an_eps_that_is_zero_in_float16_is_named_not_a_corrupt_checkpoint(tmp_pa
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     with NanGuard(model, opt, dump_dir=str(tmp_path), snapshot_every=2) as guard:
-        for _ in range(4):
+        for _ in range(3):  # each update is a rollback (max_rollbacks=3: the 4th aborts)
             x = torch.randn(5, 8, generator=g).half()
             y = torch.randint(0, 4, (5,), generator=g)
             opt.zero_grad()
