@@ -1829,9 +1829,16 @@ def agree_across_ranks(
 
     from nanguard.events import CAUSES
 
-    cause = detector.classify(record, ev, list(engine.session.history))[0]
+    # A rank whose own step is sound (finite numbers, no evidence: a label another rank
+    # got wrong, whose defused loss left every gradient finite) has no cause of its own:
+    # ranked after every cause, None in rank_causes (classify would fall through to one).
+    sound = not detector.is_bad(record) and not (
+        ev.input_nonfinite or ev.target_invalid or ev.weights_nonfinite
+        or ev.update_nonfinite or ev.activation or ev.grad_where)
+    cause = None if sound else detector.classify(record, ev, list(engine.session.history))[0]
     numbers = (record.loss, record.logits_min, record.logits_max, record.grad_norm)
-    mine = (CAUSES.index(cause), engine.session.rank, dataclasses.asdict(ev), numbers)
+    mine = (len(CAUSES) if cause is None else CAUSES.index(cause), engine.session.rank,
+            dataclasses.asdict(ev), numbers)
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     gathered.sort(key=lambda g: g[1])
@@ -1844,7 +1851,7 @@ def agree_across_ranks(
     agreed.details = {
         **agreed.details,
         "cause_rank": rank,
-        "rank_causes": [CAUSES[g[0]] for g in gathered],
+        "rank_causes": [CAUSES[g[0]] if g[0] < len(CAUSES) else None for g in gathered],
     }
     if rank != engine.session.rank:
         agreed.details["local_numbers"] = dict(

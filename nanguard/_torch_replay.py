@@ -990,7 +990,7 @@ def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> Rep
         )
     with torch.no_grad():
         for k, t in own.items():
-            t.copy_(torch.from_numpy(np.array(state[k])).to(t.dtype))
+            t.copy_(_tensor(state[k], f"the state's {k!r}").to(t.dtype))
     details = getattr(dump.event, "details", None) or {}
     spec = details.get("replay_call") if isinstance(details, Mapping) else None
     spec = spec if isinstance(spec, Mapping) else {}
@@ -1010,14 +1010,14 @@ def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> Rep
     rng = dump.tensors.get("replay.rng_cpu")
     grad_dtypes = spec.get("output_grads") or {}
     grads = {
-        int(k.rsplit(".", 1)[1]): _cast(torch.from_numpy(np.array(v)),
+        int(k.rsplit(".", 1)[1]): _cast(_tensor(v, f"'{k}'"),
                                         grad_dtypes.get(k.rsplit(".", 1)[1]))
         for k, v in dump.tensors.items()
         if k.startswith("replay.output_grad.")
     }
     call = RecordedCall(
         args, kwargs,
-        torch.from_numpy(np.array(rng)) if rng is not None else torch.get_rng_state(),
+        _tensor(rng, "'replay.rng_cpu'") if rng is not None else torch.get_rng_state(),
         None, _replay_autocast(spec.get("autocast"), model, notes), True, grads,
     )
     model.train(train)
@@ -1055,9 +1055,23 @@ def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> Rep
         ) from err
 
 
+def _tensor(a: np.ndarray, what: str) -> torch.Tensor:
+    """A dumped array as a tensor: numbers only (a dump edited to hold strings is refused,
+    as a bad dump), in the machine's byte order (``.npy`` may store either)."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "biufc":
+        raise ReplayInputError(f"{what} holds {a.dtype} values, not numbers")
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    try:
+        return torch.from_numpy(np.array(a))
+    except TypeError as err:  # a dtype torch has no tensor of
+        raise ReplayInputError(f"{what}: {err}") from err
+
+
 def _dumped_call(tensors: Mapping[str, np.ndarray]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(a))
+        return _tensor(a, "a dumped call's tensor")
 
     args = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items()
                   if k.startswith("replay.args."))
@@ -1094,7 +1108,7 @@ def _decode(spec: Any, tensors: Mapping[str, np.ndarray], where: str) -> Any:
                 f"the dump lacks '{name}', the model call's {where} (left out when the dump "
                 "was written?)"
             )
-        return _cast(torch.from_numpy(np.array(tensors[name])), spec.get("dtype"))
+        return _cast(_tensor(tensors[name], f"'{name}'"), spec.get("dtype"))
     if "value" in spec:
         return spec["value"]
     if "list" in spec or "tuple" in spec:

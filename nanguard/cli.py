@@ -256,17 +256,22 @@ def _rank_note(ev: Event, meta: dict[str, Any]) -> str:
 
 
 def render_report(dump: Dump, rows: int = HISTORY_ROWS) -> str:
-    """The human report: cause, step, where, the fix, and the last steps' stats."""
+    """The human report: cause, step, where, the fix, and the last steps' stats. Text
+    from the dump is printed one line per field, its control characters escaped (a
+    module named with a newline or a terminal escape cannot break or recolour it)."""
     ev = dump.event
     meta = dump.meta
+    p = _printable
+    env = meta.get("environment", {})
     lines = [
-        f"nanguard dump {_printable(dump.path)}",
-        f"  cause   {ev.cause}  at step {ev.step}" + _rank_note(ev, meta),
-        f"  where   {ev.where or 'unknown'}",
-        f"  action  {ev.action}",
-        f"  what    {ev.message}",
-        f"  run     {meta.get('framework', '?')}, "
-        + ", ".join(f"{k} {v}" for k, v in meta.get("environment", {}).items() if k != "platform"),
+        f"nanguard dump {p(dump.path)}",
+        p(f"  cause   {ev.cause}  at step {ev.step}" + _rank_note(ev, meta)),
+        p(f"  where   {ev.where or 'unknown'}"),
+        p(f"  action  {ev.action}"),
+        p(f"  what    {ev.message}"),
+        p(f"  run     {meta.get('framework', '?')}, "
+          + ", ".join(f"{k} {v}" for k, v in (env.items() if isinstance(env, dict) else ())
+                      if k != "platform")),
     ]
     if rows:
         shown = dump.history[-rows:]
@@ -299,7 +304,7 @@ def _history_table(history: Sequence[StepRecord]) -> str:
             _num(r.logits_max),
             _num(r.grad_norm),
             _num(r.lr),
-            r.action or ("(amp skip)" if r.cause == "amp_scaler_skip" else ""),
+            _printable(r.action or ("(amp skip)" if r.cause == "amp_scaler_skip" else "")),
         )
         for r in history
     ]
@@ -321,7 +326,7 @@ def _tensor_table(dump: Dump) -> str:
         s = tensor_summary(array)
         body.append(
             (
-                name,
+                _printable(name),
                 "x".join(str(d) for d in s["shape"]) or "scalar",
                 s["dtype"],
                 str(s["nan"]),

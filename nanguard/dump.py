@@ -142,7 +142,7 @@ def _claim(tmp: str, final: str) -> str:
             return name
 
 
-def load(path: str | os.PathLike[str], *, arrays: bool = True) -> Dump:
+def load(path: str | bytes | os.PathLike[str], *, arrays: bool = True) -> Dump:
     """Read a dump written by any nanguard adapter.
 
     Args:
@@ -162,7 +162,7 @@ def load(path: str | os.PathLike[str], *, arrays: bool = True) -> Dump:
         >>> dump = nanguard.load("nanguard_dumps/x.nanguard.zip")  # doctest: +SKIP
         >>> print(dump.event.message)  # doctest: +SKIP
     """
-    p = os.fspath(path)
+    p = os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path)
     try:
         if not stat.S_ISREG(os.stat(p).st_mode):
             # A FIFO, a device: opening one blocks or reads forever.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -157,15 +158,21 @@ def _known(cls: Any, data: Any) -> dict[str, Any]:
 
 def _need(fields: dict[str, Any], name: str, ok: Any) -> None:
     if name in fields and not ok(fields[name]):
-        raise ValueError(f"{name} has the wrong type: {fields[name]!r}")
+        shown = repr(fields[name])
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise ValueError(f"{name} has the wrong type: {shown}")
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    # A step index: what a training run can count to (JSON holds any integer: 10**400
+    # would load, then break every tool doing float arithmetic on it).
+    return isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return abs(v) <= sys.float_info.max  # what float() of it can hold
+    return isinstance(v, float)
 
 
 def _is_text_or_none(v: Any) -> bool:

@@ -457,6 +457,7 @@ class GuardSession:
         """Counters to save with a checkpoint (and the last ``EVENTS_SAVED`` events, so a
         resumed run's ``events`` still holds the bad steps its ``history`` shows)."""
         return {
+            "rank": self.rank,
             "step": self.step,
             "ladder": self.ladder._asdict(),
             "dumps_written": self.dumps_written,
@@ -471,6 +472,12 @@ class GuardSession:
         self.dumps_written = int(state.get("dumps_written", 0))
         self.amp_skips = int(state.get("amp_skips", 0))
         self.history.clear()
+        self.events = []
+        if state.get("rank", self.rank) != self.rank:
+            # Another rank's state (Lightning writes rank 0's checkpoint, every rank loads
+            # it): the counters agree across ranks, its history and events are rank 0's
+            # numbers and messages, not this rank's: left out.
+            return
         self.history.extend(StepRecord.from_dict(r) for r in state.get("history", []))
         self.events = [Event.from_dict(e) for e in state.get("events", [])]
 

@@ -161,6 +161,7 @@ def short_run(rank: int, outdir: str, fault: str) -> dict:
     return {
         "actions": [r.action for r in guard.history],
         "events": [[e.step, e.cause] for e in guard.events],
+        "rank_causes": [e.details.get("rank_causes") for e in guard.events],
         "weights": [p.detach().flatten().tolist() for p in net.parameters()],
     }
 

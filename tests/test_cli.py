@@ -171,6 +171,26 @@ def test_ls_reads_no_arrays_and_prints_any_file_name(tmp_path, capsys, monkeypat
     assert "caf\\xe9.nanguard.zip" in out and out.splitlines()[1].split()[0] == "5"
 
 
+def test_inspect_escapes_control_characters_from_the_dump(tmp_path, capsys):
+    # A module named with a newline and a terminal escape (a real activation_nonfinite
+    # dump's `where`), a tensor name with a newline: one line per field, nothing raw.
+    odd = "/we ird/\n\x1b[31mRED\t|x"
+    event = nanguard.Event(step=3, cause="activation_nonfinite", where=odd,
+                           message=f"Step 3: the output of {odd} went NaN.", action="skip")
+    history = [nanguard.StepRecord(step=3, loss=math.nan, grad_norm=math.nan, lr=0.1,
+                                   action="skip")]
+    path = write_dump(str(tmp_path), event, history, {"a\nb": np.zeros(2, np.float32)},
+                      {"framework": "test", "environment": {"python": "3"}})
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\t" not in out
+    lines = out.splitlines()
+    assert any(line.startswith("  where   /we ird/\\n\\x1b[31mRED\\t|x") for line in lines)
+    assert not any(line.startswith("RED") or line.startswith("b ") for line in lines)
+    assert main(["inspect", path, "--json"]) == 0  # JSON keeps the text exactly
+    assert json.loads(capsys.readouterr().out)["where"] == odd
+
+
 def test_ls_keeps_one_line_per_dump_whatever_the_names(tmp_path, capsys):
     path = make_dump(tmp_path, step=5)
     forged = tmp_path / "run\n    99  loss_nonfinite  fc1  other.nanguard.zip"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import textwrap
+import zipfile
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -269,6 +272,35 @@ def test_replay_of_a_ddp_dump_on_the_plain_model(factory, tmp_path, capsys):
     assert nanguard.load(guard.dumps[-1]).state.keys() >= {"model.module.0.weight"}
     assert main(["replay", guard.dumps[-1], "--model", f"{factory}:build"]) == 0
     assert "first bad module: 1 (forward)" in capsys.readouterr().out
+
+
+def _edit_array(src, dst, member, array):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name == member:
+                buf = io.BytesIO()
+                np.save(buf, array, allow_pickle=False)
+                data = buf.getvalue()
+            zout.writestr(name, data)
+
+
+def test_replay_of_edited_arrays(overflow_dump, factory, tmp_path, capsys):
+    # A big-endian .npy (numpy writes either) replays; a string array, where a tensor or a
+    # parameter should be, exits 2 with one line (they were tracebacks).
+    dump = nanguard.load(overflow_dump)
+    x = dump.tensors["replay.args.0"]  # the model call's input
+    big = str(tmp_path / "big.nanguard.zip")
+    _edit_array(overflow_dump, big, "tensors/replay.args.0.npy",
+                x.astype(x.dtype.newbyteorder(">")))
+    assert main(["replay", big, "--model", f"{factory}:build"]) == 0
+    assert "first bad module: 1 (forward)" in capsys.readouterr().out
+    for member, shape in (("tensors/replay.args.0.npy", x.shape),
+                          ("state/model.0.weight.npy", dump.state["model.0.weight"].shape)):
+        bad = str(tmp_path / "text.nanguard.zip")
+        _edit_array(overflow_dump, bad, member, np.full(shape, "a"))
+        assert main(["replay", bad, "--model", f"{factory}:build"]) == 2
+        assert "not numbers" in _one_line_error(capsys)
 
 
 def _one_line_error(capsys):

@@ -73,6 +73,24 @@ def test_a_dump_that_fails_for_any_reason_warns_and_training_goes_on(tmp_path, m
     assert v.action == "skip" and v.dump_path is None
 
 
+def test_a_state_saved_by_another_rank_restores_its_counters_not_its_history(tmp_path):
+    # Lightning writes rank 0's checkpoint and every rank loads it: rank 1 got rank 0's
+    # history (its losses) and events ("on rank 1 (this rank, 0, ...").
+    cfg = GuardConfig(dump_dir=str(tmp_path))
+    zero = GuardSession(cfg, framework="test", rank=0, world_size=2)
+    for i in range(3):
+        zero.conclude(rec(i, loss=NAN if i == 1 else 1.0 + i), probe=None)
+    saved = zero.state_dict()
+    one = GuardSession(cfg, framework="test", rank=1, world_size=2)
+    one.load_state_dict(saved)
+    assert one.step == zero.step == 3
+    assert one.ladder == zero.ladder and one.ladder.total_bad == 1
+    assert not one.history and not one.events
+    again = GuardSession(cfg, framework="test", rank=0, world_size=2)
+    again.load_state_dict(saved)  # its own rank's: everything
+    assert [r.step for r in again.history] == [0, 1, 2] and len(again.events) == 1
+
+
 def test_actions_keep_the_fixed_order():
     assert GuardConfig(actions=["abort", "skip"]).actions == ("skip", "abort")
     assert GuardConfig().actions == ACTIONS

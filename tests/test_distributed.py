@@ -111,6 +111,10 @@ def test_plain_torch_guard_ranks_agree(tmp_path):
         assert r1["events"] == [[step, cause]], kind
         assert r0["weights"] == r1["weights"], kind  # bit-identical replicas
         assert all(math.isfinite(w) for p in r0["weights"] for w in p), kind
+    # Each rank's own verdict: rank 0's step was sound (the defused label left every
+    # gradient finite): None, not a cause its numbers do not show (it read update_nonfinite).
+    for r in results:
+        assert r["label_at_step_0"]["rank_causes"] == [[None, "target_invalid"]]
     # Rank 1's optimizer state alone went Inf: the snapshot due at step 4 is refused there
     # only; both ranks conclude step 4 as weights_nonfinite, roll back to the step-2
     # snapshot, and end with the same weights.

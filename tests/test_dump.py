@@ -214,6 +214,9 @@ def _rewrite(src, dst, member, change):
     [
         ("event.json", lambda e: e.update(step="12")),
         ("event.json", lambda e: e.update(step=True)),
+        # JSON holds any integer; 10**400 loaded, then broke `report` and `plot` (float()).
+        ("event.json", lambda e: e.update(step=10**400)),
+        ("history.json", lambda h: h[0].update(loss=10**400)),
         ("event.json", lambda e: e.update(cause=5)),
         ("event.json", lambda e: e.update(where=["a"])),
         ("event.json", lambda e: e.update(details=[1])),
@@ -238,6 +241,12 @@ def test_fields_of_the_wrong_type_give_dump_error(tmp_path, member, change):
     with pytest.raises(nanguard.DumpError,
                        match="wrong type|no 'message'|JSON object|not a list|malformed"):
         nanguard.load(path)
+
+
+def test_a_bytes_path_loads(tmp_path):
+    # os.fsencode(path) was read as a corrupt dump ("'bytes' object has no attribute 'seek'").
+    path = make_dump(tmp_path)
+    assert nanguard.load(os.fsencode(path)).event.step == 12
 
 
 def test_a_history_that_is_not_a_list_gives_dump_error(tmp_path):
