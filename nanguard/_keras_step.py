@@ -301,8 +301,12 @@ class StepInstrument:
             amp_skip = ops.cast(False, "bool")
             if scale is not None:
                 # A finite loss with overflowing scaled gradients is the LossScaleOptimizer's
-                # own business: let it see them, skip the update and lower its scale.
-                amp_skip = ops.logical_and(loss_ok, ops.logical_not(ops.isfinite(total)))
+                # own business: let it see them, skip the update and lower its scale. Not
+                # below a scale of 1: gradients non-finite then are so unscaled (a NaN made
+                # in the backward), which it would skip forever while its scale falls to 0.
+                amp_skip = ops.logical_and(
+                    ops.logical_and(loss_ok, ops.logical_not(ops.isfinite(total))),
+                    ops.greater_equal(scale, 1.0))
                 go = ops.logical_or(go, amp_skip)
             # A bad step's batch leaves Keras's loss means as they were before it (also when
             # the ladder lets its update through); a LossScaleOptimizer's own skip counts, as

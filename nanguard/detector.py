@@ -216,7 +216,8 @@ def _amp_scale(evidence: Evidence) -> str:
     scale = evidence.details.get("amp_scale")
     if not isinstance(scale, float):
         return ""
-    return (f" The GradScaler has lowered its scale to {_fmt(scale)} and the gradients are "
+    scaler = "LossScaleOptimizer" if evidence.framework == "keras" else "GradScaler"
+    return (f" The {scaler} has lowered its scale to {_fmt(scale)} and the gradients are "
             "still non-finite: they are so without scaling, not a float16 overflow the "
             "scaler can fix.")
 

@@ -484,6 +484,12 @@ class NanGuard(Readout, keras.callbacks.Callback):
             if v[_H["amp_skip"]] > 0.5:  # the LossScaleOptimizer skipped it and lowered its scale
                 self._publish(self.session.skipped_by_scaler(record))
                 return logs
+            if (bad and finite(record.loss) and not finite(record.grad_norm) and isinstance(
+                    self.model.optimizer, keras.optimizers.LossScaleOptimizer)):
+                # Its scale is below 1 (else it was the optimizer's own skip): these
+                # gradients are non-finite unscaled, no overflow the scale can fix.
+                details = {**(details or {}), "amp_scale": float(to_numpy(
+                    self.model.optimizer.dynamic_scale))}
             update_bad = v[_H["applied"]] > 0.5 and v[_H["weights_ok"]] < 0.5 and not bad
             if update_bad:  # the in-step flag is a sum per variable: confirm element-wise
                 update_bad = not all(np.isfinite(to_numpy(w, 2**62)).all()

@@ -1038,6 +1038,37 @@ def test_later_fit_with_a_schedule_lowers_the_rate_again(tmp_path):
         assert all_finite(model)
 
 
+class _ZeroSqrt(keras.layers.Layer):
+    """Forward 0; backward sqrt'(0) * 0 = Inf * 0 = NaN: a NaN made in the backward, at any
+    loss scale."""
+
+    def call(self, x):
+        return keras.ops.sqrt(keras.ops.abs(x) * 0.0)
+
+
+def test_loss_scale_optimizer_skips_end_below_a_scale_of_one(tmp_path):
+    # Gradients non-finite at every scale were the LossScaleOptimizer's own skips forever
+    # (its scale fell from 2**15 to 2e-7 with no event): below a scale of 1 they are events.
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(16, dtype="mixed_float16", name="hidden")(inp)
+    h = keras.layers.Add(dtype="mixed_float16")([h, _ZeroSqrt(dtype="mixed_float16")(h)])
+    model = keras.Model(inp, keras.layers.Dense(3, dtype="float32", name="head")(h))
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05),
+                                              initial_scale=2.0**15)
+    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    guard = NanGuard(dump_dir=str(tmp_path), actions=("skip",))
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False, callbacks=[guard])
+    assert guard.amp_skips == 16  # 2**15 halved to 0.5
+    assert [r.cause for r in guard.history[:16]] == ["amp_scaler_skip"] * 16
+    first = guard.events[0]
+    assert (first.step, first.cause, first.action) == (16, "grad_nonfinite", "skip")
+    assert first.details["amp_scale"] == 0.5
+    assert "LossScaleOptimizer has lowered its scale to 0.5" in first.message
+    assert len(guard.events) == len(guard.history) - 16  # every later step
+    assert all_finite(model)
+
+
 def test_loss_scale_optimizer_skips_are_its_own(tmp_path):
     # float16 layers and a loss scale far too large: the scaled gradients overflow, the
     # LossScaleOptimizer skips those steps and halves its scale. nanguard counts them and
