@@ -578,6 +578,8 @@ class KerasProbe:
             kept = "checked inside the step; with XLA the batch itself is not kept"
             if not checks["inputs_finite"]:
                 ev.input_nonfinite = f"inputs: NaN/Inf ({kept})"
+            elif not checks.get("sample_weight_finite", True):
+                ev.input_nonfinite = f"sample_weight: NaN/Inf ({kept})"
             if not checks["targets_finite"]:
                 ev.target_invalid = f"targets: NaN/Inf ({kept})"
             elif not checks["labels_valid"]:

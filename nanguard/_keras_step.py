@@ -125,7 +125,7 @@ class StepInstrument:
                                         name="nanguard_block_bad")
         self._patched: list[tuple[Any, str]] = []
         self._heads_wrapped: list[tuple[int, Any]] = []
-        self.memo = ExecutionMemo.wanted(model, self.accumulate)
+        self.memo, self.memo_off = ExecutionMemo.wanted(model, self.accumulate)
         self.tracker = getattr(model, "_loss_tracker", None)
         self.compile_loss = getattr(model, "_compile_loss", None)
         self.install()
@@ -522,19 +522,26 @@ class ExecutionMemo:
                                       name="nanguard_shapes")
 
     @classmethod
-    def wanted(cls, model: Any, accumulate: int) -> ExecutionMemo | None:
-        if (keras.backend.backend() != "tensorflow" or accumulate
-                or max(1, int(getattr(model, "steps_per_execution", 1) or 1)) == 1):
-            return None
+    def wanted(cls, model: Any, accumulate: int) -> tuple[ExecutionMemo | None, str | None]:
+        """The memo this model's step needs (None with ``steps_per_execution=1``), and why
+        there is none when one would be needed."""
+        if max(1, int(getattr(model, "steps_per_execution", 1) or 1)) == 1:
+            return None, None
+        if keras.backend.backend() != "tensorflow":
+            return None, f"the {keras.backend.backend()} backend"
+        if accumulate:
+            return None, "gradient accumulation"
         import tensorflow as tf
 
         if tf.distribute.has_strategy() or getattr(model, "_distribute_strategy", None):
-            return None  # a model made under a strategy's scope trains under it
+            return None, "a tf.distribute strategy"  # the model trains under its scope
         if getattr(model, "jit_compile", False) is not True:
-            return cls()
+            return cls(), None
         n = len(model.trainable_variables)
-        # The stats, then whether the inputs and the targets were finite.
-        return cls(len(HEAD) + n + 2) if n and getattr(model, "built", False) else None
+        if not (n and getattr(model, "built", False)):
+            return None, "XLA and a model with no variables before fit"
+        # The stats, then whether the inputs, the sample weights and the targets were finite.
+        return cls(len(HEAD) + n + 3), None
 
     def remember(self, extra: dict[str, Any]) -> Any:
         """The step's stats with ``[pending, ran, offset]`` appended (traced)."""
@@ -557,7 +564,7 @@ class ExecutionMemo:
 
         def keep() -> Any:
             if self.tensors:
-                flat = [tf.reshape(tf.cast(t, tf.float64), [-1]) for t in leaves]
+                flat = [tf.reshape(_wide_bits(t), [-1]) for t in leaves]
                 shapes = [tf.concat([[tf.rank(t)], tf.shape(t)], 0) for t in leaves]
                 self.flat.assign(tf.concat(flat, 0) if flat else tf.zeros([0], tf.float64))
                 self.shapes.assign(tf.cast(tf.concat(shapes, 0), tf.int64) if shapes
@@ -565,13 +572,13 @@ class ExecutionMemo:
                 self.stats.assign(stats)
             else:  # XLA: what the host would have checked in the batch, checked here
                 def finite(key: str) -> Any:
-                    found = float_tensors([extra.get(k) for k in key.split()])
+                    found = float_tensors(extra.get(key))
                     return tf.cast(tf.reduce_all(tf.stack(
                         [tf.reduce_all(tf.math.is_finite(t)) for t in found]
                         or [tf.constant(True)])), tf.float32)
 
-                self.stats.assign(tf.concat([stats, [finite("x sample_weight"),
-                                                     finite("y")]], 0))
+                self.stats.assign(tf.concat(
+                    [stats, [finite("x"), finite("sample_weight"), finite("y")]], 0))
             self.at.assign(ran)
             return tf.constant(True)
 
@@ -590,9 +597,10 @@ class ExecutionMemo:
         stats = self.stats.numpy().tolist()
         if not self.tensors:
             self.pending.assign(0.0)
-            checks = {"inputs_finite": stats[-2] > 0.5, "targets_finite": stats[-1] > 0.5,
+            checks = {"inputs_finite": stats[-3] > 0.5, "sample_weight_finite": stats[-2] > 0.5,
+                      "targets_finite": stats[-1] > 0.5,
                       "labels_valid": stats[HEAD.index("labels_ok")] > 0.5}
-            return stats[:-2], {}, {"in_step_checks": checks}
+            return stats[:-3], {}, {"in_step_checks": checks}
         flat, shapes = self.flat.numpy(), self.shapes.numpy().tolist()
         self.pending.assign(0.0)
         rest = {k: v for k, v in like.items() if k != "stats"}
@@ -607,14 +615,28 @@ class ExecutionMemo:
             shape = shapes[at + 1:at + 1 + rank]
             at += 1 + rank
             size = math.prod(shape)
-            a = flat[pos:pos + size].reshape(shape).astype(np.dtype(t.dtype.as_numpy_dtype))
+            dtype = np.dtype(t.dtype.as_numpy_dtype)
+            chunk = flat[pos:pos + size].reshape(shape)
             pos += size
-            return a
+            # 64-bit integers travel as their bits (float64 holds integers to 2**53 only)
+            return chunk.view(dtype) if _bits_kept(t.dtype) else chunk.astype(dtype)
 
         return stats, keras.tree.map_structure(rebuild, rest), None
 
     def reset(self) -> None:
         self.pending.assign(0.0)
+
+
+def _bits_kept(dtype: Any) -> bool:
+    return bool(dtype.is_integer and dtype.size == 8)
+
+
+def _wide_bits(t: Any) -> Any:
+    """A tensor as float64 values (exact for every dtype up to 32 bits) or, for a 64-bit
+    integer, as its bits."""
+    import tensorflow as tf
+
+    return tf.bitcast(t, tf.float64) if _bits_kept(t.dtype) else tf.cast(t, tf.float64)
 
 
 def memo_leaves(structure: Any) -> list[Any]:

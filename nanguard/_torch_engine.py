@@ -1090,20 +1090,30 @@ class TorchEngine:
         max_norm = self.config.clip_grad_norm
         assert max_norm is not None
         grads = [p.grad for p in self.params if p.grad is not None]
-        if self.norm_stale and grads:  # one more pass, only when the loop clipped too
+        if self.norm_stale and grads:
+            # The loop changed the gradients after their measurement (its own
+            # clip_grad_norm_, or a GradScaler's unscale_): scale by their norm now, on the
+            # device (one more pass, no sync), as the optimizer will read them.
             with torch.no_grad():
                 red = reduce_each(grads, _cpu_sq)
-                found = stack_on(red.values, grads[0].device).tolist()
-            total = total_norm(found, red.squared,
-                               wide=any(v.dtype == torch.float64 for v in red.values))
-        if total > max_norm:
-            factor = max_norm / (total + 1e-6)
-            dense = [g for g in grads if g.layout == torch.strided]
-            if dense:
-                torch._foreach_mul_(dense, factor)
-            for g in grads:
-                if g.layout != torch.strided:  # sparse: no fused kernel
-                    g.mul_(factor)
+                values = stack_on(red.values, grads[0].device)
+                squared = torch.tensor(red.squared, device=values.device)
+                now = torch.where(squared, values, values * values).sum().sqrt()
+                self._scale_grads(grads, (max_norm / (now + 1e-6)).clamp(max=1.0))
+        elif total > max_norm:
+            self._scale_grads(grads, max_norm / (total + 1e-6))
+
+    @staticmethod
+    def _scale_grads(grads: list[torch.Tensor], factor: float | torch.Tensor) -> None:
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            if g.layout == torch.strided:
+                by_device.setdefault(g.device, []).append(g)
+            else:  # sparse: no fused kernel
+                g.mul_(factor.to(g.device) if isinstance(factor, torch.Tensor) else factor)
+        for device, dense in by_device.items():
+            torch._foreach_mul_(dense, factor.to(device) if isinstance(factor, torch.Tensor)
+                                else factor)
 
     def drop_grads(self) -> None:
         for p in self.params:
@@ -1112,7 +1122,7 @@ class TorchEngine:
     def after_update(self) -> None:
         """After an applied update: one statistic per updated weight (non-finite when the
         weight is), read with the next step's numbers, without a transfer now (on the CPU
-        without a process group, at the step's end: :meth:`update_readable_now`)."""
+        without a process group, right after: :meth:`check_update_now`)."""
         if self.verdict is not None and self.verdict.action is not None:
             return
         touched = [p for p in self.params if p.grad is not None]
@@ -1125,9 +1135,25 @@ class TorchEngine:
         self.updated = True
         self.update_lrs = self.measured_lrs
 
+    def check_update_now(self) -> Verdict | None:
+        """Right after an update (the optimizer's post-step hook), when its check reads
+        without a wait (:meth:`update_readable_now`): :meth:`check_last_update` now, with
+        this step's batch for the event."""
+        if not self.update_readable_now():
+            return None
+        self._keep_batch()
+        return self.check_last_update()
+
+    def _keep_batch(self) -> None:
+        """Hold the step's batch until its update is found finite (the event's batch)."""
+        self.last_batch = (self.inputs, self.targets)
+        self.last_versions = {id(t): t._version for obj in self.last_batch
+                              for _, t in named_tensors(obj, "")}
+
     def update_readable_now(self) -> bool:
         """Whether the last update's check is waiting and reads without a device sync
-        (CPU tensors, no process group to agree with): then it is read at the step's end."""
+        (CPU tensors, no process group to agree with): then it is read right after the
+        update."""
         pending = self.pending_update or []
         return (bool(pending) and not self.distributed
                 and all(v.device.type == "cpu" for v in pending))
@@ -1185,10 +1211,8 @@ class TorchEngine:
             return
         self.micro_batches = 0
         self.give_back_labels()
-        if self.updated:  # this step's update, to be checked: keep its batch until then
-            self.last_batch = (self.inputs, self.targets)
-            self.last_versions = {id(t): t._version for obj in self.last_batch
-                                  for _, t in named_tensors(obj, "")}
+        if self.updated and self.pending_update is not None:
+            self._keep_batch()  # this step's update, to be checked: its batch until then
         elif self.pending_update is None:  # no update left unchecked (an earlier
             self.last_batch = None            # one stays with its own batch)
         self.inputs = self.targets = self.batch_targets = self.output = None

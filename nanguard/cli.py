@@ -187,14 +187,15 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
     except ReplayInputError as err:
         raise UsageError(str(err)) from err
     mode = "eval" if args.eval else "train"
-    out.write(
+    p = _printable  # text from the dump (and the model's names): one line each, escaped
+    out.write(p(
         f"replayed step {dump.event.step} of {args.path} on "
         f"{type(getattr(model, '_orig_mod', model)).__name__} "
         f"({mode} mode; the dump says: {dump.event.cause}"
-        + (f" in '{dump.event.where}'" if dump.event.where else "") + ")\n"
+        + (f" in '{dump.event.where}'" if dump.event.where else "") + ")") + "\n"
     )
     for note in result.notes:
-        out.write(f"  note: {note}\n")
+        out.write(p(f"  note: {note}") + "\n")
     f = result.finding
     if f is None:
         out.write(
@@ -203,15 +204,15 @@ def _replay(args: argparse.Namespace, out: TextIO) -> int:
             + "\n"
         )
         return 1
-    out.write(f"first bad module: {f.module} ({f.phase})\n  {f.note}\n")
+    out.write(p(f"first bad module: {f.module} ({f.phase})") + "\n" + p(f"  {f.note}") + "\n")
     for kind, items in f.summary.items():
         entries = items.items() if isinstance(items, dict) else enumerate(items)
         for key, s in entries:
             label = kind if isinstance(items, list) and len(items) == 1 else f"{kind} {key}"
-            out.write(
+            out.write(p(
                 f"  {label:<12} {'x'.join(map(str, s.get('shape', []))) or 'scalar'} "
                 f"{s.get('dtype', '')}  min {_num(s.get('min'))}  max {_num(s.get('max'))}  "
-                f"NaN {s.get('nan', 0)}  Inf {s.get('inf', 0)}\n"
+                f"NaN {s.get('nan', 0)}  Inf {s.get('inf', 0)}") + "\n"
             )
     return 0
 

@@ -140,6 +140,8 @@ class NanGuard(Readout, keras.callbacks.Callback):
         # The loss-only fallback's: the batches of the open window (none ends a step).
         self._fallback_window = 0
         self._ran = 0  # ExecutionMemo.ran as the last execution left it
+        self._span = 1  # the batches the record being published stands for
+        self._verdict: Verdict | None = None  # the last _conclude's
         self._blocking = True
         self._snapshot_complete = True  # False: the model had no variables before step 0
         self._cache: tuple[tuple[Any, ...], StepInstrument, Any, LearningRate] | None = None
@@ -179,6 +181,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         # BackupAndRestore after the guard restores the optimizer then).
         self._accumulators_checked = False
         if self._reuse_step(model):
+            self._sync_blocking()
             self._watch_next_fit(model)
             return
         self._lr = LearningRate(model.optimizer)
@@ -211,10 +214,9 @@ class NanGuard(Readout, keras.callbacks.Callback):
                 "batch)."
                 if memo is not None else
                 "With steps_per_execution > 1 nanguard still skips every bad update inside "
-                "the step, but sees (and records) only the last step of each execution"
-                + (" (with gradient accumulation or a tf.distribute strategy; see "
-                   "docs/keras.md)." if self._instrument is not None
-                   and keras.backend.backend() == "tensorflow" else "."),
+                "the step, but sees (and records) only the last step of each execution "
+                f"(with {self._instrument.memo_off if self._instrument else 'this model'}; "
+                "see docs/keras.md).",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -224,6 +226,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         model.train_function = self._train_function
         if self._instrument is not None:
             self._cache = (_step_key(model), self._instrument, self._inner, self._lr)
+        self._sync_blocking()
         self._watch_next_fit(model)
 
     def _watch_next_fit(self, model: Any) -> None:
@@ -417,29 +420,51 @@ class NanGuard(Readout, keras.callbacks.Callback):
                          memo: ExecutionMemo) -> Any:
         """One execution of ``steps_per_execution > 1`` batches (:class:`ExecutionMemo`):
         its first bad batch, when that was not its last, is concluded first, at its own
-        step, then the last batch, at its step (a step is a batch, as Keras counts them)."""
+        step, then the last batch, at its step (a step is a batch, as Keras counts them).
+
+        A good batch between the two ends the run of skips, as it would one batch at a
+        time. When the first conclusion restored the snapshot or the first bad batch's
+        update overflowed the weights, the batches after it trained on (or were undone
+        with) those weights: the last is recorded with its numbers, not judged again."""
         tail, v = v[-memo.TAIL:], v[:-memo.TAIL]
         pending, ran, offset = (int(round(t)) for t in tail)
         n = (ran - self._ran) % memo.WRAP or memo.WRAP
         self._ran = ran
         last = self.session.step + n - 1
         self._epoch_steps += n
-        self._epoch_counted += v[_H["counted"]] > 0.5
-        if not pending:
-            return self._conclude(v, extra, logs, step=last)
-        if not offset:  # the last batch is the first bad one: it has it all
-            memo.reset()
-            return self._conclude(v, extra, logs, step=last)
-        early, early_extra, checks = memo.recall(extra)
-        details = {"steps_per_execution": _steps_per_execution(self.model),
-                   "bad_batches_in_execution": pending, **(checks or {})}
-        self._conclude(early, early_extra, {}, step=last - offset, details=details)
-        said = self._batch_logs.get(self._batch)
-        logs = self._conclude(v, extra, logs, step=last)
-        if said is not None and said["nanguard_bad"]:  # the execution's logs say so
-            self._batch_logs[self._batch] = {**self._batch_logs.get(self._batch, said),
-                                             "nanguard_bad": 1.0}
-        return logs
+        # The batches in Keras's loss means: all but the bad ones (a scaler's skip counts).
+        self._epoch_counted += n - pending
+        self._span = n
+        if pending and n - 1 - offset > 0:  # good batches before the first bad one
+            self.session.good_step_unseen()
+        try:
+            if not pending or not offset:  # none, or the last batch is the first bad one
+                if pending:
+                    memo.reset()
+                return self._conclude(v, extra, logs, step=last)
+            early, early_extra, checks = memo.recall(extra)
+            details = {"steps_per_execution": _steps_per_execution(self.model),
+                       "bad_batches_in_execution": pending, **(checks or {})}
+            self._span = n - offset
+            self._conclude(early, early_extra, {}, step=last - offset, details=details)
+            verdict = self._verdict
+            assert verdict is not None
+            said = self._batch_logs.get(self._batch)
+            self._span = offset
+            broken = verdict.event is not None and verdict.event.cause in (
+                "update_nonfinite", "weights_nonfinite")
+            if verdict.restores or verdict.decision.repair or broken:
+                self.session.step = last + 1
+                return logs
+            if pending < offset + 1:  # a good batch came after the first bad one
+                self.session.good_step_unseen()
+            logs = self._conclude(v, extra, logs, step=last)
+            if said is not None and said["nanguard_bad"]:  # the execution's logs say so
+                self._batch_logs[self._batch] = {**self._batch_logs.get(self._batch, said),
+                                                 "nanguard_bad": 1.0}
+            return logs
+        finally:
+            self._span = 1
 
     def _after_fallback_step(self, logs: dict[str, Any]) -> Any:
         """The loss-only fallback's batch. With gradient accumulation (the optimizer's
@@ -525,6 +550,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
                                         has_snapshot=self._snapshot is not None)
         self._carry_out(verdict)
         self._publish(verdict)
+        self._verdict = verdict
         if verdict.action == "abort":
             self._teardown()
             verdict.raise_if_abort()
@@ -612,6 +638,12 @@ class NanGuard(Readout, keras.callbacks.Callback):
             self._metrics.restore()
         if decision.lower_lr and self._lr is not None:
             self._lr.lower(self.config.lr_factor)
+        self._sync_blocking()
+
+    def _sync_blocking(self) -> None:
+        """Whether the step keeps a bad update out: as the ladder would decide the next
+        bad step (not when it would only log it, ``actions=()``). Set before each step the
+        host sees, so also before a whole execution of ``steps_per_execution > 1``."""
         if self._instrument is not None:
             upcoming, _ = policy.decide(self.session.ladder, self.config,
                                         step=self.session.step, bad=True)
@@ -625,8 +657,12 @@ class NanGuard(Readout, keras.callbacks.Callback):
         rec = verdict.record
         if finite(rec.grad_norm) and rec.grad_norm > self._epoch_grad_max:
             self._epoch_grad_max = rec.grad_norm
-        if rec.step % self.config.log_every and verdict.action is None:
-            return  # a step with an action is always in its batch's logs
+        every, span = self.config.log_every, self._span
+        if rec.step // every == (rec.step - span) // every and verdict.action is None:
+            # No step a multiple of log_every among the `span` batches this record stands
+            # for (its own with steps_per_execution = 1); a step with an action is always
+            # in its batch's logs.
+            return
         self._batch_logs[self._batch] = {
             "nanguard_loss": rec.loss,
             "nanguard_logits_min": rec.logits_min,

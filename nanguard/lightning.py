@@ -246,12 +246,14 @@ class NanGuard(Readout, _CallbackBase):
             self._engine.in_step = True
         self._paused = False
 
-    def _check_last_update(self) -> None:
+    def _check_last_update(self, now: bool = False) -> None:
         """The last update's finiteness, read before validation, a checkpoint or the end of
-        training use the weights (it is otherwise read with the next step's numbers)."""
+        training use the weights (it is otherwise read with the next step's numbers);
+        ``now``: right after the update, where it reads without a wait (on the CPU)."""
         if self._engine is None or not self._handles:
             return
-        verdict = self._engine.check_last_update()
+        engine = self._engine
+        verdict = engine.check_update_now() if now else engine.check_last_update()
         if verdict is not None:
             if verdict.dump_path:
                 self.dumps.append(verdict.dump_path)
@@ -336,6 +338,10 @@ class NanGuard(Readout, _CallbackBase):
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._engine is not None and self._engine.in_step:
             self._engine.after_update()
+            # On the CPU the update's check reads without a wait: an update that made the
+            # weights non-finite is undone right after it, before any callback (a weight
+            # average, ModelCheckpoint) or the next step sees them.
+            self._check_last_update(now=True)
 
     def on_train_batch_end(
         self,
@@ -351,11 +357,6 @@ class NanGuard(Readout, _CallbackBase):
             return  # with gradient accumulation, the optimizer steps at a later micro-batch
         self._stepped = False
         engine.end_step()
-        if engine.update_readable_now():
-            # On the CPU the update's check reads without a wait: an update that made the
-            # weights non-finite is undone at its own step, before later callbacks
-            # (ModelCheckpoint, an EMA) or the next step see them.
-            self._check_last_update()
 
     def _finish(self, pl_module: pl.LightningModule, verdict: Verdict) -> None:
         if verdict.dump_path:

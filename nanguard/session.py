@@ -251,6 +251,11 @@ class GuardSession:
         self.step = record.step + 1
         return Verdict(record, policy.Decision(None, False, "skipped by the AMP loss scaler"))
 
+    def good_step_unseen(self) -> None:
+        """A good step the adapter did not record (one of several batches a single call
+        ran): it ends the run of consecutive skips, as it would recorded."""
+        self.ladder = self.ladder._replace(consecutive_skips=0)
+
     def count_scaler_skip(self) -> None:
         """An AMP loss scaler dropped a micro-batch inside a step (Keras's
         ``LossScaleOptimizer`` under gradient accumulation): counted, not a step."""
@@ -472,14 +477,14 @@ class GuardSession:
         self.dumps_written = int(state.get("dumps_written", 0))
         self.amp_skips = int(state.get("amp_skips", 0))
         self.history.clear()
-        self.events = []
-        if state.get("rank", self.rank) != self.rank:
-            # Another rank's state (Lightning writes rank 0's checkpoint, every rank loads
-            # it): the counters agree across ranks, its history and events are rank 0's
-            # numbers and messages, not this rank's: left out.
-            return
         self.history.extend(StepRecord.from_dict(r) for r in state.get("history", []))
-        self.events = [Event.from_dict(e) for e in state.get("events", [])]
+        self.events = []
+        if state.get("rank", self.rank) == self.rank:
+            self.events = [Event.from_dict(e) for e in state.get("events", [])]
+        # Else another rank's state (Lightning writes rank 0's checkpoint, every rank loads
+        # it). Its history is kept: the actions and gradient norms in it agree across ranks
+        # and feed decisions that must (the snapshot schedule, growth); its losses are that
+        # rank's. Its events, that rank's messages and dumps, are left out.
 
 
 def _did(decision: policy.Decision, config: GuardConfig, *, undo: bool = False) -> str:

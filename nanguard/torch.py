@@ -191,7 +191,7 @@ class NanGuard(Readout):
         call twice.
 
         An update's finiteness is read with the next step's numbers (on a GPU or under
-        DDP; on the CPU as its step's context exits); the last one has no next step, so
+        DDP; on the CPU right after the update); the last one has no next step, so
         ``close()`` reads it: weights it made non-finite are rolled back (or
         the run aborts, by the ladder) before the model is used.
         """
@@ -287,6 +287,12 @@ class NanGuard(Readout):
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._engine.after_update()
+        # On the CPU reading the update's check costs no wait: an update that made the
+        # weights non-finite is undone right here, before any code after optimizer.step()
+        # (an AveragedModel, the rest of the step, an exception's handler) sees them.
+        verdict = self._engine.check_update_now()
+        if verdict is not None:
+            self._finish(verdict)
 
     def _finish(self, verdict: Verdict) -> None:
         if verdict.dump_path:
@@ -417,11 +423,6 @@ class _Step:
             return False
         finally:
             engine.end_step(keep_open=keep_open)
-            if exc is None and not keep_open and engine.update_readable_now():
-                # On the CPU reading the update's check costs no wait: an update that made
-                # the weights non-finite is undone at the end of its own step, before the
-                # loop's code between steps (an evaluation, a checkpoint) sees them.
-                guard.check_last_update()
 
     def _scaler_stepped(self) -> bool:
         """Whether ``scaler.step(optimizer)`` ran in this context (and skipped the

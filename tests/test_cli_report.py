@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import sys
 import textwrap
@@ -301,6 +302,23 @@ def test_replay_of_edited_arrays(overflow_dump, factory, tmp_path, capsys):
         _edit_array(overflow_dump, bad, member, np.full(shape, "a"))
         assert main(["replay", bad, "--model", f"{factory}:build"]) == 2
         assert "not numbers" in _one_line_error(capsys)
+
+
+def test_replay_escapes_text_from_the_dump(overflow_dump, factory, tmp_path, capsys):
+    # A `where` holding a newline and a terminal escape went out raw (a reviewer's repro).
+    dst = str(tmp_path / "odd.nanguard.zip")
+    with zipfile.ZipFile(overflow_dump) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name == "event.json":
+                event = json.loads(data)
+                event["where"] = "1\n\x1b[31mFORGED line"
+                data = json.dumps(event).encode()
+            zout.writestr(name, data)
+    assert main(["replay", dst, "--model", f"{factory}:build"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "in '1\\n\\x1b[31mFORGED line'" in out
+    assert not any(line.startswith("FORGED") for line in out.splitlines())
 
 
 def _one_line_error(capsys):

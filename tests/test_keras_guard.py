@@ -1145,24 +1145,101 @@ def test_steps_per_execution_healthy_run_matches_an_unguarded_one(tmp_path):
     assert not guard.events
 
 
+def _spe_fit(tmp_path, spe, bad_batches, n=128, **guard_kw):
+    x, y = data(n=n)
+    for b in bad_batches:
+        x[16 * b + 1, 0] = np.nan
+    keras.utils.set_random_seed(0)
+    model = classifier()
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=spe)
+    guard, rec = NanGuard(dump_dir=str(tmp_path / f"spe{spe}"), **guard_kw), Recorder()
+    hist = model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                     callbacks=[guard, rec])
+    return model, guard, rec, hist
+
+
+def test_steps_per_execution_climbs_the_ladder_as_one_batch_at_a_time(tmp_path):
+    # Healthy batches between bad ones inside an execution end the run of skips, as they
+    # do one batch at a time (they did not: 3 "consecutive" skips, a rollback undoing the
+    # good batches, the rate halved).
+    runs = {spe: _spe_fit(tmp_path, spe, [1, 3, 5, 7], max_skips=1) for spe in (1, 4)}
+    for spe, (_, guard, _, _) in runs.items():
+        assert [(e.step, e.action) for e in guard.events] == [
+            (1, "skip"), (3, "skip"), (5, "skip"), (7, "skip")], spe
+        assert all(e.details["reason"] == "skip 1 of 1" for e in guard.events), spe
+    for a, b in zip(weights(runs[1][0]), weights(runs[4][0]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_steps_per_execution_epoch_logs_and_log_every(tmp_path):
+    # The epoch's loss mean leaves out just the bad batch (it read NaN when an execution's
+    # last batch was bad); log_every=2 puts the stats in every execution's logs that
+    # covers a multiple of 2 (none did: only the last batch's step was tested).
+    _, _, _, one = _spe_fit(tmp_path, 1, [3], n=64)
+    _, guard, rec, four = _spe_fit(tmp_path, 4, [3], n=64, log_every=2)
+    assert four.history["loss"] == pytest.approx(one.history["loss"], rel=1e-6)
+    assert math.isfinite(four.history["loss"][0])
+    _, guard, rec, _ = _spe_fit(tmp_path, 4, [], log_every=2)
+    assert [("nanguard_grad_norm" in logs) for logs in rec.logs] == [True] * 2
+
+
+def test_steps_per_execution_log_only_lets_the_update_through(tmp_path):
+    # actions=(): as with one batch per call, a bad update reaches the weights and the step
+    # reads "log" (inside an execution it was kept out, yet read "log").
+    for spe in (1, 4):
+        model, guard, _, _ = _spe_fit(tmp_path, spe, [1], n=64, actions=())
+        assert guard.events[0].step == 1 and guard.events[0].action == "log", spe
+        assert not all_finite(model), spe
+
+
+def test_steps_per_execution_keeps_64_bit_ids_exactly(tmp_path):
+    # The kept batch travels as float64: 64-bit integers as their bits (2**60 + k all read
+    # 2**60 as values).
+    n = 64
+    f, y = data(n=n)
+    ids = (2**60 + np.arange(n, dtype=np.int64) * 7 + 1).reshape(n, 1)
+    f[21, 3] = np.nan  # batch 1
+    fi, ii = keras.Input((8,), name="f"), keras.Input((1,), dtype="int64", name="id")
+    z = keras.layers.Lambda(lambda t: keras.ops.cast(t, "float32") * 0.0)(ii)
+    h = keras.layers.Concatenate()([keras.layers.Dense(4)(fi), z])
+    model = keras.Model({"f": fi, "id": ii}, keras.layers.Dense(3)(h))
+    model.compile(keras.optimizers.SGD(0.05),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=4)
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit({"f": f, "id": ids}, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+              callbacks=[guard])
+    (event,) = guard.events
+    assert event.step == 1
+    tensors = nanguard.load(guard.dumps[0]).tensors
+    np.testing.assert_array_equal(tensors["inputs.id"], ids[16:32])
+    np.testing.assert_array_equal(tensors["targets"], y[16:32])
+
+
 def test_steps_per_execution_with_xla_keeps_the_stats_and_the_steps_checks(tmp_path):
     # XLA cannot keep tensors of a changing shape: the first bad batch's stats, and the
     # batch checks made inside the step, name it; its dump has no batch.
-    x, y = data(n=128)
+    x, y = data(n=192)  # 12 batches: three executions of 4
     x[21, 3] = np.nan  # batch 1
-    y[100] = 7  # batch 6: a label outside [0, 3)
+    weights_in = np.ones(192, "float32")
+    weights_in[85] = np.inf  # batch 5: a sample weight (it was named as the inputs)
+    y[150] = 7  # batch 9: a label outside [0, 3)
     model = classifier(jit_compile=True)
     model.compile(keras.optimizers.SGD(0.05),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   steps_per_execution=4, jit_compile=True)
     guard = NanGuard(dump_dir=str(tmp_path))
     with pytest.warns(RuntimeWarning, match="XLA"):
-        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+        model.fit(x, y, sample_weight=weights_in, batch_size=16, epochs=1, shuffle=False,
+                  verbose=0, callbacks=[guard])
     assert all_finite(model)
     assert [(e.step, e.cause, e.where) for e in guard.events] == [
-        (1, "input_nonfinite", "inputs"), (6, "target_invalid", "targets")]
-    assert "checked inside the step" in guard.events[1].message
-    assert [r.step for r in guard.history] == [1, 3, 6, 7]
+        (1, "input_nonfinite", "inputs"), (5, "input_nonfinite", "sample_weight"),
+        (9, "target_invalid", "targets")]
+    assert all("checked inside the step" in e.message for e in guard.events)
+    assert [r.step for r in guard.history] == [1, 3, 5, 7, 9, 11]
     assert "inputs" not in nanguard.load(guard.dumps[0]).tensors
 
 
@@ -1185,6 +1262,10 @@ def test_steps_per_execution_bad_update_inside_an_execution(tmp_path):
     first = guard.events[0]
     assert (first.step, first.cause, first.action) == (4, "update_nonfinite", "rollback")
     assert "lin" in first.where
+    # The execution's last batch ran on those weights: recorded, not a second event (it
+    # was one, logits_nonfinite "while its weights are finite", and a skip counted).
+    assert len(guard.events) == 1
+    assert guard.session.ladder.total_bad == 1
     assert all_finite(model)
 
 

@@ -623,22 +623,27 @@ def test_the_last_update_of_an_epoch_is_checked_before_checkpoints_see_it(tmp_pa
 
 
 def test_on_the_cpu_an_overflowed_update_is_undone_at_its_own_step(tmp_path):
-    # Mid-epoch: the update's check is read at the step's on_train_batch_end (on the CPU it
-    # costs no wait), so callbacks after the guard never see the Inf weights, and the row
-    # of the step that overflowed takes the rollback.
+    # Mid-epoch: the update's check is read right after the update (on the CPU it costs no
+    # wait), so no callback, before the guard in the list or after it (a weight average,
+    # ModelCheckpoint), sees the Inf weights, and the row of the step that overflowed
+    # takes the rollback.
     from lightning.pytorch.callbacks import Callback
 
-    seen = []
+    seen = {"before": [], "after": []}
 
     class Watch(Callback):
+        def __init__(self, key):
+            self.key = key
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append(all(torch.isfinite(p).all() for p in pl_module.parameters()))
+            seen[self.key].append(all(torch.isfinite(p).all() for p in pl_module.parameters()))
 
     guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
     model = LrSpike(2)
-    t = trainer(tmp_path, guard, max_epochs=1, extra_callbacks=[Watch()])
+    t = trainer(tmp_path, guard, max_epochs=1,
+                callbacks=[Watch("before"), guard, Watch("after")])
     t.fit(model, make_data(6))
-    assert seen == [True] * 6
+    assert seen == {"before": [True] * 6, "after": [True] * 6}
     (event,) = guard.events
     assert (event.step, event.cause, event.action) == (2, "update_nonfinite", "rollback")
     assert event.details["detected_at_step"] == 2

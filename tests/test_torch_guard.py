@@ -380,7 +380,34 @@ def test_a_weight_average_updated_after_check_last_update_stays_finite(tmp_path)
     assert weights_finite(average)
 
 
-def test_an_update_check_read_at_the_steps_end_keeps_a_batch_refilled_in_place(tmp_path):
+def test_code_after_an_overflowed_update_sees_finite_weights(tmp_path):
+    # On the CPU the check is read in optimizer.step()'s own post-hook: the rest of the
+    # step, an exception it raises and the loop's handler of it, see the restored weights
+    # (the handler saw Inf weights and the event came a step late when the check waited for
+    # the context's normal exit).
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    seen = []
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        for i, (x, y) in enumerate(batches(6)):
+            opt.param_groups[0]["lr"] = 3e38 if i == 3 else 1e-2
+            opt.zero_grad()
+            try:
+                with guard.step(x, targets=y):
+                    guard.backward(F.cross_entropy(model(x), y) * 100.0)
+                    opt.step()
+                    seen.append(weights_finite(model))  # right after the update
+                    if i == 3:
+                        raise KeyError("the loop's own bug, after the update")
+            except KeyError:
+                seen.append(weights_finite(model))
+    assert all(seen) and len(seen) == 7
+    (event,) = guard.events
+    assert (event.step, event.cause, event.action) == (3, "update_nonfinite", "rollback")
+    assert event.details["detected_at_step"] == 3
+
+
+def test_an_update_check_read_in_its_own_step_keeps_a_batch_refilled_in_place(tmp_path):
     # A loop that copies each batch into one static buffer. On the CPU the update check of
     # step 4 is read as step 4's context ends, before the buffer is refilled: the dump holds
     # step 4's batch. (Read at step 5, as on a GPU, the buffer would hold step 5's data, and
@@ -2380,7 +2407,7 @@ def test_weights_blown_up_but_finite_are_named_with_the_learning_rate(tmp_path):
 
 def test_without_rollback_an_overflowed_update_is_repaired_from_the_snapshot(tmp_path):
     # actions=("skip",): the bad update is found after it, when it is in the weights
-    # already (at its step's end on the CPU). It was logged and the run trained on from Inf
+    # already (right after it on the CPU). It was logged and the run trained on from Inf
     # weights. The skip now puts back from the snapshot the parameters it made non-finite
     # and those it blew up to ~1e38 (finite, but every later step would overflow), each with
     # its momentum; the rest is left as it is, and training goes on.
@@ -2400,12 +2427,12 @@ def test_without_rollback_an_overflowed_update_is_repaired_from_the_snapshot(tmp
                 guard._engine.snapshot.optim[0][k]["momentum_buffer"][0].clone()
                 for k in range(len(first))]
 
-    def after_bad_update(o, a, k):  # right after step 3's update, before the step ends
+    def after_bad_update(o, a, k):  # right after step 3's update, before the guard reads it
         if seen.get("i") == 3:
             seen[4] = {n: p.detach().clone() for n, p in model.named_parameters()}
 
+    opt.register_step_post_hook(after_bad_update)  # first: runs before the guard's own
     guard = NanGuard(model, opt, actions=("skip",), snapshot_every=2, dump_dir=str(tmp_path))
-    opt.register_step_post_hook(after_bad_update)
     run(guard, model, opt, batches(8), loss_fn=lambda o, y: F.cross_entropy(o, y) * 100.0,
         before_step=boost)
     guard.close()
