@@ -487,10 +487,11 @@ class ExecutionMemo:
     logs only, so a bad batch before the last would be skipped inside the step with no
     event. The step keeps, in variables of its own, the packed stats and the tensors (the
     batch, the output) of the first bad batch since the host last looked, how many bad
-    batches there were, and a count of the batches run; :meth:`remember` appends
-    ``[pending, ran, offset]`` to the step's stats (``ran`` counts batches modulo
-    ``WRAP``, ``offset`` is how many batches ran after the first bad one). Written only
-    inside a ``cond`` on a bad batch: a healthy step adds one counter increment.
+    batches there were, and counts of the batches run and of a ``LossScaleOptimizer``'s
+    own skips; :meth:`remember` appends ``[pending, ran, offset, amp]`` to the step's
+    stats (``ran`` and ``amp`` count modulo ``WRAP``, ``offset`` is how many batches ran
+    after the first bad one). Written only inside a ``cond`` on a bad batch: a healthy
+    step adds two counter updates.
 
     With XLA (``jit_compile=True``) a variable cannot change shape: only the stats are
     kept (no tensors: the event's dump has no batch), and only for a model whose variables
@@ -502,7 +503,7 @@ class ExecutionMemo:
     """
 
     WRAP = 2**20  # exact in float32
-    TAIL = 3
+    TAIL = 4
 
     def __init__(self, size: int | None = None) -> None:
         import tensorflow as tf
@@ -511,6 +512,7 @@ class ExecutionMemo:
         self.ran = tf.Variable(0.0, trainable=False, name="nanguard_ran")
         self.pending = tf.Variable(0.0, trainable=False, name="nanguard_pending")
         self.at = tf.Variable(0.0, trainable=False, name="nanguard_at")
+        self.amp = tf.Variable(0.0, trainable=False, name="nanguard_amp_skips")
         self.stats = tf.Variable(tf.zeros([0 if size is None else size]),
                                  shape=none if size is None else [size], trainable=False,
                                  name="nanguard_stats")
@@ -544,7 +546,7 @@ class ExecutionMemo:
         return cls(len(HEAD) + n + 3), None
 
     def remember(self, extra: dict[str, Any]) -> Any:
-        """The step's stats with ``[pending, ran, offset]`` appended (traced)."""
+        """The step's stats with ``[pending, ran, offset, amp]`` appended (traced)."""
         import tensorflow as tf
 
         stats = extra["stats"]
@@ -557,6 +559,9 @@ class ExecutionMemo:
         bad = tf.logical_or(bad, tf.logical_and(
             tf.greater(stats[HEAD.index("applied")], 0.5),
             tf.less(stats[HEAD.index("weights_ok")], 0.5)))
+        # A LossScaleOptimizer's own skip is no event: kept, it would hide a bad batch
+        # after it in the execution.
+        bad = tf.logical_and(bad, tf.less(stats[HEAD.index("amp_skip")], 0.5))
         rest = {k: v for k, v in extra.items() if k != "stats"}
         leaves = memo_leaves(rest) if self.tensors else []
         ran = self.ran.assign(tf.math.floormod(self.ran + 1.0, float(self.WRAP)))
@@ -585,7 +590,9 @@ class ExecutionMemo:
         tf.cond(first, keep, lambda: tf.constant(False))
         pending = self.pending.assign_add(tf.cast(bad, tf.float32))
         offset = tf.math.floormod(ran - self.at, float(self.WRAP))
-        return tf.concat([stats, tf.stack([pending, ran, offset])], 0)
+        amp = self.amp.assign(tf.math.floormod(
+            self.amp + stats[HEAD.index("amp_skip")], float(self.WRAP)))
+        return tf.concat([stats, tf.stack([pending, ran, offset, amp])], 0)
 
     def recall(self, like: dict[str, Any],
                ) -> tuple[list[float], dict[str, Any], dict[str, Any] | None]:

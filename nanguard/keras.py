@@ -139,7 +139,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         self._window: list[tuple[list[float], dict[str, Any] | None]] = []
         # The loss-only fallback's: the batches of the open window (none ends a step).
         self._fallback_window = 0
-        self._ran = 0  # ExecutionMemo.ran as the last execution left it
+        self._ran = self._amp = 0  # ExecutionMemo.ran and .amp as the last execution left them
         self._span = 1  # the batches the record being published stands for
         self._verdict: Verdict | None = None  # the last _conclude's
         self._blocking = True
@@ -346,7 +346,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
                 memo = self._instrument.memo if self._instrument is not None else None
                 if memo is not None:
                     memo.reset()
-                    self._ran = int(memo.ran.numpy())
+                    self._ran, self._amp = int(memo.ran.numpy()), int(memo.amp.numpy())
             self._maybe_snapshot()
             if self._metrics is not None:
                 self._metrics.save()
@@ -427,9 +427,13 @@ class NanGuard(Readout, keras.callbacks.Callback):
         update overflowed the weights, the batches after it trained on (or were undone
         with) those weights: the last is recorded with its numbers, not judged again."""
         tail, v = v[-memo.TAIL:], v[:-memo.TAIL]
-        pending, ran, offset = (int(round(t)) for t in tail)
+        pending, ran, offset, amp = (int(round(t)) for t in tail)
         n = (ran - self._ran) % memo.WRAP or memo.WRAP
-        self._ran = ran
+        # The LossScaleOptimizer's own skips before the last batch (its own, if one, is
+        # counted when it is concluded).
+        for _ in range((amp - self._amp) % memo.WRAP - (v[_H["amp_skip"]] > 0.5)):
+            self.session.count_scaler_skip()
+        self._ran, self._amp = ran, amp
         last = self.session.step + n - 1
         self._epoch_steps += n
         # The batches in Keras's loss means: all but the bad ones (a scaler's skip counts).
@@ -448,7 +452,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
             self._span = n - offset
             self._conclude(early, early_extra, {}, step=last - offset, details=details)
             verdict = self._verdict
-            assert verdict is not None
+            assert verdict is not None  # the memo keeps no LossScaleOptimizer's own skip
             said = self._batch_logs.get(self._batch)
             self._span = offset
             broken = verdict.event is not None and verdict.event.cause in (
@@ -497,6 +501,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         tensors the probe reads on a bad step, ``details`` what else its event should
         hold, ``step`` its index when the guard did not see the steps before it."""
         step = self.session.step if step is None else step
+        self._verdict = None
         update_bad = False
         if v is not None:
             n = len(HEAD)

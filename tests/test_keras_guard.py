@@ -1218,6 +1218,28 @@ def test_steps_per_execution_keeps_64_bit_ids_exactly(tmp_path):
     np.testing.assert_array_equal(tensors["targets"], y[16:32])
 
 
+def test_steps_per_execution_a_scalers_skip_does_not_hide_a_bad_batch(tmp_path):
+    # A LossScaleOptimizer's own skips (a loss scale far too large) at the execution's first
+    # batches are no event; the NaN batch after them in the same execution is one (the
+    # memo kept the first skip as the execution's "first bad batch").
+    model = keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(16, activation="relu", dtype="mixed_float16"),
+        keras.layers.Dense(3, dtype="float32", name="head"),
+    ])
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05), initial_scale=2.0**40)
+    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=8)
+    x, y = data(n=128)
+    x[16 * 6, 0] = np.nan  # batch 6 of the one execution
+    guard = NanGuard(dump_dir=str(tmp_path))
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[guard])
+    skips = round(math.log2(2.0**40 / float(opt.dynamic_scale.numpy())))
+    assert skips >= 1 and guard.amp_skips == skips  # its own, counted inside the execution
+    assert [(e.step, e.cause) for e in guard.events] == [(6, "input_nonfinite")]
+    assert all_finite(model)
+
+
 def test_steps_per_execution_with_xla_keeps_the_stats_and_the_steps_checks(tmp_path):
     # XLA cannot keep tensors of a changing shape: the first bad batch's stats, and the
     # batch checks made inside the step, name it; its dump has no batch.
