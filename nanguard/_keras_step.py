@@ -488,10 +488,11 @@ class ExecutionMemo:
     event. The step keeps, in variables of its own, the packed stats and the tensors (the
     batch, the output) of the first bad batch since the host last looked, how many bad
     batches there were, and counts of the batches run and of a ``LossScaleOptimizer``'s
-    own skips; :meth:`remember` appends ``[pending, ran, offset, amp]`` to the step's
+    own skips; :meth:`remember` appends ``[pending, ran, offset, amp, run]`` to the step's
     stats (``ran`` and ``amp`` count modulo ``WRAP``, ``offset`` is how many batches ran
-    after the first bad one). Written only inside a ``cond`` on a bad batch: a healthy
-    step adds two counter updates.
+    after the first bad one, ``run`` how many bad batches in a row end at this one).
+    Written only inside a ``cond`` on a bad batch: a healthy step adds three counter
+    updates.
 
     With XLA (``jit_compile=True``) a variable cannot change shape: only the stats are
     kept (no tensors: the event's dump has no batch), and only for a model whose variables
@@ -503,7 +504,7 @@ class ExecutionMemo:
     """
 
     WRAP = 2**20  # exact in float32
-    TAIL = 4
+    TAIL = 5
 
     def __init__(self, size: int | None = None) -> None:
         import tensorflow as tf
@@ -513,6 +514,7 @@ class ExecutionMemo:
         self.pending = tf.Variable(0.0, trainable=False, name="nanguard_pending")
         self.at = tf.Variable(0.0, trainable=False, name="nanguard_at")
         self.amp = tf.Variable(0.0, trainable=False, name="nanguard_amp_skips")
+        self.run = tf.Variable(0.0, trainable=False, name="nanguard_bad_run")
         self.stats = tf.Variable(tf.zeros([0 if size is None else size]),
                                  shape=none if size is None else [size], trainable=False,
                                  name="nanguard_stats")
@@ -546,7 +548,7 @@ class ExecutionMemo:
         return cls(len(HEAD) + n + 3), None
 
     def remember(self, extra: dict[str, Any]) -> Any:
-        """The step's stats with ``[pending, ran, offset, amp]`` appended (traced)."""
+        """The step's stats with ``[pending, ran, offset, amp, run]`` appended (traced)."""
         import tensorflow as tf
 
         stats = extra["stats"]
@@ -590,9 +592,13 @@ class ExecutionMemo:
         tf.cond(first, keep, lambda: tf.constant(False))
         pending = self.pending.assign_add(tf.cast(bad, tf.float32))
         offset = tf.math.floormod(ran - self.at, float(self.WRAP))
-        amp = self.amp.assign(tf.math.floormod(
-            self.amp + stats[HEAD.index("amp_skip")], float(self.WRAP)))
-        return tf.concat([stats, tf.stack([pending, ran, offset, amp])], 0)
+        amp_skip = stats[HEAD.index("amp_skip")]
+        amp = self.amp.assign(tf.math.floormod(self.amp + amp_skip, float(self.WRAP)))
+        # The run of bad batches ending here (a scaler's own skip neither ends nor extends
+        # it), capped: it only tells the host how many consecutive skips the ladder saw.
+        run = self.run.assign(tf.where(bad, tf.minimum(self.run + 1.0, float(self.WRAP)),
+                                       tf.where(amp_skip > 0.5, self.run, 0.0)))
+        return tf.concat([stats, tf.stack([pending, ran, offset, amp, run])], 0)
 
     def recall(self, like: dict[str, Any],
                ) -> tuple[list[float], dict[str, Any], dict[str, Any] | None]:

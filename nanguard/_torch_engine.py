@@ -1098,7 +1098,12 @@ class TorchEngine:
                 red = reduce_each(grads, _cpu_sq)
                 values = stack_on(red.values, grads[0].device)
                 squared = torch.tensor(red.squared, device=values.device)
-                now = torch.where(squared, values, values * values).sum().sqrt()
+                norms = torch.where(squared, values.sqrt(), values)
+                # Scaled by the largest first: a float32 sum of squares overflows for a
+                # global norm past ~1.8e19, where the host's (float64) does not.
+                top = norms.max()
+                top = torch.where(top > 0, top, torch.ones_like(top))
+                now = top * ((norms / top) ** 2).sum().sqrt()
                 self._scale_grads(grads, (max_norm / (now + 1e-6)).clamp(max=1.0))
         elif total > max_norm:
             self._scale_grads(grads, max_norm / (total + 1e-6))

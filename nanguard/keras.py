@@ -427,7 +427,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         update overflowed the weights, the batches after it trained on (or were undone
         with) those weights: the last is recorded with its numbers, not judged again."""
         tail, v = v[-memo.TAIL:], v[:-memo.TAIL]
-        pending, ran, offset, amp = (int(round(t)) for t in tail)
+        pending, ran, offset, amp, run = (int(round(t)) for t in tail)
         n = (ran - self._ran) % memo.WRAP or memo.WRAP
         # The LossScaleOptimizer's own skips before the last batch (its own, if one, is
         # counted when it is concluded).
@@ -440,7 +440,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
         self._epoch_counted += n - pending
         self._span = n
         if pending and n - 1 - offset > 0:  # good batches before the first bad one
-            self.session.good_step_unseen()
+            self.session.unseen_steps(consecutive=0)
         try:
             if not pending or not offset:  # none, or the last batch is the first bad one
                 if pending:
@@ -460,8 +460,15 @@ class NanGuard(Readout, keras.callbacks.Callback):
             if verdict.restores or verdict.decision.repair or broken:
                 self.session.step = last + 1
                 return logs
-            if pending < offset + 1:  # a good batch came after the first bad one
-                self.session.good_step_unseen()
+            # The bad batches between the first and the last, not recorded: counted, and in
+            # the run of skips the last one extends (or a good batch between ended it).
+            unseen = pending - 1 - (run > 0)
+            if not run:
+                self.session.unseen_steps(unseen, consecutive=0)
+            elif run >= offset + 1:  # bad from the first bad batch on (or from before it)
+                self.session.unseen_steps(unseen)
+            else:
+                self.session.unseen_steps(unseen, consecutive=run - 1)
             logs = self._conclude(v, extra, logs, step=last)
             if said is not None and said["nanguard_bad"]:  # the execution's logs say so
                 self._batch_logs[self._batch] = {**self._batch_logs.get(self._batch, said),

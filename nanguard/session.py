@@ -251,10 +251,14 @@ class GuardSession:
         self.step = record.step + 1
         return Verdict(record, policy.Decision(None, False, "skipped by the AMP loss scaler"))
 
-    def good_step_unseen(self) -> None:
-        """A good step the adapter did not record (one of several batches a single call
-        ran): it ends the run of consecutive skips, as it would recorded."""
-        self.ladder = self.ladder._replace(consecutive_skips=0)
+    def unseen_steps(self, bad: int = 0, consecutive: int | None = None) -> None:
+        """Steps the adapter did not record one by one (batches a single call ran, whose
+        bad updates it kept out itself): ``bad`` of them were bad, and the ladder's run of
+        consecutive skips is ``consecutive`` after them (None: those bad steps extend it;
+        0: a good one ended it)."""
+        run = self.ladder.consecutive_skips + bad if consecutive is None else consecutive
+        self.ladder = self.ladder._replace(total_bad=self.ladder.total_bad + bad,
+                                           consecutive_skips=run)
 
     def count_scaler_skip(self) -> None:
         """An AMP loss scaler dropped a micro-batch inside a step (Keras's

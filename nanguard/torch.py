@@ -304,6 +304,12 @@ class NanGuard(Readout):
             # The guarded run ends here: leave the optimizer and the model unhooked, so the
             # code after the error (a retry with a new guard, an evaluation) runs plainly.
             self._remove_hooks()
+            # Raised from inside scaler.step(), scaler.update() never runs: the scaler
+            # would take its optimizers for unscaled already and step a retry with scaled
+            # gradients. Forget that step, as update() does.
+            states = getattr(self.scaler, "_per_optimizer_states", None)
+            if states is not None:
+                states.clear()
         verdict.raise_if_abort()
 
 

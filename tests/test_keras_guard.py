@@ -1173,6 +1173,18 @@ def test_steps_per_execution_climbs_the_ladder_as_one_batch_at_a_time(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("bad", [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3], [1, 2, 3, 5, 6]])
+def test_steps_per_execution_counts_the_bad_batches_it_does_not_record(tmp_path, bad):
+    # Bad batches between an execution's first and last bad one are not recorded, but the
+    # ladder counts them (they counted toward neither max_skips nor total_bad: four NaN
+    # batches in a row never rolled back).
+    runs = {spe: _spe_fit(tmp_path, spe, bad, snapshot_every=1) for spe in (1, 4)}
+    one, four = (runs[spe][1] for spe in (1, 4))
+    assert four.session.ladder == one.session.ladder
+    recorded = {r.step: r.action for r in one.history}
+    assert all(recorded[e.step] == e.action for e in four.events)
+
+
 def test_steps_per_execution_epoch_logs_and_log_every(tmp_path):
     # The epoch's loss mean leaves out just the bad batch (it read NaN when an execution's
     # last batch was bad); log_every=2 puts the stats in every execution's logs that

@@ -407,6 +407,40 @@ def test_code_after_an_overflowed_update_sees_finite_weights(tmp_path):
     assert event.details["detected_at_step"] == 3
 
 
+def test_an_abort_inside_scaler_step_leaves_the_scaler_usable(tmp_path):
+    # The abort for an overflowed update is raised from optimizer.step()'s post-hook, inside
+    # scaler.step(): scaler.update() never ran, and the scaler kept the optimizer marked as
+    # unscaled, so a retry with a new guard applied still-scaled gradients (1024x here).
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+
+    def one(guard):
+        opt.zero_grad()
+        with guard.step(x, targets=y):
+            guard.backward(F.cross_entropy(model(x), y))
+            scaler.step(opt)
+            scaler.update()
+
+    guard = NanGuard(model, opt, scaler=scaler, actions=("abort",), dump_dir=str(tmp_path))
+    one(guard)
+    opt.param_groups[0]["lr"] = math.inf
+    with pytest.raises(nanguard.NonFiniteTrainingError):
+        one(guard)
+    opt.param_groups[0]["lr"] = 0.01
+    assert weights_finite(model)
+    reference = copy.deepcopy(model)
+    F.cross_entropy(reference(x), y).backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.01 * p.grad
+    one(NanGuard(model, opt, scaler=scaler, dump_dir=str(tmp_path / "retry")))
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_an_update_check_read_in_its_own_step_keeps_a_batch_refilled_in_place(tmp_path):
     # A loop that copies each batch into one static buffer. On the CPU the update check of
     # step 4 is read as step 4's context ends, before the buffer is refilled: the dump holds
@@ -613,6 +647,29 @@ def test_clip_grad_norm_on_top_of_the_loops_own_clipping(tmp_path, user, ours, h
                     opt.step()
     assert all(r.grad_norm > 1.0 for r in guard.history)  # recorded before either clip
     assert applied == pytest.approx([0.05] * 4, rel=1e-4)
+
+
+def test_clip_after_the_loop_changed_large_gradients_is_not_a_float32_overflow(tmp_path):
+    # Per-tensor norms of ~1e19 (finite in float32), a global norm of 2.4e19: its float32
+    # sum of squares overflows. The re-read after the loop touched the gradients made the
+    # clip factor 0 (a zero update) where the recorded float64 norm was finite.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    applied = []
+    with NanGuard(model, opt, clip_grad_norm=1.0, dump_dir=str(tmp_path)) as guard:
+        opt.register_step_pre_hook(lambda o, a, k: applied.append(float(torch.sqrt(sum(
+            p.grad.double().pow(2).sum() for p in model.parameters())))))
+        for _ in range(2):
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                guard.backward(F.cross_entropy(model(x), y) * 2e19)
+                for p in model.parameters():
+                    p.grad.mul_(1.0)  # the loop touches them: the guard reads them again
+                opt.step()
+    assert all(1e19 < r.grad_norm < 1e20 and r.action is None for r in guard.history)
+    assert applied == pytest.approx([1.0, 1.0], rel=1e-4)
 
 
 SCHEDULERS = {
