@@ -956,6 +956,11 @@ def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> Rep
         ReplayInputError: No model state, parameters that do not match, no inputs, or a
             model that raises on the dumped call.
     """
+    if dump.meta.get("framework") == "keras":
+        raise ReplayInputError(
+            "the dump was written by the Keras adapter; replay re-runs PyTorch (plain or "
+            "Lightning) steps only"
+        )
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in dump.state.items() if k.startswith(prefix)}
     if not state:

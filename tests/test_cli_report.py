@@ -350,6 +350,16 @@ def test_replay_bad_inputs_exit_2_with_one_line(overflow_dump, factory, tmp_path
     # A model whose call does not fit the dumped batch: one line, not a traceback.
     assert main(["replay", overflow_dump, "--model", f"{factory}:build_needs_two"]) == 2
     assert "calling the model on the dumped batch raised TypeError" in _one_line_error(capsys)
+    # A Keras dump (its meta says so): not a torch model's step to re-run.
+    keras_dump = str(tmp_path / "keras.nanguard.zip")
+    with zipfile.ZipFile(overflow_dump) as zin, zipfile.ZipFile(keras_dump, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            if name == "meta.json":
+                data = json.dumps({**json.loads(data), "framework": "keras"}).encode()
+            zout.writestr(name, data)
+    assert main(["replay", keras_dump, "--model", f"{factory}:build"]) == 2
+    assert "written by the Keras adapter" in _one_line_error(capsys)
 
 
 def test_layer_growth_names_the_gradient_that_grew_first(tmp_path, capsys):
