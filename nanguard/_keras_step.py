@@ -639,6 +639,13 @@ class ExecutionMemo:
     def reset(self) -> None:
         self.pending.assign(0.0)
 
+    def start_fit(self) -> tuple[int, int]:
+        """A new ``fit``: nothing pending, no run of bad batches (its ladder starts afresh);
+        the counters as they are, for the host's differences."""
+        self.pending.assign(0.0)
+        self.run.assign(0.0)
+        return int(self.ran.numpy()), int(self.amp.numpy())
+
 
 def _bits_kept(dtype: Any) -> bool:
     return bool(dtype.is_integer and dtype.size == 8)

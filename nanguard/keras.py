@@ -345,8 +345,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
                 _drop_nonfinite_window(self.model.optimizer)
                 memo = self._instrument.memo if self._instrument is not None else None
                 if memo is not None:
-                    memo.reset()
-                    self._ran, self._amp = int(memo.ran.numpy()), int(memo.amp.numpy())
+                    self._ran, self._amp = memo.start_fit()
             self._maybe_snapshot()
             if self._metrics is not None:
                 self._metrics.save()
