@@ -172,7 +172,7 @@ def load(path: str | bytes | os.PathLike[str], *, arrays: bool = True) -> Dump:
             names = set(zf.namelist())
             if "meta.json" not in names or "event.json" not in names:
                 raise DumpError(f"not a nanguard dump (no meta.json/event.json): {p}")
-            meta = json.loads(zf.read("meta.json"))
+            meta = _read_json(zf, "meta.json")
             if not isinstance(meta, dict) or meta.get("format") != FORMAT:
                 raise DumpError(f"not a nanguard dump (format is not {FORMAT!r}): {p}")
             if int(meta.get("format_version", 0)) > FORMAT_VERSION:
@@ -181,9 +181,9 @@ def load(path: str | bytes | os.PathLike[str], *, arrays: bool = True) -> Dump:
                     f"nanguard reads ({FORMAT_VERSION}); upgrade nanguard: {p}"
                 )
             _check_meta(meta)
-            event = Event.from_dict(json.loads(zf.read("event.json")))
+            event = Event.from_dict(_read_json(zf, "event.json"))
             _check_details(event.details)
-            raw_history = json.loads(zf.read("history.json")) if "history.json" in names else []
+            raw_history = _read_json(zf, "history.json") if "history.json" in names else []
             if not isinstance(raw_history, list):
                 raise ValueError("history.json is not a list")
             history = [StepRecord.from_dict(h) for h in raw_history]
@@ -208,6 +208,19 @@ def load(path: str | bytes | os.PathLike[str], *, arrays: bool = True) -> Dump:
     except Exception as err:  # noqa: BLE001 - any other failure is a corrupt dump
         raise DumpError(f"corrupt nanguard dump ({type(err).__name__}: {err}): {p}") from err
     return Dump(p, event, history, groups["tensors"], meta, groups["state"])
+
+
+# A dump's JSON is an event, a config and at most history_size steps: megabytes. A member
+# declaring more is a zip bomb (a 1 MB file inflating to gigabytes) or not a dump.
+JSON_LIMIT = 256 * 2**20
+
+
+def _read_json(zf: zipfile.ZipFile, name: str) -> Any:
+    size = zf.getinfo(name).file_size
+    if size > JSON_LIMIT:
+        raise DumpError(f"not a nanguard dump ({name} declares {size} bytes, over "
+                        f"{JSON_LIMIT >> 20} MiB): {zf.filename}")
+    return json.loads(zf.read(name))
 
 
 def _check_meta(meta: dict[str, Any]) -> None:

@@ -243,6 +243,19 @@ def test_fields_of_the_wrong_type_give_dump_error(tmp_path, member, change):
         nanguard.load(path)
 
 
+def test_json_past_the_size_limit_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
+    # A 1 MB zip declaring a 1 GiB history.json took ~9 s and ~2 GB per load (a black-box
+    # tester's zip bomb); the declared size is checked first (the limit made small here).
+    import nanguard.dump
+
+    path = make_dump(tmp_path)
+    with zipfile.ZipFile(path) as zf:
+        size = zf.getinfo("history.json").file_size
+    monkeypatch.setattr(nanguard.dump, "JSON_LIMIT", size - 1)
+    with pytest.raises(nanguard.DumpError, match="history.json declares"):
+        nanguard.load(path)
+
+
 def test_a_bytes_path_loads(tmp_path):
     # os.fsencode(path) was read as a corrupt dump ("'bytes' object has no attribute 'seek'").
     path = make_dump(tmp_path)
