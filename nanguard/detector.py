@@ -297,9 +297,14 @@ def classify(
     grew = growth(history)
     trend = ""
     if grew is not None:
+        # Weights that do not move (a learning rate of 0) cannot make the norm grow: the
+        # batches did.
+        frozen = all(r.lr == 0.0 for r in history[-grew[2]:]) and record.lr == 0.0
         trend = (
             f" The gradient norm rose from a median of {_fmt(grew[0])} to {_fmt(grew[1])} over "
-            f"the last {grew[2]} steps before it: the learning rate is likely too high."
+            f"the last {grew[2]} steps before it"
+            + (" (with a learning rate of 0: from the batches, not the updates)." if frozen
+               else ": the learning rate is likely too high.")
         )
 
     if evidence.input_nonfinite and evidence.input_nonfinite.startswith("sample_weight"):

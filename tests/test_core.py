@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -240,6 +241,17 @@ def test_ladder_invariants(bad, max_skips, max_rollbacks, actions):
 def rec(step, loss=1.0, lmin=-1.0, lmax=1.0, g=1.0, action=None):
     return StepRecord(step=step, loss=loss, logits_min=lmin, logits_max=lmax, grad_norm=g,
                       lr=0.1, action=action)
+
+
+@pytest.mark.parametrize(("lr", "said"), [(0.1, "the learning rate is likely too high"),
+                                          (0.0, "from the batches, not the updates")])
+def test_a_growing_norm_blames_the_learning_rate_only_when_the_weights_moved(lr, said):
+    # With SGD(0.0) a loss_nonfinite message said the rise came from a too-high rate.
+    history = [dataclasses.replace(rec(i, g=1.0 if i < 6 else 50.0), lr=lr) for i in range(8)]
+    bad = dataclasses.replace(rec(8, loss=math.inf), lr=lr)
+    cause, _, message = classify(bad, Evidence(), history)
+    assert cause == "loss_nonfinite" and said in message
+    assert lr > 0 or "too high" not in message
 
 
 def test_is_bad():
