@@ -448,7 +448,7 @@ class NanGuard(Readout, keras.callbacks.Callback):
             early, early_extra, checks = memo.recall(extra)
             details = {"steps_per_execution": _steps_per_execution(self.model),
                        "bad_batches_in_execution": pending, **(checks or {})}
-            self._span = n - offset
+            # (A bad batch's record has an action: it is in the logs whatever log_every.)
             self._conclude(early, early_extra, {}, step=last - offset, details=details)
             verdict = self._verdict
             assert verdict is not None  # the memo keeps no LossScaleOptimizer's own skip

@@ -1069,17 +1069,25 @@ def test_loss_scale_optimizer_skips_end_below_a_scale_of_one(tmp_path):
     assert all_finite(model)
 
 
-def test_loss_scale_optimizer_skips_are_its_own(tmp_path):
-    # float16 layers and a loss scale far too large: the scaled gradients overflow, the
-    # LossScaleOptimizer skips those steps and halves its scale. nanguard counts them and
-    # does not act; a NaN batch is still an event. The recorded norms are the unscaled ones.
+def _float16_classifier(initial_scale, **compile_kw):
+    """A float16 hidden layer under a LossScaleOptimizer starting at ``initial_scale``."""
     model = keras.Sequential([
         keras.Input((8,)),
         keras.layers.Dense(16, activation="relu", dtype="mixed_float16"),
         keras.layers.Dense(3, dtype="float32", name="head"),
     ])
-    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05), initial_scale=2.0**24)
-    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05),
+                                              initial_scale=initial_scale)
+    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  **compile_kw)
+    return model, opt
+
+
+def test_loss_scale_optimizer_skips_are_its_own(tmp_path):
+    # float16 layers and a loss scale far too large: the scaled gradients overflow, the
+    # LossScaleOptimizer skips those steps and halves its scale. nanguard counts them and
+    # does not act; a NaN batch is still an event. The recorded norms are the unscaled ones.
+    model, opt = _float16_classifier(2.0**24)
     x, y = data()
     x[20, 0] = np.nan  # batch 1 of every epoch
     guard = NanGuard(dump_dir=str(tmp_path))
@@ -1234,14 +1242,7 @@ def test_steps_per_execution_a_scalers_skip_does_not_hide_a_bad_batch(tmp_path):
     # A LossScaleOptimizer's own skips (a loss scale far too large) at the execution's first
     # batches are no event; the NaN batch after them in the same execution is one (the
     # memo kept the first skip as the execution's "first bad batch").
-    model = keras.Sequential([
-        keras.Input((8,)),
-        keras.layers.Dense(16, activation="relu", dtype="mixed_float16"),
-        keras.layers.Dense(3, dtype="float32", name="head"),
-    ])
-    opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05), initial_scale=2.0**40)
-    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  steps_per_execution=8)
+    model, opt = _float16_classifier(2.0**40, steps_per_execution=8)
     x, y = data(n=128)
     x[16 * 6, 0] = np.nan  # batch 6 of the one execution
     guard = NanGuard(dump_dir=str(tmp_path))
