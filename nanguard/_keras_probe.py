@@ -5,8 +5,9 @@ Nothing here runs on a good step.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -658,8 +659,10 @@ class KerasProbe:
             detector.note_weights_peak(ev, weight_peaks(self.model))
         return ev
 
-    def state(self) -> dict[str, np.ndarray]:
-        return {name: to_numpy(v, 2**62) for name, v in state_variables(self.model)}
+    def state(self) -> dict[str, Callable[[], np.ndarray]]:
+        # Each array made when the dump writes it: one in host memory at a time.
+        return {name: functools.partial(to_numpy, v, 2**62)
+                for name, v in state_variables(self.model)}
 
     def to_repair(self) -> list[str]:
         """The paths of what a skip's repair puts back (``Snapshot.broken_weights``)."""

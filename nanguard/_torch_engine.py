@@ -7,6 +7,7 @@ and carries out the core's verdicts (skip, snapshot, rollback, lower the learnin
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import math
 import re
@@ -1366,16 +1367,19 @@ class TorchEngine:
                     if isinstance(getattr(child, "eta_min", None), (int, float)):
                         child.eta_min = _scaled(child.eta_min, factor)
 
-    def state_arrays(self) -> dict[str, np.ndarray]:
+    def state_arrays(self) -> dict[str, Callable[[], np.ndarray]]:
+        """The model's and optimizer's state for a dump, each array made when it is
+        written (a GPU model's state is never all in host memory at once)."""
         state = eager_module(self.model).state_dict()
-        out = {f"model.{k}": to_numpy(v, 2**62) for k, v in state.items()}
+        out: dict[str, Callable[[], np.ndarray]] = {
+            f"model.{k}": functools.partial(to_numpy, v, 2**62) for k, v in state.items()}
         for i, opt in enumerate(self.optimizers):
             prefix = "optimizer." if len(self.optimizers) == 1 else f"optimizer{i}."
             for p in _opt_params(opt):
                 for key, value in opt.state.get(p, {}).items():
                     if isinstance(value, torch.Tensor):
                         name = self.names.get(p) or str(id(p))
-                        out[f"{prefix}{name}.{key}"] = to_numpy(value, 2**62)
+                        out[f"{prefix}{name}.{key}"] = functools.partial(to_numpy, value, 2**62)
         return out
 
 
@@ -1837,7 +1841,7 @@ class TorchProbe:
         name, t = self.found_state
         return {f"localized.{name}": to_numpy(t, LOCALIZED_BYTES)}
 
-    def state(self) -> dict[str, np.ndarray]:
+    def state(self) -> dict[str, Callable[[], np.ndarray]]:
         return self.engine.state_arrays()
 
 

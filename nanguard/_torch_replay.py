@@ -962,7 +962,7 @@ def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> Rep
             "Lightning) steps only"
         )
     prefix = "model."
-    state = {k[len(prefix):]: v for k, v in dump.state.items() if k.startswith(prefix)}
+    state = {k[len(prefix):]: dump.state[k] for k in dump.state if k.startswith(prefix)}
     if not state:
         raise ReplayInputError(
             f"the dump holds no model state ({dump.path}); replay needs an abort dump or "

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import platform
 import secrets
 import stat
+import time
 import urllib.parse
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -46,7 +46,9 @@ class Dump:
         history: The steps up to and including the bad one, oldest first.
         tensors: Forensic tensors (batch inputs and targets, model output, localized tensors).
         meta: Format, environment versions, config, rank and anything else recorded.
-        state: Model (``model.*``) and optimizer (``optimizer.*``) state, when dumped.
+        state: Model (``model.*``) and optimizer (``optimizer.*``) state, when dumped: a
+            read-only mapping whose arrays are read from the file on first access (a large
+            model's state is not held in memory by a load that does not use it).
 
     Example:
         >>> import nanguard
@@ -60,7 +62,7 @@ class Dump:
     history: list[StepRecord]
     tensors: dict[str, np.ndarray]
     meta: dict[str, Any]
-    state: dict[str, np.ndarray]
+    state: Mapping[str, np.ndarray]
 
     @property
     def config(self) -> dict[str, Any]:
@@ -79,19 +81,27 @@ def dump_name(event: Event) -> str:
     return f"step{event.step:08d}_rank{event.rank}_{event.cause}{SUFFIX}"
 
 
+# An array, or a callable making it when the dump is written (one array in memory at a time:
+# a model's state copied off a GPU all at once would take its size in host memory).
+ArrayOrMaker = np.ndarray | Callable[[], Any]
+
+
 def write_dump(
     dump_dir: str,
     event: Event,
     history: list[StepRecord],
-    tensors: Mapping[str, np.ndarray],
+    tensors: Mapping[str, ArrayOrMaker],
     meta: Mapping[str, Any],
-    state: Mapping[str, np.ndarray] | None = None,
+    state: Mapping[str, ArrayOrMaker] | None = None,
 ) -> str:
     """Write one dump atomically and return its path.
 
     The archive is written to a temporary file in ``dump_dir`` and only then given its
     name, so a crash never leaves a half-written dump under the final name; a name taken
-    already (another run sharing ``dump_dir``) gets a ``_1``, ``_2``, ... suffix.
+    already (another run sharing ``dump_dir``) gets a ``_1``, ``_2``, ... suffix. The JSON
+    is compressed; the ``.npy`` entries are stored as they are and written in chunks (float
+    weights compress by under 10%, at about 30 MB/s: minutes for a large model's abort
+    dump), each array made only when it is written.
     """
     os.makedirs(dump_dir, exist_ok=True)
     # The OS applies the user's umask to a file created this way (mkstemp's is always 0600).
@@ -103,12 +113,13 @@ def write_dump(
             zf.writestr("history.json", _json([r.to_dict() for r in history]))
             left_out = []
             for prefix, group in (("tensors", tensors), ("state", state or {})):
-                for name, array in group.items():
-                    data = _npy(array)
-                    if data is None:
+                for name, value in group.items():
+                    array = _storable(value() if callable(value) else value)
+                    if array is None:
                         left_out.append(f"{prefix}/{name}")
                     else:
-                        zf.writestr(f"{prefix}/{_entry(name)}.npy", data)
+                        _write_npy(zf, f"{prefix}/{_entry(name)}.npy", array)
+                    del array
             full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
             if left_out:
                 full_meta["left_out"] = left_out
@@ -119,6 +130,15 @@ def write_dump(
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def _write_npy(zf: zipfile.ZipFile, member: str, array: np.ndarray) -> None:
+    info = zipfile.ZipInfo(member, date_time=time.localtime()[:6])
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o600 << 16  # as writestr gives its entries
+    # An entry past 2 GiB needs the zip64 extension, declared before its size is known.
+    with zf.open(info, "w", force_zip64=array.nbytes > 2**30) as f:
+        np.lib.format.write_array(f, array, allow_pickle=False)  # in 16 MiB chunks
 
 
 def _claim(tmp: str, final: str) -> str:
@@ -187,14 +207,17 @@ def load(path: str | bytes | os.PathLike[str], *, arrays: bool = True) -> Dump:
             if not isinstance(raw_history, list):
                 raise ValueError("history.json is not a list")
             history = [StepRecord.from_dict(h) for h in raw_history]
-            groups: dict[str, dict[str, np.ndarray]] = {"tensors": {}, "state": {}}
+            tensors: dict[str, np.ndarray] = {}
+            members: dict[str, str] = {}
             for name in zf.namelist() if arrays else ():
                 prefix, _, rest = name.partition("/")
-                if prefix in groups and rest.endswith(".npy"):
-                    # read_array reads .npy only (np.load would open an .npz, or a pickle).
-                    groups[prefix][urllib.parse.unquote(rest[:-4])] = np.lib.format.read_array(
-                        io.BytesIO(zf.read(name)), allow_pickle=False
-                    )
+                if rest.endswith(".npy") and prefix in ("tensors", "state"):
+                    key = urllib.parse.unquote(rest[:-4])
+                    if prefix == "tensors":
+                        tensors[key] = _read_npy(zf, name)
+                    else:  # checked (header, checksum) now, read when used
+                        _read_npy(zf, name, keep=False)
+                        members[key] = name
     except DumpError:
         raise
     except FileNotFoundError as err:
@@ -204,10 +227,78 @@ def load(path: str | bytes | os.PathLike[str], *, arrays: bool = True) -> Dump:
     except PermissionError as err:
         raise DumpError(f"cannot read the dump (permission denied): {p}") from err
     except (zipfile.BadZipFile, EOFError) as err:
+        if "CRC" in str(err):  # "Bad CRC-32 for file 'state/model.w.npy'"
+            raise DumpError(f"corrupt nanguard dump ({err}): {p}") from err
         raise DumpError(f"not a nanguard dump (truncated or not a zip archive): {p}") from err
     except Exception as err:  # noqa: BLE001 - any other failure is a corrupt dump
         raise DumpError(f"corrupt nanguard dump ({type(err).__name__}: {err}): {p}") from err
-    return Dump(p, event, history, groups["tensors"], meta, groups["state"])
+    return Dump(p, event, history, tensors, meta, StateArrays(p, members))
+
+
+class StateArrays(Mapping[str, np.ndarray]):
+    """A dump's model and optimizer state, each array read from the file when first used
+    (and kept). :func:`load` has checked every entry already; a file changed or removed
+    since raises :class:`DumpError` here."""
+
+    def __init__(self, path: str, members: Mapping[str, str]) -> None:
+        self._path = path
+        self._members = dict(members)
+        self._read: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._read:
+            member = self._members[key]  # KeyError for a name not in the dump
+            try:
+                with zipfile.ZipFile(self._path) as zf:
+                    self._read[key] = _read_npy(zf, member)
+            except DumpError:
+                raise
+            except Exception as err:  # noqa: BLE001 - as load(): never anything else
+                raise DumpError(f"cannot read {member} from the dump ({type(err).__name__}: "
+                                f"{err}): {self._path}") from err
+        return self._read[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __repr__(self) -> str:
+        return f"<nanguard dump state: {len(self)} arrays, read on use>"
+
+
+_CHUNK = 16 * 2**20
+
+
+def _read_npy(zf: zipfile.ZipFile, name: str, keep: bool = True) -> np.ndarray:
+    """One ``.npy`` entry, read in chunks (memory: the array, not the entry twice over).
+    Its header must declare exactly the entry's data, so no entry makes a reader allocate
+    more than the archive says it holds; ``read_array`` reads ``.npy`` only (``np.load``
+    would open an ``.npz``, or a pickle). ``keep=False`` checks the entry (header, then
+    the zip checksum, streamed) and returns an empty array."""
+    info = zf.getinfo(name)
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise DumpError(f"{name} is a .npy version {version} this nanguard cannot read")
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ValueError(f"{name} holds Python objects (a pickle), which nanguard never loads")
+        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if f.tell() + declared != info.file_size:
+            raise ValueError(f"{name} declares {declared} bytes of data, the entry holds "
+                             f"{info.file_size - f.tell()}")
+        if not keep:
+            while f.read(_CHUNK):  # to its end: the zip checks the entry's checksum there
+                pass
+            return np.empty(0)
+    with zf.open(info) as f:
+        array = np.lib.format.read_array(f, allow_pickle=False)
+        f.read(1)  # at its end: the checksum is checked
+    return array
 
 
 # A dump's JSON is an event, a config and at most history_size steps: megabytes. A member
@@ -297,21 +388,17 @@ def named_leaves(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:
         yield prefix, obj
 
 
-def _npy(array: Any) -> bytes | None:
-    """The ``.npy`` bytes of an array; None for one that cannot be stored without pickle (an
-    object array other than text: strings and bytes become fixed-width ``U``/``S`` arrays)."""
+def _storable(array: Any) -> np.ndarray | None:
+    """The array as ``.npy`` can store it without pickle: strings and bytes in an object
+    array become fixed-width ``U``/``S`` arrays; None for any other object array."""
     array = np.asarray(array)
     if array.dtype.hasobject:
         items = array.ravel().tolist()
         for kind in (str, bytes):
             if all(isinstance(v, kind) for v in items):
-                array = np.array(items, dtype=kind).reshape(array.shape)
-                break
-        else:
-            return None
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
+                return np.array(items, dtype=kind).reshape(array.shape)
+        return None
+    return array
 
 
 def _json(obj: Any) -> str:

@@ -40,8 +40,9 @@ class Probe(Protocol):
         """The names of the tensors a skip's repair (``Decision.repair``) will put back."""
         ...
 
-    def state(self) -> Mapping[str, np.ndarray]:
-        """Model and optimizer state for the dump (``model.*``, ``optimizer.*``)."""
+    def state(self) -> Mapping[str, Any]:
+        """Model and optimizer state for the dump (``model.*``, ``optimizer.*``): arrays,
+        or callables that make them when the dump writes them."""
         ...
 
 
@@ -412,7 +413,7 @@ class GuardSession:
         if self.dumps_written >= self.config.max_dumps and not abort:
             return None
         tensors: Mapping[str, np.ndarray] = {}
-        state: Mapping[str, np.ndarray] = {}
+        state: Mapping[str, Any] = {}
         mode = self.config.dump_state
         try:
             if probe is not None:
