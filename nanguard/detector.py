@@ -296,10 +296,11 @@ def classify(
                          f"[{_fmt(record.logits_min)}, {_fmt(record.logits_max)}])")
     grew = growth(history)
     trend = ""
+    # Weights that do not move (a learning rate of 0) cannot make the norm grow: the
+    # batches did.
+    frozen = grew is not None and (all(r.lr == 0.0 for r in history[-grew[2]:])
+                                   and record.lr == 0.0)
     if grew is not None:
-        # Weights that do not move (a learning rate of 0) cannot make the norm grow: the
-        # batches did.
-        frozen = all(r.lr == 0.0 for r in history[-grew[2]:]) and record.lr == 0.0
         trend = (
             f" The gradient norm rose from a median of {_fmt(grew[0])} to {_fmt(grew[1])} over "
             f"the last {grew[2]} steps before it"
@@ -498,8 +499,10 @@ def classify(
         return "grad_explosion", evidence.grad_where or evidence.activation, (
             f"Step {s}: the loss is finite ({_fmt(record.loss)}) but the gradients became "
             f"non-finite after the gradient norm grew from a median of {_fmt(grew[0])} to "
-            f"{_fmt(grew[1])} over the last {grew[2]} steps: exploding gradients. Set "
-            "clip_grad_norm (e.g. 1.0), lower the learning rate, or add normalisation."
+            f"{_fmt(grew[1])} over the last {grew[2]} steps: exploding gradients. "
+            + ("With a learning rate of 0 the batches made the rise, not the updates: check "
+               "the inputs' scale, or add normalisation." if frozen else
+               "Set clip_grad_norm (e.g. 1.0), lower the learning rate, or add normalisation.")
             + _amp_scale(evidence)
         )
     if not finite(record.grad_norm) and evidence.details.get("grad_entries_finite") and huge:

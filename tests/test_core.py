@@ -254,6 +254,17 @@ def test_a_growing_norm_blames_the_learning_rate_only_when_the_weights_moved(lr,
     assert lr > 0 or "too high" not in message
 
 
+@pytest.mark.parametrize("lr", [0.1, 0.0])
+def test_grad_explosion_suggests_a_lower_learning_rate_only_when_the_weights_moved(lr):
+    # With a learning rate of 0 grad_explosion still said "lower the learning rate".
+    history = [dataclasses.replace(rec(i, g=1.0 if i < 6 else 50.0), lr=lr) for i in range(8)]
+    bad = dataclasses.replace(rec(8, g=math.inf), lr=lr)
+    cause, _, message = classify(bad, Evidence(), history)
+    assert cause == "grad_explosion"
+    assert ("lower the learning rate" in message) == (lr > 0), message
+    assert lr > 0 or "the batches made the rise" in message
+
+
 def test_is_bad():
     assert not is_bad(rec(0))
     assert is_bad(rec(0, loss=NAN))
