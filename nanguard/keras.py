@@ -292,12 +292,13 @@ class NanGuard(Readout, keras.callbacks.Callback):
             return
         if self._instrument is not None and self._epoch_steps and not self._epoch_counted:
             # Every batch of the epoch left out of Keras's loss means: a mean of no batch
-            # reads 0.0, a perfect epoch to ModelCheckpoint or EarlyStopping. NaN, as the
-            # epoch would read without the guard. (Counted here: a validation run has
-            # reset and refilled the same means by now.)
+            # reads 0.0, a perfect epoch to ModelCheckpoint or EarlyStopping. Inf, the worst
+            # a loss can read: not NaN, which those monitors adopt as the best when it is
+            # the first epoch (with no best yet), after which nothing compares better.
+            # (Counted here: a validation run has reset and refilled the same means by now.)
             for key in self._instrument.mean_names():
                 if key in logs:
-                    logs[key] = math.nan
+                    logs[key] = math.inf
         for name, value in self.session.counters().items():
             # amp_skips: every epoch when the step is instrumented with a LossScaleOptimizer
             # (only then are its skips seen), so History's lists and CSVLogger's columns

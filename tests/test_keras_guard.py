@@ -257,10 +257,13 @@ def test_an_inf_weight_a_saturated_tanh_keeps_from_the_loss_is_weights_nonfinite
     assert all_finite(model)
 
 
-@pytest.mark.parametrize("validation", [False, True])
-def test_an_epoch_with_every_batch_skipped_logs_a_nan_loss_not_zero(tmp_path, validation):
+@pytest.mark.parametrize(("validation", "bad_epoch"), [(False, 1), (True, 1), (False, 0)])
+def test_an_epoch_with_every_batch_skipped_logs_an_inf_loss_not_zero(tmp_path, validation,
+                                                                     bad_epoch):
     # Keras's mean of no batch reads 0.0: ModelCheckpoint(save_best_only) saved that epoch
-    # as the best and EarlyStopping restored it. Without the guard the epoch reads NaN.
+    # as the best and EarlyStopping restored it. NaN (as the epoch reads without the guard)
+    # did the same when it was the first epoch (a black-box tester): with no best yet the
+    # monitors took NaN for it, and nothing compares better than NaN.
     x, y = data(48, 5)
 
     def batches():
@@ -268,7 +271,7 @@ def test_an_epoch_with_every_batch_skipped_logs_a_nan_loss_not_zero(tmp_path, va
         while True:
             for b in range(3):
                 xb = x[b * 16:(b + 1) * 16].copy()
-                if epoch == 1:  # the whole epoch from a corrupted shard
+                if epoch == bad_epoch:  # the whole epoch from a corrupted shard
                     xb[0, 0] = np.nan
                 yield xb, y[b * 16:(b + 1) * 16]
             epoch += 1
@@ -280,16 +283,20 @@ def test_an_epoch_with_every_batch_skipped_logs_a_nan_loss_not_zero(tmp_path, va
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     best = keras.callbacks.ModelCheckpoint(str(tmp_path / "best.keras"), monitor="loss",
                                            save_best_only=True)
+    stop = keras.callbacks.EarlyStopping(monitor="loss", patience=2, restore_best_weights=True)
     guard = NanGuard(dump_dir=str(tmp_path / "dumps"), max_skips=10)
     # With validation, evaluate() resets and refills the same loss means before the epoch's
     # end: an all-skipped epoch still read 0.0 there.
     extra = {"validation_data": (x[:16], y[:16])} if validation else {}
     history = model.fit(batches(), steps_per_epoch=3, epochs=3, verbose=0,
-                        callbacks=[guard, best], **extra).history
+                        callbacks=[guard, best, stop], **extra).history
     loss = history["loss"]
-    assert history["nanguard_bad_steps"] == [0.0, 3.0, 3.0]
-    assert math.isfinite(loss[0]) and math.isnan(loss[1]) and math.isfinite(loss[2])
-    assert best.best == min(loss[0], loss[2])
+    assert len(loss) == 3  # EarlyStopping did not stop on the bad epoch
+    assert history["nanguard_bad_steps"] == [3.0 * (e >= bad_epoch) for e in range(3)]
+    assert loss[bad_epoch] == math.inf
+    assert all(math.isfinite(v) for i, v in enumerate(loss) if i != bad_epoch)
+    trained = [v for v in loss if math.isfinite(v)]
+    assert best.best == stop.best == min(trained)
 
 
 class DividesInCall(keras.Model):
