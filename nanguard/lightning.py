@@ -158,7 +158,6 @@ class NanGuard(Readout, _CallbackBase):
         self._paused = False  # the step's hooks are paused for a validation run
         self._clipping_off: pl.LightningModule | None = None  # see _finish
         self._last_good: StepRecord | None = None  # the last step whose update went in
-        self._restored = False  # this fit's state came from a checkpoint
         self.dumps: list[str] = []
 
     # -- what users read (history, events, step_count, amp_skips, snapshot_step) ----------
@@ -208,15 +207,17 @@ class NanGuard(Readout, _CallbackBase):
             # Lightning loads callback state for validate/test/predict(ckpt_path=...) too:
             # a fit that resumes nothing starts afresh.
             self._pending_state = None
-        self._restored = self._pending_state is not None
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._engine is not None and not self._restored:
-            # A checkpoint written without the guard (restored after on_fit_start), or a
-            # second fit of this Trainer: count on from where Lightning's step is.
+        if self._engine is not None:
+            # Count on from where Lightning's step is: after a checkpoint written without
+            # the guard (restored after on_fit_start), a second fit of this Trainer, or the
+            # checkpoint of an abort (OnExceptionCheckpoint), where the guard had counted
+            # the aborted step and Lightning, whose optimizer step never finished, had not:
+            # the resumed run retries that step under its own index.
             self._engine.session.step = trainer.global_step
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -734,6 +734,34 @@ def test_resuming_a_checkpoint_written_without_the_guard_counts_on_from_its_step
     assert [r.step for r in guard.history] == list(range(6, 12))
 
 
+def test_resuming_the_checkpoint_of_an_abort_retries_its_step_under_its_own_index(tmp_path):
+    # OnExceptionCheckpoint saved the guard one step ahead of trainer.global_step (the guard
+    # had counted the aborted step, Lightning had not), and the resumed run's history was
+    # one off from Lightning's step for the rest of the run (a black-box tester).
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"), actions=("skip", "abort"), max_skips=1)
+    saver = OnExceptionCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="exc")
+    with pytest.raises(nanguard.NonFiniteTrainingError) as info:
+        trainer(tmp_path, guard, extra_callbacks=[saver], enable_checkpointing=True).fit(
+            Classifier(), make_data(6, nan_batches=(2, 3)))
+    assert (info.value.event.step, info.value.event.action) == (3, "abort")
+    ckpt = tmp_path / "ckpt" / "exc.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 3
+
+    seen: list[int] = []
+
+    class Steps(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.global_step)
+
+    again = NanGuard(dump_dir=str(tmp_path / "dumps2"))
+    trainer(tmp_path, again, extra_callbacks=[Steps()], max_epochs=2).fit(
+        Classifier(), make_data(6), ckpt_path=str(ckpt))
+    resumed = [r.step for r in again.history][-len(seen):]
+    assert resumed == seen == list(range(3, 12))
+
+
 class Embedder(pl.LightningModule):
     """Outputs 16-wide embeddings; the loss owns the weights of 50 identities."""
 
