@@ -644,6 +644,11 @@ class KerasProbe:
                     ev.details["replay_op"] = True
                 if not is_output:
                     ev.activation = name
+                    _, _, ins, outs = self.localized
+                    detector.note_half_overflow(
+                        ev, [str(a.dtype) for a in outs],
+                        [float(np.abs(a[np.isfinite(a)]).max()) for a in ins
+                         if a.dtype.kind == "f" and np.isfinite(a).any()])
                 elif name == self.model.name:  # no layer: the model's own call() made it
                     ev.details["made_in_model_code"] = True
             elif logits_bad and not self.allow_neg_inf:  # (an allowed -inf is no fault)

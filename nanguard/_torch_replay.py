@@ -34,6 +34,7 @@ from nanguard._torch_engine import (
     first_float_tensor,
     named_modules,
 )
+from nanguard.dump import named_leaves
 
 MAX_CALLS = 8  # model calls recorded per step (gradient accumulation inside one step)
 # The gradients of the model output kept for a backward replay, per step, all calls together.
@@ -510,6 +511,9 @@ class ReplayResult:
             forward, after it, made the model output non-finite; None otherwise.
         model_code: The model itself is to blame and none of its submodules: an operation
             in its own ``forward``, outside any submodule, made the output non-finite.
+        other_output: The model's forward made an output other than its logits non-finite
+            (a second head's ``end_logits``), its logits finite: that output's name as the
+            dump names the output's parts (``output.1``, ``output.end_logits``).
         notes: Why a part of the replay could not run, in words.
 
     Example:
@@ -521,6 +525,7 @@ class ReplayResult:
     output_nonfinite: bool = False
     past_logits: str | None = None
     model_code: bool = False
+    other_output: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -573,6 +578,9 @@ def replay_call(
                 result.past_logits = prefix + logits_module
             elif f.module == loc.names[model] and next(model.children(), None) is not None:
                 result.model_code = True  # no submodule made it: the forward's own code
+            if (not logits_module and f.module == loc.names[model] and final is not None
+                    and not _nonfinite([final])):
+                result.other_output = _other_nonfinite_output(out, final)
             result.finding = f
             return result
         logits_out = first_float_tensor(out)
@@ -768,13 +776,30 @@ def localize_step(
         evidence.where = f.module
         if f.hidden:
             evidence.activation = f.module
+            ins, outs = f.summary.get("input") or [], f.summary.get("output") or []
+            detector.note_half_overflow(
+                evidence, [o.get("dtype") for o in outs],
+                [abs(v) for i in ins for v in (i.get("min"), i.get("max"))
+                 if isinstance(v, float)])
         evidence.output_past_logits = result.past_logits
         if result.model_code:
             evidence.details["made_in_model_code"] = True
+        if result.other_output:
+            evidence.details["nonfinite_output"] = result.other_output
     else:
         evidence.grad_where = f.module
     arrays.update(f.arrays())
     return arrays
+
+
+def _other_nonfinite_output(out: Any, logits: torch.Tensor) -> str | None:
+    """The first floating part of a model's output, other than its logits, holding NaN or
+    Inf, by the name the dump gives it (``output.1``, ``output.end_logits``)."""
+    for name, leaf in named_leaves(out, "output"):
+        if (isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf is not logits
+                and _nonfinite([leaf])):
+            return name
+    return None
 
 
 def _grad_norm_owner(engine: Any, record: Any) -> str | None:
@@ -983,13 +1008,17 @@ def replay_dump(dump: Any, model: torch.nn.Module, *, train: bool = True) -> Rep
         if tuple(state[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
+        def first(names: list[str]) -> str:  # three, and how many more
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            return ", ".join(names[:3]) + more
+
         parts = []
         if missing:
-            parts.append(f"missing from the dump: {', '.join(missing[:3])}")
+            parts.append(f"missing from the dump: {first(missing)}")
         if unexpected:
-            parts.append(f"not in the model: {', '.join(unexpected[:3])}")
+            parts.append(f"not in the model: {first(unexpected)}")
         if shapes:
-            parts.append(f"shape (dump vs model): {', '.join(shapes[:3])}")
+            parts.append(f"shape (dump vs model): {first(shapes)}")
         raise ReplayInputError(
             f"the model's parameters do not match the dump's ({'; '.join(parts)})"
         )

@@ -204,6 +204,36 @@ def note_weights_peak(evidence: Evidence, peaks: Iterable[tuple[str, float]]) ->
         evidence.details["weights_peak"] = {"name": best[0], "value": float(best[1])}
 
 
+HALF_MAX = 65504.0  # float16's largest finite value
+
+
+def note_half_overflow(evidence: Evidence, out_dtypes: Iterable[str],
+                       in_peaks: Iterable[float]) -> None:
+    """Record that the layer the replay named computes in float16 (``out_dtypes``: its
+    outputs' dtypes), with the largest finite magnitude of its inputs (``in_peaks``): an
+    overflow of float16's range (a plain Linear under autocast), which the message names
+    instead of an unstable operation."""
+    if "float16" in set(out_dtypes):
+        peak = max((p for p in in_peaks if math.isfinite(p)), default=None)
+        evidence.details["activation_dtype"] = "float16"
+        if peak is not None:
+            evidence.details["activation_input_peak"] = float(peak)
+
+
+def _half_overflow(evidence: Evidence) -> str | None:
+    if evidence.details.get("activation_dtype") != "float16":
+        return None
+    peak = evidence.details.get("activation_input_peak")
+    return (
+        "outputs in float16 (autocast, a mixed_float16 policy or .half()), whose largest "
+        f"finite value is {_fmt(HALF_MAX)}" + (f", from inputs reaching {_fmt(peak)}"
+                                                if isinstance(peak, float) else "")
+        + ". Scale the inputs down (normalise them), run this layer in float32 (outside "
+        "autocast, or a float32 dtype policy for the Keras layer), or use bfloat16, whose "
+        "range is float32's."
+    )
+
+
 def inf_as_before(now: np.ndarray, was: np.ndarray | None) -> bool:
     """Whether a buffer's only non-finite entries (``now``) are Infs its snapshot copy
     (``was``) holds at the same places: intended (a ``-inf`` mask, a running max that
@@ -401,9 +431,10 @@ def classify(
     if evidence.activation:
         kind = ("operation (a raw op between layers)" if evidence.details.get("replay_op")
                 else "layer")
+        half = _half_overflow(evidence)
         return "activation_nonfinite", evidence.activation, (
             f"Step {s}: {kind} '{evidence.activation}' turned finite inputs into non-finite "
-            + (f"outputs, and {huge}." if huge else
+            + (f"outputs, and {huge}." if huge else half if half else
                "outputs. Look for an exp, log, pow or division there that overflows; clamp "
                "its input, add normalisation before it, or lower the learning rate.") + trend
         )
@@ -415,6 +446,18 @@ def classify(
             "model's forward after it made them non-finite (a division by a zero temperature "
             "or scale, an exp?). Guard that operation (clamp its divisor, add an epsilon)."
             + trend
+        )
+    other = evidence.details.get("nonfinite_output")
+    if logits_finite and isinstance(other, str):
+        # A second output (a span model's end logits) went non-finite in the model's own
+        # forward while the first, the logits the guard records, stayed finite.
+        return "logits_nonfinite", where, (
+            f"Step {s}: part '{other}' of the model output is non-finite while its logits (in "
+            f"[{_fmt(record.logits_min)}, {_fmt(record.logits_max)}]), inputs and weights are "
+            "finite, and in the replay no layer turned finite inputs into non-finite "
+            "outputs: an operation in the model's forward, outside its layers, made it (a "
+            "division by a zero temperature or scale, an exp or log, a raw op after a "
+            "head). Guard that operation (clamp its divisor, add an epsilon)." + trend
         )
     if not logits_finite and evidence.details.get("made_in_model_code") and not huge:
         return "logits_nonfinite", where, (
@@ -496,9 +539,14 @@ def classify(
             "or use a built-in loss." + trend
         )
     if grew is not None:
+        # Every entry finite, only their float32 norm past its range: not "non-finite
+        # gradients" (a first-time user read that and looked for NaN in them).
+        became = ("every gradient entry is still finite, but their L2 norm overflowed "
+                  "(float32 past about 1.8e19)" if evidence.details.get("grad_entries_finite")
+                  else "the gradients became non-finite")
         return "grad_explosion", evidence.grad_where or evidence.activation, (
-            f"Step {s}: the loss is finite ({_fmt(record.loss)}) but the gradients became "
-            f"non-finite after the gradient norm grew from a median of {_fmt(grew[0])} to "
+            f"Step {s}: the loss is finite ({_fmt(record.loss)}) but {became} after the "
+            f"gradient norm grew from a median of {_fmt(grew[0])} to "
             f"{_fmt(grew[1])} over the last {grew[2]} steps: exploding gradients. "
             + ("With a learning rate of 0 the batches made the rise, not the updates: check "
                "the inputs' scale, or add normalisation." if frozen else

@@ -57,6 +57,10 @@ FACTORY = textwrap.dedent(
         return torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.Linear(9, 2))
 
 
+    def build_wide():
+        return torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(4)])
+
+
     def not_a_model():
         return 42
 
@@ -343,6 +347,11 @@ def test_replay_bad_inputs_exit_2_with_one_line(overflow_dump, factory, tmp_path
     err = _one_line_error(capsys)
     assert "do not match" in err
     assert "0.weight" in err
+    # Names past the third were dropped with no sign of them (a first-time user).
+    assert main(["replay", overflow_dump, "--model", f"{factory}:build_wide"]) == 2
+    err = _one_line_error(capsys)
+    assert "missing from the dump: 1.bias, 1.weight, 3.bias and 1 more;" in err
+    assert "2.bias (2,) vs (4,) and 1 more)" in err
     assert main(["replay", overflow_dump, "--model", f"{factory}:not_a_model"]) == 2
     assert "not a torch.nn.Module" in _one_line_error(capsys)
     assert main(["replay", str(tmp_path / "nope.nanguard.zip"), "--model", "a:b"]) == 2

@@ -265,6 +265,19 @@ def test_grad_explosion_suggests_a_lower_learning_rate_only_when_the_weights_mov
     assert lr > 0 or "the batches made the rise" in message
 
 
+@pytest.mark.parametrize("entries_finite", [False, True])
+def test_grad_explosion_says_whether_the_entries_or_only_their_norm_went_non_finite(
+        entries_finite):
+    # With every entry finite and only their float32 norm overflowing, the message said
+    # "the gradients became non-finite" (a first-time user looked for NaN in them).
+    history = [rec(i, g=1.0 if i < 6 else 50.0) for i in range(8)]
+    evidence = Evidence(details={"grad_entries_finite": True} if entries_finite else {})
+    cause, _, message = classify(rec(8, g=math.inf), evidence, history)
+    assert cause == "grad_explosion"
+    assert ("every gradient entry is still finite" in message) == entries_finite
+    assert ("the gradients became non-finite" in message) != entries_finite
+
+
 def test_is_bad():
     assert not is_bad(rec(0))
     assert is_bad(rec(0, loss=NAN))

@@ -1080,6 +1080,32 @@ def test_corrupted_large_layer_and_nan_gradients_in_it(tmp_path):
     assert (4, "weights_nonfinite", "2.weight") in causes
 
 
+def test_a_float16_overflow_under_autocast_is_named_as_such(tmp_path):
+    # Finite float32 inputs up to ~2e5 overflow a plain Linear computing in float16; the
+    # message told the user to look for "an exp, log, pow or division" (a black-box tester).
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    data = batches(3)
+    data[2] = (data[2][0] * 1e5, data[2][1])
+    guard = NanGuard(model, opt, scaler=scaler, dump_dir=str(tmp_path))
+    for x, y in data:
+        opt.zero_grad()
+        with guard.step(x, targets=y):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(model(x), y)
+            guard.backward(loss)
+            scaler.step(opt)
+            scaler.update()
+    guard.close()
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (2, "activation_nonfinite", "0")
+    assert event.details["activation_dtype"] == "float16"
+    assert event.details["activation_input_peak"] == float(data[2][0].abs().max())
+    assert "in float16" in event.message and "largest finite value is 6.55e+04" in event.message
+    assert "exp, log, pow" not in event.message and weights_finite(model)
+
+
 def test_grad_scaler_skips_are_the_scalers_and_real_faults_still_events(tmp_path):
     # fp16 autocast with a scale far too large: the scaled backward overflows, the scaler
     # skips those steps and lowers its scale. nanguard counts them and does not act; a NaN
@@ -1431,6 +1457,48 @@ def test_an_op_in_the_models_own_forward_is_named_so(tmp_path):
     (event,) = guard.events
     assert (event.step, event.cause, event.where) == (2, "logits_nonfinite", "<DividesInForward>")
     assert event.details["made_in_model_code"] and "the model's own code" in event.message
+
+
+class SpanHeads(torch.nn.Module):
+    """A span model's two outputs; its forward scales the second by a per-row temperature
+    from the inputs (0 for an all-zero row)."""
+
+    def __init__(self, as_dict):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.start, self.end = (torch.nn.Linear(8, 8), torch.nn.Linear(8, 4),
+                                           torch.nn.Linear(8, 4))
+        self.as_dict = as_dict
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        start, end = self.start(h), self.end(h) / x.abs().mean(-1, keepdim=True)
+        return {"start_logits": start, "end_logits": end} if self.as_dict else (start, end)
+
+
+@pytest.mark.parametrize(("as_dict", "name"), [(False, "output.1"),
+                                               (True, "output.end_logits")])
+def test_a_second_output_made_non_finite_in_forward_is_not_blamed_on_the_loss(tmp_path, as_dict,
+                                                                              name):
+    # The logits are the output's first tensor; the second went Inf in forward and the
+    # event read loss_nonfinite: "inputs, weights and outputs are finite and moderate ... the
+    # loss function divides by ~0" (a black-box tester's question-answering model).
+    model = SpanHeads(as_dict)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = batches(4)
+    data[2][0][3] = 0.0
+
+    def loss_fn(out, y):
+        start, end = out.values() if as_dict else out
+        return F.cross_entropy(start, y) + F.cross_entropy(end, y)
+
+    with NanGuard(model, opt, dump_dir=str(tmp_path)) as guard:
+        run(guard, model, opt, data, loss_fn=loss_fn)
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (2, "logits_nonfinite", "<SpanHeads>")
+    assert event.details["nonfinite_output"] == name
+    assert f"part '{name}' of the model output is non-finite" in event.message
+    assert "loss function" not in event.message and weights_finite(model)
 
 
 class LossInside(torch.nn.Module):
