@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -351,3 +352,15 @@ class LearningRate:
             self.opt.learning_rate = base * self.factor
             self.factor = 1.0
             self.scale.assign(1.0)
+        elif self.is_schedule and self.factor != 1.0:
+            # A black-box tester's `for ...: model.fit(..., callbacks=[NanGuard()])` trained
+            # at the schedule's full rate again from the second fit on, silently.
+            warnings.warn(
+                f"nanguard lowered the learning rate to {self.factor:g}x your "
+                f"{type(self.opt.learning_rate).__name__} schedule during this fit; the "
+                "schedule itself is left as it was, so only a later fit with this same "
+                "NanGuard keeps the lowering (a new NanGuard, or none, trains at the "
+                "schedule's full rate). Reuse this guard, or lower the schedule itself.",
+                RuntimeWarning,
+                stacklevel=2,
+            )

@@ -1034,7 +1034,11 @@ def test_later_fit_with_a_schedule_lowers_the_rate_again(tmp_path):
                                                                      "lower_lr"))
     first_lr = 0.05
     for _ in range(2):
-        model.fit(bad, y, batch_size=16, epochs=1, verbose=0, shuffle=False, callbacks=[guard])
+        # The schedule is left as it was: a new guard would train at its full rate again.
+        with pytest.warns(RuntimeWarning, match="only a later fit with this same NanGuard "
+                                                "keeps the lowering"):
+            model.fit(bad, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
+                      callbacks=[guard])
         assert model.optimizer._learning_rate is schedule  # the user's schedule is back
         actions = [r.action for r in guard.history]
         assert actions == ["skip", "rollback", "skip", "rollback"]
@@ -1073,6 +1077,27 @@ def test_loss_scale_optimizer_skips_end_below_a_scale_of_one(tmp_path):
     assert first.details["amp_scale"] == 0.5
     assert "LossScaleOptimizer has lowered its scale to 0.5" in first.message
     assert len(guard.events) == len(guard.history) - 16  # every later step
+    assert all_finite(model)
+
+
+def test_a_float16_overflow_in_a_mixed_float16_layer_is_named_as_such(tmp_path):
+    # A plain Dense computing in float16 overflows from finite inputs: the message pointed
+    # at "an exp, log, pow or division" (as a black-box tester saw on torch's autocast).
+    x, y = data(32)
+    x[16:24] *= 1e5  # the third batch of 8
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)),
+                              keras.layers.Dense(16, dtype="mixed_float16", name="hid16"),
+                              keras.layers.Dense(3, dtype="float32", name="head")])
+    model.compile(keras.optimizers.SGD(0.01),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    guard = NanGuard(dump_dir=str(tmp_path), actions=("skip",))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[guard])
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (2, "activation_nonfinite", "hid16")
+    assert event.details["activation_dtype"] == "float16"
+    assert event.details["activation_input_peak"] == pytest.approx(float(np.abs(x[16:24]).max()))
+    assert "in float16" in event.message and "exp, log, pow" not in event.message
     assert all_finite(model)
 
 
