@@ -73,9 +73,12 @@ def _count(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from nanguard import __version__
+
     parser = argparse.ArgumentParser(
         prog="nanguard", description="Read the forensic dumps nanguard writes."
     )
+    parser.add_argument("--version", action="version", version=f"nanguard {__version__}")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("inspect", help="print what went wrong, where, and what to try")
     p.add_argument("path", help="a dump file")
@@ -278,6 +281,12 @@ def render_report(dump: Dump, rows: int = HISTORY_ROWS) -> str:
         shown = dump.history[-rows:]
         lines += ["", f"last {len(shown)} steps (! marks a non-finite value):",
                   _history_table(shown)]
+        found = ev.details.get("detected_at_step")
+        if isinstance(found, int) and not isinstance(found, bool) and found > ev.step:
+            # On a GPU or under DDP an update's check is read with the next step's numbers:
+            # the row of that step holds the action.
+            lines.append(f"  (step {ev.step}'s update was found non-finite at step {found}, "
+                         f"whose row holds the action: {p(str(ev.action))})")
     if dump.tensors:
         lines += ["", "tensors:", _tensor_table(dump)]
     if dump.state:
@@ -365,8 +374,23 @@ def _ls(args: argparse.Namespace, out: TextIO) -> int:
     if rows:
         out.write(_table(("step", "cause", "where", "file"), rows) + "\n")
     else:
-        out.write(f"no dumps in {folder}\n")
+        # `ls` does not descend into folders; say where dumps are one level down (the demo
+        # writes to nanguard_dumps/demo, and `nanguard ls` after it listed nothing).
+        inside = sorted(
+            entry.path for entry in os.scandir(folder)
+            if entry.is_dir() and any(n.endswith(SUFFIX) for n in _names_in(entry.path)))
+        hint = (f"; {'these folders hold' if len(inside) > 1 else 'its folder holds'} "
+                f"some: {', '.join(_printable(d) for d in inside)} (nanguard ls "
+                f"{_printable(inside[0])})" if inside else "")
+        out.write(f"no dumps in {_printable(folder)}{hint}\n")
     return 0
+
+
+def _names_in(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:  # unreadable: not listed
+        return []
 
 
 def _printable(text: str) -> str:

@@ -253,3 +253,45 @@ def test_inspect_marks_the_steps_an_amp_scaler_skipped_itself(tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
     assert rows[0].endswith("(amp skip)") and rows[1].rstrip().endswith("0.1")
     assert rows[2].endswith("skip") and not rows[2].endswith("(amp skip)")
+
+
+def test_inspect_says_which_row_holds_the_action_of_an_update_found_a_step_late(tmp_path,
+                                                                               capsys):
+    # Under DDP (or on a GPU) a non-finite update is read with the next step's numbers: the
+    # table ended at the event's step, with no action in it, under "action abort" (a DDP
+    # black-box tester).
+    from nanguard.events import Event, StepRecord
+
+    event = Event(step=6, cause="update_nonfinite", where="0.weight", message="Step 6: bad.",
+                  action="abort", details={"detected_at_step": 7})
+    history = [StepRecord(step=i, loss=1.0, grad_norm=2.0, lr=0.1) for i in range(7)]
+    path = write_dump(str(tmp_path), event, history, {}, {"framework": "test"}, None)
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "(step 6's update was found non-finite at step 7, whose row holds the action: " \
+           "abort)" in out
+    same_step = write_dump(str(tmp_path), Event(step=3, cause="input_nonfinite", where=None,
+                                                message="m", action="skip",
+                                                details={"detected_at_step": 3}),
+                           history[:4], {}, {"framework": "test"}, None)
+    assert main(["inspect", same_step]) == 0
+    assert "found non-finite at step" not in capsys.readouterr().out
+
+
+def test_ls_of_a_folder_without_dumps_names_its_folders_that_hold_some(tmp_path, capsys):
+    # The demo writes to nanguard_dumps/demo; `nanguard ls` after it said only "no dumps in
+    # nanguard_dumps" (a first-time user).
+    make_dump(tmp_path / "demo")
+    (tmp_path / "empty").mkdir()
+    assert main(["ls", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out == (f"no dumps in {tmp_path}; its folder holds some: {tmp_path / 'demo'} "
+                   f"(nanguard ls {tmp_path / 'demo'})\n")
+    assert main(["ls", str(tmp_path / "empty")]) == 0
+    assert capsys.readouterr().out == f"no dumps in {tmp_path / 'empty'}\n"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"nanguard {nanguard.__version__}\n"
