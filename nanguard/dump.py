@@ -214,10 +214,12 @@ def load(path: str | bytes | os.PathLike[str], *, arrays: bool = True) -> Dump:
                 if rest.endswith(".npy") and prefix in ("tensors", "state"):
                     key = urllib.parse.unquote(rest[:-4])
                     if prefix == "tensors":
+                        _refuse_bomb(zf, name)
                         tensors[key] = _read_npy(zf, name)
                     else:  # checked (header, checksum) now, read when used
                         _read_npy(zf, name, keep=False)
                         members[key] = name
+            sums = {name: zf.getinfo(name).CRC for name in members.values()}
     except DumpError:
         raise
     except FileNotFoundError as err:
@@ -232,7 +234,9 @@ def load(path: str | bytes | os.PathLike[str], *, arrays: bool = True) -> Dump:
         raise DumpError(f"not a nanguard dump (truncated or not a zip archive): {p}") from err
     except Exception as err:  # noqa: BLE001 - any other failure is a corrupt dump
         raise DumpError(f"corrupt nanguard dump ({type(err).__name__}: {err}): {p}") from err
-    return Dump(p, event, history, tensors, meta, StateArrays(p, members))
+    # The absolute path: a later os.chdir must not lose the file the state is read from.
+    return Dump(p, event, history, tensors, meta,
+                StateArrays(os.path.abspath(p), members, sums))
 
 
 class StateArrays(Mapping[str, np.ndarray]):
@@ -240,9 +244,11 @@ class StateArrays(Mapping[str, np.ndarray]):
     (and kept). :func:`load` has checked every entry already; a file changed or removed
     since raises :class:`DumpError` here."""
 
-    def __init__(self, path: str, members: Mapping[str, str]) -> None:
+    def __init__(self, path: str, members: Mapping[str, str],
+                 checksums: Mapping[str, int]) -> None:
         self._path = path
         self._members = dict(members)
+        self._checksums = dict(checksums)  # each entry's CRC when load() checked it
         self._read: dict[str, np.ndarray] = {}
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -250,6 +256,9 @@ class StateArrays(Mapping[str, np.ndarray]):
             member = self._members[key]  # KeyError for a name not in the dump
             try:
                 with zipfile.ZipFile(self._path) as zf:
+                    if self._checksums.get(member) != zf.getinfo(member).CRC:
+                        raise DumpError(f"{member} changed since the dump was loaded (the "
+                                        f"file was replaced): {self._path}")
                     self._read[key] = _read_npy(zf, member)
             except DumpError:
                 raise
@@ -269,6 +278,18 @@ class StateArrays(Mapping[str, np.ndarray]):
 
 
 _CHUNK = 16 * 2**20
+INFLATE_LIMIT = 2**30  # see _refuse_bomb
+
+
+def _refuse_bomb(zf: zipfile.ZipFile, name: str) -> None:
+    """A forensic tensor (a batch, an output: tens of MiB at most) in a compressed entry
+    declaring gigabytes, 100 times its size, is a zip bomb: refused before it is inflated.
+    (nanguard stores its arrays uncompressed; the state is read only when used.)"""
+    info = zf.getinfo(name)
+    if (info.compress_type != zipfile.ZIP_STORED and info.file_size > INFLATE_LIMIT
+            and info.file_size > 100 * max(1, info.compress_size)):
+        raise DumpError(f"not a nanguard dump ({name} declares {info.file_size} bytes "
+                        f"inflated from {info.compress_size}: a zip bomb): {zf.filename}")
 
 
 def _read_npy(zf: zipfile.ZipFile, name: str, keep: bool = True) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -390,3 +391,46 @@ def test_any_damage_to_a_dump_with_state_gives_dump_error_or_a_dump(tmp_path_fac
         return
     assert isinstance(d.event, nanguard.Event)
     assert all(isinstance(v, np.ndarray) for v in d.state.values())  # checked by load
+
+
+def test_the_state_is_read_from_the_same_file_after_a_chdir(tmp_path, monkeypatch):
+    # A dump loaded by a relative path lost its state after os.chdir (a reviewer).
+    path = make_dump(tmp_path / "d", state={"model.w": np.arange(3.0)})
+    monkeypatch.chdir(tmp_path)
+    d = nanguard.load(os.path.relpath(path, tmp_path))
+    monkeypatch.chdir("/")
+    assert d.state["model.w"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_dump_replaced_after_load_is_an_error_not_other_weights(tmp_path):
+    # Another valid dump with the same entry names in its place: its weights came back as
+    # this dump's, silently (a reviewer).
+    path = make_dump(tmp_path / "a", state={"model.w": np.zeros(3)})
+    other = make_dump(tmp_path / "b", state={"model.w": np.full(3, 42.0)})
+    d = nanguard.load(path)
+    os.replace(other, path)
+    with pytest.raises(nanguard.DumpError, match="changed since the dump was loaded"):
+        d.state["model.w"]
+
+
+def test_a_deflated_tensor_inflating_to_gigabytes_is_refused_before_it_is_read(
+        tmp_path, monkeypatch):
+    # A 1 MB dump whose tensors/ entry inflated to 1 GiB loaded in full (a reviewer); the
+    # limit made small here. The state is not refused: it is read only when used.
+    import nanguard.dump
+
+    path = tmp_path / f"bomb{SUFFIX}"
+    with zipfile.ZipFile(make_dump(tmp_path / "good"), "r") as zin, \
+            zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+        for name in zin.namelist():
+            zout.writestr(name, zin.read(name))
+        for group in ("tensors", "state"):
+            buf = io.BytesIO()
+            np.save(buf, np.zeros(2**16))
+            zout.writestr(f"{group}/zeros.npy", buf.getvalue())
+    monkeypatch.setattr(nanguard.dump, "INFLATE_LIMIT", 2**16)
+    with pytest.raises(nanguard.DumpError, match="tensors/zeros.npy declares .* a zip bomb"):
+        nanguard.load(path)
+    monkeypatch.setattr(nanguard.dump, "INFLATE_LIMIT", 2**30)
+    d = nanguard.load(path)
+    assert d.tensors["zeros"].shape == d.state["zeros"].shape == (2**16,)
