@@ -577,6 +577,12 @@ class KerasProbe:
             # execution, not its tensors: the step checked the batch itself.
             ev.batch_seen = ev.logits_seen = True
             kept = "checked inside the step; with XLA the batch itself is not kept"
+            # Nor is any layer replayed: the output layer is where the NaN was seen, not
+            # where it started (a black-box tester's hidden sqrt was blamed on the output).
+            ev.where = None
+            ev.details["replay_unavailable"] = (
+                "with XLA and steps_per_execution > 1 the batch is not kept, so no layer was "
+                "replayed")
             if not checks["inputs_finite"]:
                 ev.input_nonfinite = f"inputs: NaN/Inf ({kept})"
             elif not checks.get("sample_weight_finite", True):
@@ -645,10 +651,12 @@ class KerasProbe:
                 if not is_output:
                     ev.activation = name
                     _, _, ins, outs = self.localized
-                    detector.note_half_overflow(
+                    detector.note_activation(
                         ev, [str(a.dtype) for a in outs],
                         [float(np.abs(a[np.isfinite(a)]).max()) for a in ins
-                         if a.dtype.kind == "f" and np.isfinite(a).any()])
+                         if a.dtype.kind == "f" and np.isfinite(a).any()],
+                        masked=any(a.dtype.kind == "f" and bool(np.isneginf(a).any())
+                                   for a in ins))
                 elif name == self.model.name:  # no layer: the model's own call() made it
                     ev.details["made_in_model_code"] = True
             elif logits_bad and not self.allow_neg_inf:  # (an allowed -inf is no fault)

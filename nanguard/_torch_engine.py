@@ -605,6 +605,7 @@ class TorchEngine:
         self.any_rank_bad: bool | None = None
         self.any_rank_loss_bad: bool | None = None
         self.warned_no_output = False
+        self.anomaly_warned = False  # add_loss warns once that anomaly mode pre-empts it
         self.refusal_reported = False  # since the last snapshot taken (see take_snapshot)
         self.accumulates = False  # a step has spanned several contexts (plain torch)
         # Whether the loop changes the gradients between guard.backward and optimizer.step
@@ -909,6 +910,18 @@ class TorchEngine:
         """Add a backward's loss to the step's; ``gradient``: the weights that backward was
         given for a non-scalar loss (``loss.backward(gradient=w)`` backpropagates the sum of
         ``w * loss``, and that sum is the loss recorded)."""
+        if not self.anomaly_warned and torch.is_anomaly_enabled():
+            self.anomaly_warned = True
+            warnings.warn(
+                "nanguard: autograd's anomaly mode is on (torch.autograd.detect_anomaly, or "
+                "Trainer(detect_anomaly=True)). It raises inside the backward on the first "
+                "NaN, before nanguard can check the step: a bad step then ends the run with "
+                "its RuntimeError, unskipped, with no rollback and no dump. nanguard names "
+                "the first bad layer itself (cause and where in its dump): turn anomaly "
+                "mode off.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         loss = loss.detach()
         if isinstance(gradient, torch.Tensor) and gradient.shape == loss.shape:
             # In the wide dtype: a float16 product can overflow where backward's does not.

@@ -297,6 +297,7 @@ class Finding:
     outputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     note: str = ""
+    attention: bool = False  # the module is an attention layer (by its class name)
     _out_ref: Any = dataclasses.field(default=None, repr=False)
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -399,6 +400,7 @@ class Localizer:
                 outputs=_kept(outs),
                 summary={"input": _summaries(ins), "output": _summaries(outs)},
                 note=f"'{name}' turned finite inputs into non-finite outputs in the replay.",
+                attention="attention" in type(module).__name__.lower(),
                 _out_ref=first_float_tensor(output),
             )
 
@@ -777,10 +779,12 @@ def localize_step(
         if f.hidden:
             evidence.activation = f.module
             ins, outs = f.summary.get("input") or [], f.summary.get("output") or []
-            detector.note_half_overflow(
+            # Inputs with Inf passed the localizer only as an allowed -inf (a mask).
+            detector.note_activation(
                 evidence, [o.get("dtype") for o in outs],
                 [abs(v) for i in ins for v in (i.get("min"), i.get("max"))
-                 if isinstance(v, float)])
+                 if isinstance(v, float)],
+                masked=any(i.get("inf") for i in ins), attention=f.attention)
         evidence.output_past_logits = result.past_logits
         if result.model_code:
             evidence.details["made_in_model_code"] = True

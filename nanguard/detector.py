@@ -207,12 +207,20 @@ def note_weights_peak(evidence: Evidence, peaks: Iterable[tuple[str, float]]) ->
 HALF_MAX = 65504.0  # float16's largest finite value
 
 
-def note_half_overflow(evidence: Evidence, out_dtypes: Iterable[str],
-                       in_peaks: Iterable[float]) -> None:
-    """Record that the layer the replay named computes in float16 (``out_dtypes``: its
-    outputs' dtypes), with the largest finite magnitude of its inputs (``in_peaks``): an
-    overflow of float16's range (a plain Linear under autocast), which the message names
-    instead of an unstable operation."""
+def note_activation(evidence: Evidence, out_dtypes: Iterable[str],
+                    in_peaks: Iterable[float], masked: bool = False,
+                    attention: bool = False) -> None:
+    """Record what the inputs and outputs of the hidden layer the replay named say about
+    how it overflowed: float16 outputs (``out_dtypes``) from inputs reaching ``in_peaks``
+    overflowed float16's range (a plain Linear under autocast); ``masked``: its inputs held
+    the ``-inf`` of an allowed mask (``allow_neg_inf``), so a row masked everywhere (a
+    softmax of only ``-inf``: 0/0) made the NaN. The message names these instead of an
+    unstable operation; so does ``attention`` (the layer is an attention layer, whose
+    boolean mask can mask a whole row inside it)."""
+    if masked:
+        evidence.details["activation_input_masked"] = True
+    if attention:
+        evidence.details["activation_attention"] = True
     if "float16" in set(out_dtypes):
         peak = max((p for p in in_peaks if math.isfinite(p)), default=None)
         evidence.details["activation_dtype"] = "float16"
@@ -253,6 +261,11 @@ def _amp_scale(evidence: Evidence) -> str:
 
 
 def _unreproduced(evidence: Evidence) -> str:
+    unavailable = evidence.details.get("replay_unavailable")
+    if isinstance(unavailable, str):
+        return (f" Which layer started it is unknown ({unavailable}): a hidden layer may have "
+                "made it; run without jit_compile (or with steps_per_execution=1) to have "
+                "the layer named.")
     if not evidence.details.get("replay_unreproduced"):
         return ""
     why = ("a layer that computes differently in training (the replay runs with "
@@ -431,7 +444,21 @@ def classify(
     if evidence.activation:
         kind = ("operation (a raw op between layers)" if evidence.details.get("replay_op")
                 else "layer")
+        if evidence.details.get("activation_input_masked"):
+            return "activation_nonfinite", evidence.activation, (
+                f"Step {s}: {kind} '{evidence.activation}' turned its inputs, finite but for "
+                "the -inf of an allowed mask (allow_neg_inf), into NaN: a row masked at every "
+                "position (a fully padded sequence, a query with no key left) makes a softmax "
+                "of only -inf, 0/0. Keep at least one position unmasked in each row (mask the "
+                "padded queries' outputs afterwards instead), or mask with a large negative "
+                "number rather than -inf." + trend
+            )
         half = _half_overflow(evidence)
+        if not half and evidence.details.get("activation_attention"):
+            half = ("outputs. It is an attention layer: a key_padding_mask or attn_mask that "
+                    "masks every key of some row (a fully padded sequence) makes its softmax "
+                    "0/0; keep at least one key unmasked in each row. Otherwise look for a "
+                    "score that overflows: scale or normalise its inputs.")
         return "activation_nonfinite", evidence.activation, (
             f"Step {s}: {kind} '{evidence.activation}' turned finite inputs into non-finite "
             + (f"outputs, and {huge}." if huge else half if half else

@@ -1310,6 +1310,34 @@ def test_steps_per_execution_with_xla_keeps_the_stats_and_the_steps_checks(tmp_p
     assert "inputs" not in nanguard.load(guard.dumps[0]).tensors
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_steps_per_execution_hidden_nan_is_not_blamed_on_the_output_layer(tmp_path, jit):
+    # Under XLA the execution keeps a bad batch's stats, not the batch: no layer is replayed.
+    # The event named the output layer ('out') for a hidden sqrt's NaN, as "the model
+    # output" (a black-box tester). Without XLA the replay names the hidden layer.
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(16, name="h")(inp)
+    h = keras.layers.Lambda(lambda t: keras.ops.sqrt(t + 3.0), name="sq")(h)
+    model = keras.Model(inp, keras.layers.Dense(3, name="out")(h))
+    model.compile(keras.optimizers.Adam(1e-2),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=4, jit_compile=jit)
+    x = rng.normal(size=(96, 8)).astype("float32") * 0.3
+    x[10 * 8 + 3] = 40.0  # batch 10: the third of its execution
+    guard = NanGuard(dump_dir=str(tmp_path), snapshot_every=1)
+    model.fit(x, rng.integers(0, 3, 96), batch_size=8, epochs=1, verbose=0, shuffle=False,
+              callbacks=[guard])
+    first = guard.events[0]
+    assert first.step == 10 and all_finite(model)
+    if jit:
+        assert (first.cause, first.where) == ("logits_nonfinite", None)
+        assert "Which layer started it is unknown" in first.message
+    else:
+        assert (first.cause, first.where) == ("activation_nonfinite", "sq")
+
+
 def test_steps_per_execution_bad_update_inside_an_execution(tmp_path):
     # An update from finite gradients that overflows the weights, at an execution's first
     # batch: that batch is named (update_nonfinite), not the NaN batches after it.

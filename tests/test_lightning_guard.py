@@ -762,6 +762,17 @@ def test_resuming_the_checkpoint_of_an_abort_retries_its_step_under_its_own_inde
     assert resumed == seen == list(range(3, 12))
 
 
+def test_anomaly_mode_is_said_to_pre_empt_the_guard(tmp_path):
+    # Trainer(detect_anomaly=True) raised in the backward of the first bad step, before the
+    # guard could act, with no word from the guard (a black-box tester).
+    guard = NanGuard(dump_dir=str(tmp_path / "dumps"))
+    with pytest.warns(RuntimeWarning, match="anomaly mode is on"), \
+            pytest.raises(RuntimeError, match="returned nan values"):
+        trainer(tmp_path, guard, detect_anomaly=True).fit(
+            Classifier(), make_data(4, nan_batches=(2,)))
+    assert [r.step for r in guard.history] == [0, 1] and not guard.events
+
+
 class Embedder(pl.LightningModule):
     """Outputs 16-wide embeddings; the loss owns the weights of 50 identities."""
 

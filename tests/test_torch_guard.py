@@ -1080,6 +1080,76 @@ def test_corrupted_large_layer_and_nan_gradients_in_it(tmp_path):
     assert (4, "weights_nonfinite", "2.weight") in causes
 
 
+class PadMask(torch.nn.Module):
+    def forward(self, scores, pad):
+        return scores.masked_fill(pad[:, None, :], -math.inf)
+
+
+class PaddedAttention(torch.nn.Module):
+    """Scores masked with -inf by a module of their own (allowed), then a softmax; or a
+    torch MultiheadAttention given a key_padding_mask."""
+
+    def __init__(self, builtin):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mask, self.softmax = PadMask(), torch.nn.Softmax(-1)
+        self.builtin = builtin
+
+    def forward(self, x, pad):
+        h = self.inp(x)
+        if self.builtin:
+            a, _ = self.attn(h, h, h, key_padding_mask=pad)
+        else:
+            a = self.softmax(self.mask(h @ h.transpose(1, 2), pad)) @ h
+        return self.head(a.mean(1))
+
+
+@pytest.mark.parametrize("builtin", [False, True])
+def test_a_fully_masked_attention_row_is_named_as_such(tmp_path, builtin):
+    # A fully padded sequence: its softmax over only -inf is 0/0. The message said "finite
+    # inputs ... look for an exp, log, pow or division that overflows" (a black-box tester).
+    model = PaddedAttention(builtin)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path), allow_neg_inf=("mask",))
+    for i in range(3):
+        x, y = torch.randn(4, 6, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
+        pad = torch.zeros(4, 6, dtype=torch.bool)
+        pad[:, 4:] = True
+        if i == 2:
+            pad[1] = True
+        opt.zero_grad()
+        with guard.step((x, pad), targets=y):
+            guard.backward(F.cross_entropy(model(x, pad), y))
+            opt.step()
+    guard.close()
+    (event,) = guard.events
+    where = "attn" if builtin else "softmax"
+    assert (event.step, event.cause, event.where) == (2, "activation_nonfinite", where)
+    assert "every" in event.message and "exp, log, pow" not in event.message
+    key = "activation_attention" if builtin else "activation_input_masked"
+    assert event.details[key] is True and weights_finite(model)
+
+
+def test_anomaly_mode_is_said_to_pre_empt_the_guard(tmp_path):
+    # Under torch.autograd.detect_anomaly() a NaN's backward raises before the guard can
+    # check the step: the guard says so, once.
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(3)
+    data[2][0][0, 0] = math.nan
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught, torch.autograd.detect_anomaly():
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="returned nan values"):
+            run(guard, model, opt, data)
+    said = [w for w in caught if "anomaly mode is on" in str(w.message)]
+    assert len(said) == 1 and said[0].category is RuntimeWarning
+    guard.close()
+
+
 def test_a_float16_overflow_under_autocast_is_named_as_such(tmp_path):
     # Finite float32 inputs up to ~2e5 overflow a plain Linear computing in float16; the
     # message told the user to look for "an exp, log, pow or division" (a black-box tester).
