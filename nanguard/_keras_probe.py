@@ -569,6 +569,10 @@ class KerasProbe:
                 ev.input_nonfinite = describe_nonfinite(name, a)
                 if ev.input_nonfinite:
                     break
+        if not ev.input_nonfinite:
+            detector.note_inputs_peak(ev, [
+                float(np.abs(a).max()) for name, a in arrays.items()
+                if name.startswith("inputs") and a.dtype.kind == "f" and a.size])
         pairs = self.paired_targets()
         ev.target_invalid = check_targets(pairs)
         checks = self.details.get("in_step_checks")

@@ -1712,6 +1712,10 @@ class TorchProbe:
                 break
         else:
             ev.input_nonfinite = self._nonfinite_model_args(record.step)
+        if not ev.input_nonfinite:
+            detector.note_inputs_peak(ev, [
+                float(t.detach().abs().max()) for _, t in named_tensors(e.inputs, "inputs")
+                if t.is_floating_point() and t.numel() and t.layout == torch.strided])
         from nanguard._torch_replay import dump_rows, localize_step
 
         self.rows = dump_rows(e, calls)

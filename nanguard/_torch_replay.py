@@ -531,6 +531,14 @@ class ReplayResult:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
+def _eager() -> contextlib.AbstractContextManager[Any]:
+    """A torch.compile'd submodule runs eagerly in the replay: its localizing hooks then
+    fire without a recompile (dynamo printed a graph-break traceback for each, and the
+    recompiles count against its cache limit)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def replay_call(
     model: torch.nn.Module,
     call: RecordedCall,
@@ -559,7 +567,7 @@ def replay_call(
     """
     result = ReplayResult()
     logits_ref: list[torch.Tensor] = []
-    with preserved(model), warnings.catch_warnings():
+    with preserved(model), warnings.catch_warnings(), _eager():
         warnings.simplefilter("ignore")
         _set_rng(call)
         with torch.no_grad(), _autocast(call.autocast), Localizer(

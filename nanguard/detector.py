@@ -207,6 +207,17 @@ def note_weights_peak(evidence: Evidence, peaks: Iterable[tuple[str, float]]) ->
 HALF_MAX = 65504.0  # float16's largest finite value
 
 
+HUGE_INPUT = 1e8  # inputs this large are unscaled (pixels reach 255, normalised data ~10)
+
+
+def note_inputs_peak(evidence: Evidence, peaks: Iterable[float]) -> None:
+    """Record the largest finite magnitude of the batch's floating inputs when it is
+    huge (``HUGE_INPUT``): the loss and gradient messages then name it."""
+    best = max((p for p in peaks if math.isfinite(p)), default=None)
+    if best is not None and best >= HUGE_INPUT:
+        evidence.details["inputs_peak"] = float(best)
+
+
 def note_activation(evidence: Evidence, out_dtypes: Iterable[str],
                     in_peaks: Iterable[float], masked: bool = False,
                     attention: bool = False) -> None:
@@ -337,6 +348,18 @@ def classify(
     else:
         finite_so_far = ("inputs, weights and outputs are finite and moderate (output in "
                          f"[{_fmt(record.logits_min)}, {_fmt(record.logits_max)}])")
+    big_inputs = evidence.details.get("inputs_peak")
+    huge_inputs = ""
+    if isinstance(big_inputs, float) and evidence.batch_seen:
+        # Not "moderate": a penalty on the activations, a squared error or a variance of
+        # values this large overflows float32 (a black-box tester's inputs of 1e20).
+        finite_so_far = finite_so_far.replace(
+            "finite and moderate (", f"finite, the inputs reaching {_fmt(big_inputs)} (")
+        if "inputs reaching" not in finite_so_far:
+            finite_so_far += f", the inputs reaching {_fmt(big_inputs)}"
+        huge_inputs = (f"the inputs reach {_fmt(big_inputs)}: a loss term or its gradient "
+                       "of values that large overflows (a squared error, an L2 penalty on "
+                       "activations, a variance); scale or normalise the inputs.")
     grew = growth(history)
     trend = ""
     # Weights that do not move (a learning rate of 0) cannot make the norm grow: the
@@ -542,9 +565,11 @@ def classify(
         return "loss_nonfinite", added["layer"], (
             f"Step {s}: {finite_so_far} but the loss is {record.loss}: the term layer "
             f"{added['layer']!r} adds to it (add_loss: a KL, a penalty, an auxiliary loss) is "
-            f"{added['value']}. That term divides by ~0 or "
-            "takes log(0) (of a variance, a mean, a probability): add an epsilon to its "
-            "denominators, clamp before its log." + trend
+            f"{added['value']}. "
+            + (f"That term overflows: {huge_inputs}" if huge_inputs else
+               "That term divides by ~0 or takes log(0) (of a variance, a mean, a "
+               "probability): add an epsilon to its denominators, clamp before its log.")
+            + trend
         )
     targets_peak = evidence.details.get("targets_peak")
     # A loss is computed in float32 at least (autocast too); a squared error overflows to
@@ -561,9 +586,10 @@ def classify(
         )
     if not finite(record.loss):
         return "loss_nonfinite", None, (
-            f"Step {s}: {finite_so_far} but the loss is {record.loss}: the loss function "
-            "divides by ~0 or takes log(0). Add an epsilon to denominators, clamp before log, "
-            "or use a built-in loss." + trend
+            f"Step {s}: {finite_so_far} but the loss is {record.loss}: "
+            + (huge_inputs if huge_inputs else
+               "the loss function divides by ~0 or takes log(0). Add an epsilon to "
+               "denominators, clamp before log, or use a built-in loss.") + trend
         )
     if grew is not None:
         # Every entry finite, only their float32 norm past its range: not "non-finite
@@ -607,7 +633,9 @@ def classify(
             f"non-finite{_at(evidence.grad_where)}, with no growth before: an operation's "
             "backward is unstable (sqrt, "
             "pow or log at 0, a division by ~0 in a custom layer). Make that operation safe "
-            "near 0, for example by adding an epsilon." + near_exp + _amp_scale(evidence)
+            "near 0, for example by adding an epsilon." + near_exp
+            + (" " + huge_inputs[0].upper() + huge_inputs[1:] if huge_inputs else "")
+            + _amp_scale(evidence)
         )
     return "update_nonfinite", None, (
         f"Step {s}: the gradients were finite (norm {_fmt(record.grad_norm)}) but the optimizer "

@@ -278,6 +278,19 @@ def test_grad_explosion_says_whether_the_entries_or_only_their_norm_went_non_fin
     assert ("the gradients became non-finite" in message) != entries_finite
 
 
+@pytest.mark.parametrize(("record", "cause"), [(rec(5, loss=math.inf), "loss_nonfinite"),
+                                               (rec(5, g=math.nan), "grad_nonfinite")])
+def test_huge_finite_inputs_are_named_not_called_moderate(record, cause):
+    # Inputs of 1e20 read "inputs ... finite and moderate ... the loss divides by ~0" (a
+    # black-box tester's L2 activity penalty): the inputs' peak is named, and scaling them.
+    cause_was, _, plain = classify(record, Evidence(), [])
+    assert cause_was == cause and "reach" not in plain
+    found, _, message = classify(record, Evidence(details={"inputs_peak": 3e20}), [])
+    assert found == cause
+    assert "reach 3e+20" in message and "scale or normalise the inputs" in message
+    assert "moderate" not in message and "divides by ~0 or takes log(0)" not in message
+
+
 def test_is_bad():
     assert not is_bad(rec(0))
     assert is_bad(rec(0, loss=NAN))

@@ -1101,6 +1101,28 @@ def test_a_float16_overflow_in_a_mixed_float16_layer_is_named_as_such(tmp_path):
     assert all_finite(model)
 
 
+@pytest.mark.parametrize(("scale", "cause"), [(1e18, "grad_nonfinite"),
+                                              (1e20, "loss_nonfinite")])
+def test_huge_finite_inputs_are_named_in_the_message(tmp_path, scale, cause):
+    # An L2 activity penalty on the activations of inputs of 1e18 to 1e20 overflows: the
+    # messages said "inputs ... moderate ... divides by ~0" or "backward is unstable (sqrt,
+    # pow or log at 0)" and never named the inputs (a black-box tester).
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(16, name="h", activity_regularizer=keras.regularizers.L2(1.0))(inp)
+    model = keras.Model(inp, keras.layers.Dense(3, name="out", activation="tanh")(h))
+    model.compile(keras.optimizers.Adam(1e-2),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data(64)
+    x[24:32] *= scale
+    guard = NanGuard(dump_dir=str(tmp_path), snapshot_every=1)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[guard])
+    event = guard.events[0]
+    assert (event.step, event.cause) == (3, cause)
+    assert event.details["inputs_peak"] == pytest.approx(float(np.abs(x[24:32]).max()))
+    assert "scale or normalise the inputs" in event.message and all_finite(model)
+
+
 def _float16_classifier(initial_scale, **compile_kw):
     """A float16 hidden layer under a LossScaleOptimizer starting at ``initial_scale``."""
     model = keras.Sequential([

@@ -1618,6 +1618,8 @@ class CompiledBody(torch.nn.Module):
 
 
 def test_compiled_submodule_is_named_as_written(tmp_path):
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
     model = CompiledBody()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
@@ -1625,9 +1627,14 @@ def test_compiled_submodule_is_named_as_written(tmp_path):
     data[2] = (data[2][0] * 1e4, data[2][1])
     NanGuard(model, opt, logits_module="body.2").close()  # the name as written is found
     with NanGuard(model, opt, dump_dir=str(tmp_path), logits_module="body") as guard:
-        run(guard, model, opt, data)
+        run(guard, model, opt, data[:2])
+        compiled = dict(counters["frames"])
+        run(guard, model, opt, data[2:])
     assert [(e.step, e.cause, e.where) for e in guard.events] == [
         (2, "activation_nonfinite", "body.1")]
+    # The replay runs the compiled submodule eagerly: its hooks cost no recompile (31 frames
+    # were compiled for this replay, each hook a graph break with a printed traceback).
+    assert dict(counters["frames"]) == compiled
     assert all("_orig_mod" not in n for n in nanguard.load(guard.dumps[0]).meta["param_names"])
 
 
