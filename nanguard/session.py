@@ -20,6 +20,11 @@ from nanguard.events import Event, NonFiniteTrainingError, StepRecord
 log = logging.getLogger("nanguard")
 # Events a state_dict carries at most (a checkpoint of a long bad run stays small).
 EVENTS_SAVED = 256
+# Events kept in memory: the run's first EVENTS_FIRST and the latest, EVENTS_KEPT in all
+# (about 1.7 kB each: a skip-only run over a corrupted shard, a bad step every few batches
+# for days, grew without bound). Every event's dump, up to max_dumps, is on disk.
+EVENTS_KEPT = 10_000
+EVENTS_FIRST = 100
 # A due snapshot is refused when the weights' peak grew this much since the last attempt
 # and is huge (admit_snapshot, detector.blew_up).
 SNAPSHOT_JUMP = detector.BLOW_UP
@@ -182,6 +187,7 @@ class GuardSession:
         )
         self.ladder = policy.LadderState()
         self.events: list[Event] = []
+        self.events_dropped = 0  # left out of `events` past EVENTS_KEPT
         self.dumps_written = 0
         self.amp_skips = 0
         self.step = 0
@@ -402,6 +408,9 @@ class GuardSession:
                         f"{grown['step']})." + _did(decision, self.config, undo=undo) + put_back
                     )
         self.events.append(event)
+        if len(self.events) > EVENTS_KEPT:
+            del self.events[min(EVENTS_FIRST, EVENTS_KEPT - 1)]
+            self.events_dropped += 1
         log.warning("nanguard: %s", event.message)
         dump_path = self._maybe_dump(event, decision, probe)
         return Verdict(record, decision, event, dump_path, undo_update=undo)

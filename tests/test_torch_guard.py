@@ -1133,6 +1133,25 @@ def test_a_fully_masked_attention_row_is_named_as_such(tmp_path, builtin):
     assert event.details[key] is True and weights_finite(model)
 
 
+def test_events_keep_the_first_and_the_latest_of_a_long_run(tmp_path, monkeypatch):
+    # guard.events grew by ~1.7 kB per event without bound: a skip-only run over a bad shard
+    # for days. The first EVENTS_FIRST and the latest are kept, EVENTS_KEPT in all (made
+    # small here).
+    import nanguard.session
+
+    monkeypatch.setattr(nanguard.session, "EVENTS_KEPT", 5)
+    monkeypatch.setattr(nanguard.session, "EVENTS_FIRST", 2)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(10)
+    for x, _ in data:
+        x[0, 0] = math.nan
+    with NanGuard(model, opt, dump_dir=str(tmp_path), actions=("skip",), max_dumps=0) as guard:
+        run(guard, model, opt, data)
+    assert [e.step for e in guard.events] == [0, 1, 7, 8, 9]
+    assert guard._engine.session.events_dropped == 5 and len(guard.history) == 10
+
+
 def test_anomaly_mode_is_said_to_pre_empt_the_guard(tmp_path):
     # Under torch.autograd.detect_anomaly() a NaN's backward raises before the guard can
     # check the step: the guard says so, once.
