@@ -536,7 +536,11 @@ def _eager() -> contextlib.AbstractContextManager[Any]:
     fire without a recompile (dynamo printed a graph-break traceback for each, and the
     recompiles count against its cache limit)."""
     set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+    if set_stance is None or torch.compiler.is_compiling():
+        # Inside a compiled training step dynamo traces the replay itself, and refuses to
+        # trace set_stance (the replay then failed: no layer named).
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
 
 
 def replay_call(

@@ -1657,6 +1657,39 @@ def test_compiled_submodule_is_named_as_written(tmp_path):
     assert all("_orig_mod" not in n for n in nanguard.load(guard.dumps[0]).meta["param_names"])
 
 
+class ExpLayer(torch.nn.Module):
+    def forward(self, x):
+        return torch.exp(x)
+
+
+def test_a_training_step_compiled_whole_still_has_its_layer_named(tmp_path):
+    # With the backward and optimizer.step() inside a torch.compile'd function, dynamo traces
+    # the replay itself; the replay's set_stance("force_eager") made it fail there (no layer
+    # named, "replay failed: ... forbidden callable set_stance").
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), ExpLayer(), torch.nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+
+    @torch.compile(backend="eager")
+    def train_step(x, y):
+        guard.backward(F.cross_entropy(model(x), y))
+        opt.step()
+
+    data = batches(4)
+    data[2] = (data[2][0] * 1e3, data[2][1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's graph-break notes
+        for x, y in data:
+            opt.zero_grad()
+            with guard.step(x, targets=y):
+                train_step(x, y)
+    guard.close()
+    (event,) = guard.events
+    assert (event.step, event.cause, event.where) == (2, "activation_nonfinite", "1")
+    assert weights_finite(model)
+
+
 class SparseBag(torch.nn.Module):
     def __init__(self):
         super().__init__()
