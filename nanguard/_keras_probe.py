@@ -660,7 +660,9 @@ class KerasProbe:
                         [float(np.abs(a[np.isfinite(a)]).max()) for a in ins
                          if a.dtype.kind == "f" and np.isfinite(a).any()],
                         masked=any(a.dtype.kind == "f" and bool(np.isneginf(a).any())
-                                   for a in ins))
+                                   for a in ins),
+                        out_inf=any(a.dtype.kind == "f" and bool(np.isinf(a).any())
+                                    for a in outs))
                 elif name == self.model.name:  # no layer: the model's own call() made it
                     ev.details["made_in_model_code"] = True
             elif logits_bad and not self.allow_neg_inf:  # (an allowed -inf is no fault)

@@ -910,7 +910,8 @@ class TorchEngine:
         """Add a backward's loss to the step's; ``gradient``: the weights that backward was
         given for a non-scalar loss (``loss.backward(gradient=w)`` backpropagates the sum of
         ``w * loss``, and that sum is the loss recorded)."""
-        if not self.anomaly_warned and torch.is_anomaly_enabled():
+        if (not self.anomaly_warned and torch.is_anomaly_enabled()
+                and getattr(torch, "is_anomaly_check_nan_enabled", lambda: True)()):
             self.anomaly_warned = True
             warnings.warn(
                 "nanguard: autograd's anomaly mode is on (torch.autograd.detect_anomaly, or "

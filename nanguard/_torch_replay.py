@@ -796,7 +796,8 @@ def localize_step(
                 evidence, [o.get("dtype") for o in outs],
                 [abs(v) for i in ins for v in (i.get("min"), i.get("max"))
                  if isinstance(v, float)],
-                masked=any(i.get("inf") for i in ins), attention=f.attention)
+                masked=any(i.get("inf") for i in ins), attention=f.attention,
+                out_inf=any(o.get("inf") for o in outs))
         evidence.output_past_logits = result.past_logits
         if result.model_code:
             evidence.details["made_in_model_code"] = True
@@ -812,7 +813,10 @@ def _other_nonfinite_output(out: Any, logits: torch.Tensor) -> str | None:
     """The first floating part of a model's output, other than its logits, holding NaN or
     Inf, by the name the dump gives it (``output.1``, ``output.end_logits``)."""
     for name, leaf in named_leaves(out, "output"):
+        # Not a loss the model computed itself ({"loss", "logits"}, a (loss, logits) tuple:
+        # 0-dim, or named so): a NaN there is the loss's, and loss_nonfinite says so.
         if (isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf is not logits
+                and leaf.ndim > 0 and name.rpartition(".")[2] != "loss"
                 and _nonfinite([leaf])):
             return name
     return None

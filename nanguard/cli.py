@@ -286,7 +286,7 @@ def render_report(dump: Dump, rows: int = HISTORY_ROWS) -> str:
             # On a GPU or under DDP an update's check is read with the next step's numbers:
             # the row of that step holds the action.
             lines.append(f"  (step {ev.step}'s update was found non-finite at step {found}, "
-                         f"whose row holds the action: {p(str(ev.action))})")
+                         f"where the action was taken: {p(str(ev.action))})")
     if dump.tensors:
         lines += ["", "tensors:", _tensor_table(dump)]
     if dump.state:

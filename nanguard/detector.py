@@ -207,7 +207,9 @@ def note_weights_peak(evidence: Evidence, peaks: Iterable[tuple[str, float]]) ->
 HALF_MAX = 65504.0  # float16's largest finite value
 
 
-HUGE_INPUT = 1e8  # inputs this large are unscaled (pixels reach 255, normalised data ~10)
+# Inputs this large overflow float32 in a square (past ~1.8e19) after a layer or two: not
+# merely unscaled data (a Unix time of 1.7e9 squares to 3e18, still finite).
+HUGE_INPUT = 1e15
 
 
 def note_inputs_peak(evidence: Evidence, peaks: Iterable[float]) -> None:
@@ -220,20 +222,21 @@ def note_inputs_peak(evidence: Evidence, peaks: Iterable[float]) -> None:
 
 def note_activation(evidence: Evidence, out_dtypes: Iterable[str],
                     in_peaks: Iterable[float], masked: bool = False,
-                    attention: bool = False) -> None:
+                    attention: bool = False, out_inf: bool = True) -> None:
     """Record what the inputs and outputs of the hidden layer the replay named say about
     how it overflowed: float16 outputs (``out_dtypes``) from inputs reaching ``in_peaks``
     overflowed float16's range (a plain Linear under autocast); ``masked``: its inputs held
     the ``-inf`` of an allowed mask (``allow_neg_inf``), so a row masked everywhere (a
     softmax of only ``-inf``: 0/0) made the NaN. The message names these instead of an
     unstable operation; so does ``attention`` (the layer is an attention layer, whose
-    boolean mask can mask a whole row inside it)."""
+    boolean mask can mask a whole row inside it). ``out_inf``: the outputs hold an Inf (an
+    overflow makes one; a log or sqrt of a negative only NaN, which is no range problem)."""
     if masked:
         evidence.details["activation_input_masked"] = True
     if attention:
         evidence.details["activation_attention"] = True
-    if "float16" in set(out_dtypes):
-        peak = max((p for p in in_peaks if math.isfinite(p)), default=None)
+    peak = max((p for p in in_peaks if math.isfinite(p)), default=None)
+    if "float16" in set(out_dtypes) and (out_inf or (peak is not None and peak > HALF_MAX)):
         evidence.details["activation_dtype"] = "float16"
         if peak is not None:
             evidence.details["activation_input_peak"] = float(peak)
@@ -350,7 +353,9 @@ def classify(
                          f"[{_fmt(record.logits_min)}, {_fmt(record.logits_max)}])")
     big_inputs = evidence.details.get("inputs_peak")
     huge_inputs = ""
-    if isinstance(big_inputs, float) and evidence.batch_seen:
+    # An overflow makes +inf or a NaN: a loss of -inf is a log(0), whatever the inputs.
+    if (isinstance(big_inputs, float) and big_inputs >= HUGE_INPUT and evidence.batch_seen
+            and record.loss != -math.inf):
         # Not "moderate": a penalty on the activations, a squared error or a variance of
         # values this large overflows float32 (a black-box tester's inputs of 1e20).
         finite_so_far = finite_so_far.replace(

@@ -217,8 +217,12 @@ class NanGuard(Readout, _CallbackBase):
             # the guard (restored after on_fit_start), a second fit of this Trainer, or the
             # checkpoint of an abort (OnExceptionCheckpoint), where the guard had counted
             # the aborted step and Lightning, whose optimizer step never finished, had not:
-            # the resumed run retries that step under its own index.
-            self._engine.session.step = trainer.global_step
+            # the resumed run retries that step under its own index, and its record of the
+            # abort leaves the history (the event stays in `events`).
+            session = self._engine.session
+            session.step = trainer.global_step
+            while session.history and session.history[-1].step >= session.step:
+                session.history.pop()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()

@@ -268,7 +268,7 @@ def test_inspect_says_which_row_holds_the_action_of_an_update_found_a_step_late(
     path = write_dump(str(tmp_path), event, history, {}, {"framework": "test"}, None)
     assert main(["inspect", path]) == 0
     out = capsys.readouterr().out
-    assert "(step 6's update was found non-finite at step 7, whose row holds the action: " \
+    assert "(step 6's update was found non-finite at step 7, where the action was taken: " \
            "abort)" in out
     same_step = write_dump(str(tmp_path), Event(step=3, cause="input_nonfinite", where=None,
                                                 message="m", action="skip",

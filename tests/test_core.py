@@ -289,6 +289,11 @@ def test_huge_finite_inputs_are_named_not_called_moderate(record, cause):
     assert found == cause
     assert "reach 3e+20" in message and "scale or normalise the inputs" in message
     assert "moderate" not in message and "divides by ~0 or takes log(0)" not in message
+    # A loss of -inf is a log(0), not an overflow; and unscaled data (a Unix time of 1.7e9)
+    # is no overflow either (a reviewer): the usual diagnosis.
+    for loss, peak in ((-math.inf, 3e20), (math.inf, 1.7e9)):
+        _, _, said = classify(rec(5, loss=loss), Evidence(details={"inputs_peak": peak}), [])
+        assert "divides by ~0 or takes log(0)" in said and "reach" not in said
 
 
 def test_is_bad():

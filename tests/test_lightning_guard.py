@@ -758,8 +758,9 @@ def test_resuming_the_checkpoint_of_an_abort_retries_its_step_under_its_own_inde
     again = NanGuard(dump_dir=str(tmp_path / "dumps2"))
     trainer(tmp_path, again, extra_callbacks=[Steps()], max_epochs=2).fit(
         Classifier(), make_data(6), ckpt_path=str(ckpt))
-    resumed = [r.step for r in again.history][-len(seen):]
-    assert resumed == seen == list(range(3, 12))
+    assert [r.step for r in again.history] == list(range(12))  # step 3 once: the retry's
+    assert seen == list(range(3, 12))
+    assert [(e.step, e.action) for e in again.events][-1] == (3, "abort")  # kept
 
 
 def test_anomaly_mode_is_said_to_pre_empt_the_guard(tmp_path):

@@ -1169,6 +1169,23 @@ def test_anomaly_mode_is_said_to_pre_empt_the_guard(tmp_path):
     guard.close()
 
 
+def test_anomaly_mode_without_its_nan_check_is_not_warned_about(tmp_path):
+    # detect_anomaly(check_nan=False) raises on nothing: the guard acts as usual (a reviewer
+    # saw the warning anyway).
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = batches(3)
+    data[2][0][0, 0] = math.nan
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught, \
+            torch.autograd.detect_anomaly(check_nan=False):
+        warnings.simplefilter("always")
+        run(guard, model, opt, data)
+    guard.close()
+    assert not [w for w in caught if "anomaly mode is on" in str(w.message)]
+    assert [(e.step, e.cause) for e in guard.events] == [(2, "input_nonfinite")]
+
+
 def test_a_float16_overflow_under_autocast_is_named_as_such(tmp_path):
     # Finite float32 inputs up to ~2e5 overflow a plain Linear computing in float16; the
     # message told the user to look for "an exp, log, pow or division" (a black-box tester).
@@ -1193,6 +1210,32 @@ def test_a_float16_overflow_under_autocast_is_named_as_such(tmp_path):
     assert event.details["activation_input_peak"] == float(data[2][0].abs().max())
     assert "in float16" in event.message and "largest finite value is 6.55e+04" in event.message
     assert "exp, log, pow" not in event.message and weights_finite(model)
+
+
+class LogLayer(torch.nn.Module):
+    def forward(self, x):
+        return torch.log(x)  # NaN where x < 0: nothing overflows
+
+
+def test_a_nan_in_a_float16_layer_that_is_no_overflow_keeps_the_generic_message(tmp_path):
+    # A log of negatives under float16 autocast got the float16-range message ("scale the
+    # inputs down"), a reviewer found: only an Inf in the outputs, or inputs past 65504,
+    # point at the range.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), LogLayer(), torch.nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path), actions=("skip",))
+    x, y = batches(1)[0]
+    opt.zero_grad()
+    with guard.step(x, targets=y):
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        guard.backward(F.cross_entropy(out.float(), y))
+        opt.step()
+    guard.close()
+    (event,) = guard.events
+    assert (event.cause, event.where) == ("activation_nonfinite", "1")
+    assert "activation_dtype" not in event.details and "float16" not in event.message
 
 
 def test_grad_scaler_skips_are_the_scalers_and_real_faults_still_events(tmp_path):
@@ -1588,6 +1631,39 @@ def test_a_second_output_made_non_finite_in_forward_is_not_blamed_on_the_loss(tm
     assert event.details["nonfinite_output"] == name
     assert f"part '{name}' of the model output is non-finite" in event.message
     assert "loss function" not in event.message and weights_finite(model)
+
+
+class ReturnsLoss(torch.nn.Module):
+    """Computes its loss in forward and returns {"loss", "logits"}, as Hugging Face models."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x, labels):
+        logits = self.fc(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_a_loss_returned_by_the_model_is_not_called_a_non_finite_output(tmp_path):
+    # Every label ignored (-100): the model's own loss is NaN, its logits finite. It read
+    # logits_nonfinite "part 'output.loss' of the model output is non-finite ... an operation
+    # in the model's forward" (a reviewer); the loss is the loss.
+    model = ReturnsLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
+    for i, (x, y) in enumerate(batches(3)):
+        if i == 2:
+            y = torch.full_like(y, -100)
+        opt.zero_grad()
+        with guard.step(x, targets=y):
+            guard.backward(model(x, y)["loss"])
+            opt.step()
+    guard.close()
+    (event,) = guard.events
+    assert (event.step, event.cause) == (2, "loss_nonfinite")
+    assert "nonfinite_output" not in event.details
 
 
 class LossInside(torch.nn.Module):
