@@ -599,8 +599,8 @@ def classify(
     if grew is not None:
         # Every entry finite, only their float32 norm past its range: not "non-finite
         # gradients" (a first-time user read that and looked for NaN in them).
-        became = ("every gradient entry is still finite, but their L2 norm overflowed "
-                  "(float32 past about 1.8e19)" if evidence.details.get("grad_entries_finite")
+        became = ("the gradients' L2 norm overflowed (float32 past about 1.8e19; every "
+                  "gradient entry is still finite)" if evidence.details.get("grad_entries_finite")
                   else "the gradients became non-finite")
         return "grad_explosion", evidence.grad_where or evidence.activation, (
             f"Step {s}: the loss is finite ({_fmt(record.loss)}) but {became} after the "
