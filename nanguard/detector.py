@@ -242,9 +242,17 @@ def note_activation(evidence: Evidence, out_dtypes: Iterable[str],
             evidence.details["activation_input_peak"] = float(peak)
 
 
-def _half_overflow(evidence: Evidence) -> str | None:
+def _activation_hint(evidence: Evidence) -> str:
+    """How a hidden layer's message goes on after "turned finite inputs into non-finite":
+    what the replay's notes (``note_activation``) say about its outputs and inputs."""
     if evidence.details.get("activation_dtype") != "float16":
-        return None
+        if evidence.details.get("activation_attention"):
+            return ("outputs. It is an attention layer: a key_padding_mask or attn_mask that "
+                    "masks every key of some row (a fully padded sequence) makes its softmax "
+                    "0/0; keep at least one key unmasked in each row. Otherwise look for a "
+                    "score that overflows: scale or normalise its inputs.")
+        return ("outputs. Look for an exp, log, pow or division there that overflows; clamp "
+                "its input, add normalisation before it, or lower the learning rate.")
     peak = evidence.details.get("activation_input_peak")
     return (
         "outputs in float16 (autocast, a mixed_float16 policy or .half()), whose largest "
@@ -481,17 +489,9 @@ def classify(
                 "padded queries' outputs afterwards instead), or mask with a large negative "
                 "number rather than -inf." + trend
             )
-        half = _half_overflow(evidence)
-        if not half and evidence.details.get("activation_attention"):
-            half = ("outputs. It is an attention layer: a key_padding_mask or attn_mask that "
-                    "masks every key of some row (a fully padded sequence) makes its softmax "
-                    "0/0; keep at least one key unmasked in each row. Otherwise look for a "
-                    "score that overflows: scale or normalise its inputs.")
         return "activation_nonfinite", evidence.activation, (
             f"Step {s}: {kind} '{evidence.activation}' turned finite inputs into non-finite "
-            + (f"outputs, and {huge}." if huge else half if half else
-               "outputs. Look for an exp, log, pow or division there that overflows; clamp "
-               "its input, add normalisation before it, or lower the learning rate.") + trend
+            + (f"outputs, and {huge}." if huge else _activation_hint(evidence)) + trend
         )
     if evidence.output_past_logits:
         return "logits_nonfinite", where, (

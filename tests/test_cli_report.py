@@ -20,6 +20,7 @@ from nanguard.config import GuardConfig  # noqa: E402
 from nanguard.events import StepRecord  # noqa: E402
 from nanguard.session import GuardSession  # noqa: E402
 from nanguard.torch import NanGuard  # noqa: E402
+from tests.test_torch_guard import float16_step  # noqa: E402
 
 pytestmark = pytest.mark.torch
 F = torch.nn.functional
@@ -494,12 +495,7 @@ def test_replay_of_an_autocast_step_runs_under_the_same_autocast(factory, tmp_pa
     with NanGuard(model, opt, dump_dir=str(tmp_path / "d"), dump_state="always") as guard:
         for scale in (1.0, 1e5):  # 1e5 overflows float16 (65504) in the first Linear
             x, y = torch.randn(8, 4, generator=g) * scale, torch.randint(0, 2, (8,), generator=g)
-            opt.zero_grad()
-            with guard.step(x, targets=y):
-                with torch.autocast("cpu", dtype=torch.float16):
-                    out = model(x)
-                guard.backward(F.cross_entropy(out.float(), y))
-                opt.step()
+            float16_step(guard, model, opt, x, y)
     assert [(e.cause, e.where) for e in guard.events] == [("activation_nonfinite", "0")]
     dump = nanguard.load(guard.dumps[-1])
     assert dump.event.details["replay_call"]["autocast"] == [["cpu", "float16"]]

@@ -1152,37 +1152,38 @@ def test_events_keep_the_first_and_the_latest_of_a_long_run(tmp_path, monkeypatc
     assert guard._engine.session.events_dropped == 5 and len(guard.history) == 10
 
 
-def test_anomaly_mode_is_said_to_pre_empt_the_guard(tmp_path):
-    # Under torch.autograd.detect_anomaly() a NaN's backward raises before the guard can
-    # check the step: the guard says so, once.
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    data = batches(3)
-    data[2][0][0, 0] = math.nan
-    guard = NanGuard(model, opt, dump_dir=str(tmp_path))
-    with warnings.catch_warnings(record=True) as caught, torch.autograd.detect_anomaly():
-        warnings.simplefilter("always")
-        with pytest.raises(RuntimeError, match="returned nan values"):
-            run(guard, model, opt, data)
-    said = [w for w in caught if "anomaly mode is on" in str(w.message)]
-    assert len(said) == 1 and said[0].category is RuntimeWarning
-    guard.close()
-
-
-def test_anomaly_mode_without_its_nan_check_is_not_warned_about(tmp_path):
-    # detect_anomaly(check_nan=False) raises on nothing: the guard acts as usual (a reviewer
-    # saw the warning anyway).
+def _run_under_anomaly_mode(tmp_path, check_nan):
+    """Three steps, the last with a NaN batch, under detect_anomaly(check_nan=...): the
+    guard, and the anomaly-mode warnings it issued."""
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     data = batches(3)
     data[2][0][0, 0] = math.nan
     guard = NanGuard(model, opt, dump_dir=str(tmp_path))
     with warnings.catch_warnings(record=True) as caught, \
-            torch.autograd.detect_anomaly(check_nan=False):
+            torch.autograd.detect_anomaly(check_nan=check_nan):
         warnings.simplefilter("always")
-        run(guard, model, opt, data)
+        if check_nan:
+            with pytest.raises(RuntimeError, match="returned nan values"):
+                run(guard, model, opt, data)
+        else:
+            run(guard, model, opt, data)
     guard.close()
-    assert not [w for w in caught if "anomaly mode is on" in str(w.message)]
+    return guard, [w for w in caught if "anomaly mode is on" in str(w.message)]
+
+
+def test_anomaly_mode_is_said_to_pre_empt_the_guard(tmp_path):
+    # Under torch.autograd.detect_anomaly() a NaN's backward raises before the guard can
+    # check the step: the guard says so, once.
+    _, said = _run_under_anomaly_mode(tmp_path, check_nan=True)
+    assert len(said) == 1 and said[0].category is RuntimeWarning
+
+
+def test_anomaly_mode_without_its_nan_check_is_not_warned_about(tmp_path):
+    # detect_anomaly(check_nan=False) raises on nothing: the guard acts as usual (a reviewer
+    # saw the warning anyway).
+    guard, said = _run_under_anomaly_mode(tmp_path, check_nan=False)
+    assert not said
     assert [(e.step, e.cause) for e in guard.events] == [(2, "input_nonfinite")]
 
 
@@ -1212,6 +1213,16 @@ def test_a_float16_overflow_under_autocast_is_named_as_such(tmp_path):
     assert "exp, log, pow" not in event.message and weights_finite(model)
 
 
+def float16_step(guard, model, opt, x, y):
+    """One guarded step whose forward runs under float16 autocast on the CPU."""
+    opt.zero_grad()
+    with guard.step(x, targets=y):
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        guard.backward(F.cross_entropy(out.float(), y))
+        opt.step()
+
+
 class LogLayer(torch.nn.Module):
     def forward(self, x):
         return torch.log(x)  # NaN where x < 0: nothing overflows
@@ -1225,13 +1236,7 @@ def test_a_nan_in_a_float16_layer_that_is_no_overflow_keeps_the_generic_message(
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), LogLayer(), torch.nn.Linear(16, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = NanGuard(model, opt, dump_dir=str(tmp_path), actions=("skip",))
-    x, y = batches(1)[0]
-    opt.zero_grad()
-    with guard.step(x, targets=y):
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = model(x)
-        guard.backward(F.cross_entropy(out.float(), y))
-        opt.step()
+    float16_step(guard, model, opt, *batches(1)[0])
     guard.close()
     (event,) = guard.events
     assert (event.cause, event.where) == ("activation_nonfinite", "1")
